@@ -1,8 +1,10 @@
 """Test set-up in the style of equinox's tests.
 
 * 8 simulated CPU devices, so multi-device (mesh / sharding) code is tested on CPU.
-* Strict dtype promotion, so silent float32 <-> bfloat16 / int <-> float mixing is an error.
-Both must be configured before JAX initialises its backends, i.e. before any test imports a model.
+* Strict dtype promotion, so silent float32 <-> bfloat16 / int <-> float mixing is an error, for
+  our own code (models, kernels, objectives) through the ``strict_dtypes`` fixture. It is not global
+  because optax's own Adam bias correction mixes an int32 count with floats and fails under it.
+The device count must be configured before JAX initialises its backends.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import jax
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_numpy_dtype_promotion", "strict")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -35,3 +36,10 @@ def smollm2_gguf() -> Path:
     from sga_jax.paths import smollm2_gguf as find
 
     return find()
+
+
+@pytest.fixture
+def strict_dtypes():
+    """Run the test body under ``jax.numpy_dtype_promotion('strict')``."""
+    with jax.numpy_dtype_promotion("strict"):
+        yield
