@@ -1,0 +1,98 @@
+"""Small random Hugging Face checkpoints written by the tests themselves (no weights are committed).
+
+``write_tiny_hf("llama", tmp_path / "m", rope_scaling={...})`` builds the transformers PyTorch model
+from a small config, saves it as safetensors and returns ``(path, torch_model)``; the torch model is
+the reference the JAX port is compared with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_BASE: dict[str, dict[str, Any]] = {
+    "llama": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    "opt": dict(
+        vocab_size=96,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        word_embed_proj_dim=32,
+        do_layer_norm_before=True,
+        bos_token_id=2,
+        eos_token_id=2,
+        pad_token_id=1,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+    ),
+    "phi": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        partial_rotary_factor=0.5,
+        hidden_act="gelu_new",
+        layer_norm_eps=1e-5,
+        qk_layernorm=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+    ),
+}
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    """A small transformers config of ``model_type`` ("llama", "opt", "phi") with overrides applied."""
+    import transformers
+
+    kwargs = {**_BASE[model_type], **overrides}
+    return transformers.AutoConfig.for_model(model_type, **kwargs)
+
+
+def write_tiny_hf(model_type: str, path: str | Path, *, seed: int = 0, **overrides: Any):
+    """Write a random tiny HF checkpoint (safetensors) to ``path``; return ``(path, torch_model)``.
+
+    Weights are drawn with a fixed seed and scaled up a little from HF's default init so that the
+    logits are not all near zero (a parity test on near-constant logits proves little).
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.08)
+            elif "norm" in name or "layer_norm" in name or "ln" in name:
+                p.uniform_(0.8, 1.2) if name.endswith("weight") else p.normal_(0.0, 0.05)
+            else:
+                p.normal_(0.0, 0.05)
+    model.eval()
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    return path, model
