@@ -43,3 +43,30 @@ def strict_dtypes():
     """Run the test body under ``jax.numpy_dtype_promotion('strict')``."""
     with jax.numpy_dtype_promotion("strict"):
         yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_torch(smollm2_gguf: Path):
+    """transformers' own GGUF loader on the same file: the PyTorch reference (float32, eval mode)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, torch_dtype=torch.float32
+    )
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf: Path):
+    import sga_jax
+
+    return sga_jax.load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_jax(smollm2_gguf: Path):
+    """sga_jax's own GGUF path (float32, scanned layers: one compile for all 30 layers)."""
+    import sga_jax
+
+    return sga_jax.load_model(smollm2_gguf, dtype="float32", scan_layers=True)
