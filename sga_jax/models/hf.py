@@ -1,0 +1,375 @@
+"""Hugging Face checkpoints <-> sga_jax models: load, save, convert, tokenizer.
+
+Loading builds the module abstractly (``nnx.eval_shape``: no memory), then streams one tensor at a
+time from safetensors (``safe_open``) or GGUF (memory-mapped) into its place — sharded when a mesh is
+given — so the model is never held twice in host memory. Each architecture has one name table
+(``<arch>.HF_NAMES``: module path -> HF name, transpose). Pickled ``.bin`` weights are refused: no
+pickle is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from sga_jax.errors import ModelLoadError
+from sga_jax.models import layers as L
+from sga_jax.models import resolve
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+# --------------------------------------------------------------------------------- tensor sources
+
+
+class TensorSource:
+    """Random access to named HF tensors (numpy, HF layout) from one or more files."""
+
+    def names(self) -> set[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SafetensorsSource(TensorSource):
+    """Safetensors files of an HF directory (single file or sharded with an index)."""
+
+    def __init__(self, weight_map: dict[str, Path]):
+        self.weight_map = weight_map
+        self._handles: dict[Path, Any] = {}
+
+    def _handle(self, file: Path):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            try:
+                self._handles[file] = safe_open(str(file), framework="numpy")
+            except Exception as e:  # SafetensorError, OSError: truncated / corrupt header
+                raise ModelLoadError(f"cannot read safetensors file {file}: {e}") from None
+        return self._handles[file]
+
+    def names(self) -> set[str]:
+        return set(self.weight_map)
+
+    def get(self, name: str) -> np.ndarray:
+        file = self.weight_map[name]
+        try:
+            return self._handle(file).get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {e}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _safetensors_weight_map(directory: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from None
+        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
+        if missing:
+            raise ModelLoadError(f"{index} names shard files that are missing: {missing}")
+        return {name: directory / f for name, f in weight_map.items()}
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelLoadError(
+                f"{directory} holds only pickled PyTorch weights ({', '.join(pickles)}); sga_jax "
+                "never unpickles files (arbitrary code execution). Convert them to safetensors "
+                "first, in an environment you trust (transformers: save_pretrained(..., "
+                "safe_serialization=True))"
+            )
+        raise ModelLoadError(f"no model.safetensors (or safetensors index) in {directory}")
+    weight_map: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="numpy") as h:
+                for name in h.keys():
+                    weight_map[name] = f
+        except Exception as e:
+            raise ModelLoadError(f"cannot read safetensors file {f}: {e}") from None
+    return weight_map
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    cfg = directory / "config.json"
+    if not cfg.is_file():
+        raise ModelLoadError(f"no config.json in {directory}")
+    try:
+        hf = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ModelLoadError(f"{cfg} must hold a JSON object")
+    return hf
+
+
+def _open(path: str | os.PathLike) -> tuple[dict[str, Any], TensorSource, Path]:
+    """(HF config dict, tensor source, resolved path) for an HF dir, a .gguf file or a hub name."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        if p.suffix.lower() == ".gguf":
+            from sga_jax.models import gguf
+
+            hf, source = gguf.open_gguf(p)
+            return hf, source, p
+        raise ModelLoadError(f"{p} is a file but not a .gguf file; give an HF directory or a .gguf")
+    if p.is_dir():
+        hf = read_config(p)
+        resolve(hf)  # unknown model_type / remote code: fail before touching the weights
+        return hf, SafetensorsSource(_safetensors_weight_map(p)), p
+    if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/", "~")):
+        return _open(_hub_download(path))
+    raise ModelLoadError(f"model path {p} does not exist")
+
+
+def _hub_download(repo_id: str) -> Path:
+    """Fetch config + safetensors + tokenizer of a hub repo (users with a network; never in tests)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+            )
+        )
+    except Exception as e:
+        raise ModelLoadError(f"{repo_id!r} is not a local path and could not be downloaded: {e}") from None
+
+
+# ---------------------------------------------------------------------------------- name mapping
+
+
+def template(path: tuple) -> tuple[str, int | None, bool]:
+    """Flat-state path -> (name template with ``{i}``, layer index, stacked?)."""
+    keys = list(path)
+    if keys and keys[0] == "layers":
+        if len(keys) > 1 and isinstance(keys[1], int):
+            return ".".join(["layers", "{i}", *map(str, keys[2:])]), keys[1], False
+        return ".".join(["layers", "{i}", *map(str, keys[1:])]), None, True
+    return ".".join(map(str, keys)), None, False
+
+
+def _hf_entry(table: dict[str, tuple[str, bool]], tmpl: str) -> tuple[str, bool]:
+    if tmpl not in table:  # a parameter our model has but the table forgot: a bug, say so
+        raise ModelLoadError(f"no HF name for module parameter {tmpl}")
+    return table[tmpl]
+
+
+def _fetch(source: TensorSource, name: str, transpose: bool, shape: tuple, dtype) -> np.ndarray:
+    if name not in source.names():
+        raise ModelLoadError(f"missing tensor {name!r} in the checkpoint")
+    t = source.get(name)
+    if transpose:
+        t = t.T
+    if tuple(t.shape) != tuple(shape):
+        want = tuple(shape[::-1]) if transpose else tuple(shape)
+        raise ModelLoadError(f"tensor {name!r} has shape {tuple(t.T.shape if transpose else t.shape)}, expected {want}")
+    return np.asarray(t, dtype=dtype)
+
+
+def load_model(
+    path: str | os.PathLike,
+    dtype: Any = "float32",
+    *,
+    param_dtype: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
+    scan_layers: bool = False,
+    remat: str | None = None,
+):
+    """Load an HF directory (model.safetensors or a sharded index), a ``.gguf`` file, or (with a
+    network) a hub repo id into the matching sga_jax model.
+
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (default: ``dtype``). With a
+    ``mesh`` each parameter is placed sharded by ``sharding.PARTITION_RULES`` as it is read.
+    Raises ModelLoadError (naming the problem) and returns nothing half-loaded.
+    """
+    from sga_jax.models import sharding as S
+
+    hf, source, resolved = _open(path)
+    config, cls = resolve(hf)
+    pdtype = L.as_dtype(param_dtype if param_dtype is not None else dtype)
+    with source:
+        abstract = nnx.eval_shape(
+            lambda: cls(
+                config,
+                rngs=nnx.Rngs(0),
+                dtype=dtype,
+                param_dtype=pdtype,
+                scan_layers=scan_layers,
+                remat=remat,
+            )
+        )
+        graphdef, state = nnx.split(abstract)
+        table = cls.HF_NAMES
+        for key, var in nnx.to_flat_state(state):
+            shape = tuple(var.get_value().shape)
+            tmpl, index, stacked = template(key)
+            hf_name, transpose = _hf_entry(table, tmpl)
+            if stacked:
+                host = np.empty(shape, dtype=pdtype)
+                for i in range(shape[0]):
+                    host[i] = _fetch(source, hf_name.format(i=i), transpose, shape[1:], pdtype)
+            else:
+                name = hf_name.format(i=index) if index is not None else hf_name
+                host = _fetch(source, name, transpose, shape, pdtype)
+            if mesh is not None:
+                value = jax.device_put(host, S.sharding_for(key, shape, mesh, config.model_type))
+            else:
+                value = jax.device_put(host)
+            del host
+            var.set_value(value)
+    model = nnx.merge(graphdef, state)
+    config.hf["_name_or_path"] = str(resolved)
+    return model
+
+
+# ------------------------------------------------------------------------------------------- save
+
+_ST_DTYPES = {
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int64): "I64",
+}
+
+
+def hf_tensors(model) -> Iterator[tuple[str, Any, bool, int | None]]:
+    """Yield ``(hf_name, array, transpose, layer_index_or_None)`` for every parameter of ``model``
+    (stacked layer params yield once per layer)."""
+    table = type(model).HF_NAMES
+    for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        tmpl, index, stacked = template(key)
+        hf_name, transpose = _hf_entry(table, tmpl)
+        if stacked:
+            for i in range(value.shape[0]):
+                yield hf_name.format(i=i), value, transpose, i
+        else:
+            yield (hf_name.format(i=index) if index is not None else hf_name), value, transpose, None
+
+
+def _write_safetensors(model, file: Path) -> None:
+    """Stream every tensor into one safetensors file (header first, then one tensor at a time)."""
+    entries = []
+    offset = 0
+    for name, value, transpose, i in hf_tensors(model):
+        shape = value.shape[1:] if i is not None else value.shape
+        if transpose:
+            shape = shape[::-1]
+        dt = np.dtype(value.dtype)
+        nbytes = int(np.prod(shape)) * dt.itemsize
+        entries.append((name, value, transpose, i, dt, tuple(int(s) for s in shape), offset, nbytes))
+        offset += nbytes
+    header = {
+        name: {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
+        for name, _, _, _, dt, shape, off, n in entries
+    }
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align tensor data to 8 bytes
+    with open(file, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for _, value, transpose, i, dt, _, _, _ in entries:
+            arr = np.asarray(jax.device_get(value[i] if i is not None else value))
+            if transpose:
+                arr = arr.T
+            f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
+
+
+def export_config(model) -> dict[str, Any]:
+    """The HF config.json of ``model`` (its source config, GGUF quantisation info stripped)."""
+    hf = {k: v for k, v in model.config.hf.items() if k not in ("quantization_config", "_name_or_path")}
+    dtype = str(np.dtype(nnx.to_flat_state(nnx.state(model, nnx.Param))[0][1].get_value().dtype))
+    hf["torch_dtype"] = dtype
+    hf["dtype"] = dtype
+    hf.setdefault("architectures", [type(model).__name__])
+    if not hf.get("architectures"):
+        hf["architectures"] = [type(model).__name__]
+    return hf
+
+
+def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer when known) to ``out_dir``, via
+    a temporary directory renamed into place. ``transformers.AutoModelForCausalLM.from_pretrained``
+    loads the result and gives the same logits."""
+    out = Path(out_dir).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
+        _write_safetensors(model, tmp / "model.safetensors")
+        if tokenizer is None:
+            source = model.config.hf.get("_name_or_path")
+            if source and Path(source).exists():
+                try:
+                    tokenizer = load_tokenizer(source)
+                except Exception:  # no tokenizer files beside the weights: weights alone are fine
+                    tokenizer = None
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------------- tokenizer etc.
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The transformers tokenizer of an HF directory or of a ``.gguf`` file."""
+    import transformers
+
+    p = Path(path).expanduser()
+    try:
+        if p.is_file() and p.suffix.lower() == ".gguf":
+            return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+        return transformers.AutoTokenizer.from_pretrained(str(p))
+    except Exception as e:
+        raise ModelLoadError(f"cannot load a tokenizer from {p}: {e}") from None
+
+
+def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None) -> Path:
+    """A GGUF file or HF directory -> an HF safetensors directory (weights, config, tokenizer)."""
+    src_p = Path(src).expanduser()
+    hf, source, _ = _open(src)
+    source.close()
+    if dtype is None:
+        dtype = "float32" if src_p.suffix.lower() == ".gguf" else hf.get("torch_dtype") or hf.get("dtype") or "float32"
+    model = load_model(src, dtype=dtype)
+    return save_model(model, dst)

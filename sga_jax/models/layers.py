@@ -1,0 +1,520 @@
+"""Building blocks shared by the Llama, OPT and Phi ports (Flax NNX).
+
+Conventions (the same in every architecture):
+
+* dense kernels are ``[in, out]`` (HF stores ``[out, in]``: the loaders transpose);
+* ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype; norms, softmax and RoPE are
+  computed in float32 and cast back, as HF does;
+* attention goes through :func:`jax.nn.dot_product_attention` (cuDNN flash path on GPU, float32
+  softmax in the XLA path) with a boolean mask ``[B, 1, T, S]``;
+* a decoder layer is called as ``layer(x, rope, mask, kv, cache_index) -> (x, kv)`` so that the
+  stack can be run unrolled or with :func:`flax.nnx.scan` (``scan_layers``) and under
+  :func:`flax.nnx.remat`, with or without a KV cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sga_jax.errors import ConfigError, ModelLoadError
+
+Array = jax.Array
+Dtype = Any
+
+_DTYPES = {
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "fp16": jnp.float16,
+}
+
+
+def as_dtype(dtype: Any) -> Any:
+    """``"bfloat16"`` / ``jnp.bfloat16`` / ``np.dtype`` -> a JAX dtype (ConfigError when unknown)."""
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(set(_DTYPES))}")
+        return _DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def _normal(std: float = 0.02) -> Callable[..., Array]:
+    return jax.nn.initializers.normal(stddev=std)
+
+
+# ------------------------------------------------------------------------------------------ dense
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with ``kernel [in, out]``.
+
+    K-FAC hooks (docs/interfaces.md): when ``self.kfac_tap`` is True the layer sows its input as
+    ``nnx.Intermediate("kfac_in")`` and routes its output through ``self.perturb("kfac_out", y)``,
+    so that the gradient w.r.t. the perturbation is the gradient w.r.t. the layer output
+    (Martens & Grosse 2015, arXiv 1503.05671, eq. 1: A = E[a aᵀ], G = E[g gᵀ]).
+    Off by default: normal runs pay nothing.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = False,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.kfac_tap = False
+        self.kernel = nnx.Param(_normal()(rngs.params(), (in_features, out_features), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: Array, *, out_dtype: Dtype | None = None) -> Array:
+        x = x.astype(self.dtype)
+        if self.kfac_tap:
+            self.sow(nnx.Intermediate, "kfac_in", x)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        if self.kfac_tap:
+            y = self.perturb("kfac_out", y)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token (or learned position) embedding table ``[num, features]``."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = dtype
+        self.embedding = nnx.Param(_normal()(rngs.params(), (num_embeddings, features), param_dtype))
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+# ------------------------------------------------------------------------------------------ norms
+
+
+class RMSNorm(nnx.Module):
+    """``y = scale * x / sqrt(mean(x²) + eps)`` in float32 (Zhang & Sennrich 2019, arXiv 1910.07467)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the compute dtype before multiplying by the weight.
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """``y = (x - mean) / sqrt(var + eps) * scale + bias`` in float32 (arXiv 1607.06450)."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float = 1e-5,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
+        self.eps = eps
+        self.dtype = dtype
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype)) if use_scale else None
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype)) if use_bias else None
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.scale is not None:
+            y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+# ----------------------------------------------------------------------------------- activations
+
+
+def gelu_new(x: Array) -> Array:
+    """GPT-2's tanh approximation: ``0.5 x (1 + tanh(√(2/π)(x + 0.044715 x³)))``."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": gelu_new,
+    "gelu_fast": gelu_new,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    if name not in ACTIVATIONS:
+        raise ModelLoadError(f"unsupported activation {name!r}; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ------------------------------------------------------------------------------------------- RoPE
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary position embedding (Su et al. 2021, arXiv 2104.09864) with HF's ``rope_type``s.
+
+    ``dim`` is the number of rotated channels per head (``partial_rotary_factor * head_dim`` for Phi).
+    Supported: ``default``, ``linear`` (positions / factor), ``llama3`` (Llama 3.1 frequency bands),
+    ``dynamic`` (NTK-aware base growth once the sequence exceeds the trained length).
+    """
+
+    dim: int
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 2048
+    max_position_embeddings: int = 2048
+
+    SUPPORTED = ("default", "linear", "llama3", "dynamic")
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], dim: int) -> RopeConfig:
+        """Read ``rope_parameters`` (transformers ≥ 5) or ``rope_theta`` + ``rope_scaling`` (older)."""
+        params = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {}
+        params = {**scaling, **params}
+        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in cls.SUPPORTED:
+            raise ModelLoadError(
+                f"unsupported rope_type {rope_type!r}; supported: {', '.join(cls.SUPPORTED)}"
+            )
+        max_pos = int(hf.get("max_position_embeddings", 2048))
+        return cls(
+            dim=dim,
+            theta=float(theta),
+            rope_type=rope_type,
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(
+                params.get("original_max_position_embeddings", max_pos)
+            ),
+            max_position_embeddings=max_pos,
+        )
+
+    def inv_freq(self) -> np.ndarray:
+        """The static inverse frequencies ``θ^(-2i/dim)`` after linear / llama3 scaling."""
+        inv = 1.0 / (self.theta ** (np.arange(0, self.dim, 2, dtype=np.float64) / self.dim))
+        if self.rope_type == "linear":
+            inv = inv / self.factor
+        elif self.rope_type == "llama3":
+            old = self.original_max_position_embeddings
+            low_wavelen = old / self.low_freq_factor
+            high_wavelen = old / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (old / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+            inv = np.where(medium, smoothed, scaled)
+        return inv.astype(np.float32)
+
+    def __call__(self, positions: Array) -> tuple[Array, Array]:
+        """positions ``[B, T]`` -> ``(cos, sin)`` each ``[B, T, dim]`` float32 (HF's half layout)."""
+        pos = positions.astype(jnp.float32)
+        if self.rope_type == "dynamic":
+            # HF recomputes the base from the longest sequence in the batch (max position + 1).
+            seq_len = jnp.maximum(jnp.max(pos) + 1.0, float(self.max_position_embeddings))
+            base = self.theta * (
+                self.factor * seq_len / self.max_position_embeddings - (self.factor - 1)
+            ) ** (self.dim / (self.dim - 2))
+            exps = jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim
+            inv = 1.0 / (base**exps)
+        else:
+            inv = jnp.asarray(self.inv_freq())
+        freqs = pos[..., None] * inv
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate the first ``cos.shape[-1]`` channels of ``x [B, T, N, H]`` (HF ``rotate_half`` layout)."""
+    rot = cos.shape[-1]
+    x32 = x.astype(jnp.float32)
+    x_rot, x_pass = x32[..., :rot], x32[..., rot:]
+    half = rot // 2
+    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+    out = x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    if x_pass.shape[-1]:
+        out = jnp.concatenate([out, x_pass], axis=-1)
+    return out.astype(x.dtype)
+
+
+# ------------------------------------------------------------------------------------- attention
+
+
+def forward_mask(attention_mask: Array) -> Array:
+    """Causal ∧ key-is-real mask ``[B, 1, T, T]``; each query also sees itself so that no row is
+    fully masked (padding queries would otherwise give NaN gradients on some backends)."""
+    t = attention_mask.shape[1]
+    idx = jnp.arange(t)
+    causal = idx[None, :] <= idx[:, None]
+    keys = attention_mask.astype(bool)[:, None, None, :]
+    return (causal[None, None] & keys) | jnp.eye(t, dtype=bool)[None, None]
+
+
+def decode_mask(kv_mask: Array, cache_index: Array, t: int) -> Array:
+    """Mask ``[B, 1, t, S]`` for t new tokens written at slots ``[cache_index, cache_index + t)``."""
+    s = kv_mask.shape[1]
+    slots = jnp.arange(s)
+    query_slot = cache_index + jnp.arange(t)
+    causal = slots[None, :] <= query_slot[:, None]
+    own = slots[None, :] == query_slot[:, None]
+    return (causal[None, None] & kv_mask.astype(bool)[:, None, None, :]) | own[None, None]
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245).
+
+    ``softmax(q kᵀ / √head_dim + mask) v`` with q, k rotated by RoPE (first ``rope.dim`` channels);
+    K/V heads are shared by ``num_heads / num_kv_heads`` query heads. Optional per-head LayerNorm on
+    q and k (Phi's ``qk_layernorm``).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool,
+        out_bias: bool,
+        qk_norm_eps: float | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.dtype = dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, use_bias=qkv_bias, **kw)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias, **kw)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, use_bias=qkv_bias, **kw)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, use_bias=out_bias, **kw)
+        if qk_norm_eps is not None:
+            norm = dict(eps=qk_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = LayerNorm(head_dim, **norm)
+            self.k_norm = LayerNorm(head_dim, **norm)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(
+        self,
+        x: Array,
+        rope: tuple[Array, Array] | None,
+        mask: Array,
+        kv: dict[str, Array] | None = None,
+        cache_index: Array | None = None,
+    ) -> tuple[Array, dict[str, Array] | None]:
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is not None:
+            start = (0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
+            v_all = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
+            kv = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
+
+
+# ------------------------------------------------------------------------------ decoder plumbing
+
+REMAT_POLICIES: dict[str, Any] = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def remat_policy(name: str | None) -> tuple[bool, Any]:
+    """``None`` -> no remat; a name of REMAT_POLICIES or of ``jax.checkpoint_policies``."""
+    if name is None:
+        return False, None
+    if name in REMAT_POLICIES:
+        return True, REMAT_POLICIES[name]
+    policy = getattr(jax.checkpoint_policies, name, None)
+    if policy is None or not callable(policy):
+        raise ConfigError(
+            f"unknown remat policy {name!r}; use None, one of {sorted(REMAT_POLICIES)} "
+            "or a name in jax.checkpoint_policies"
+        )
+    return True, policy
+
+
+def make_layers(create: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, scan: bool):
+    """``n`` decoder layers: an ``nnx.List`` or (scan) one module whose params are stacked ``[n, ...]``."""
+    if not scan:
+        return nnx.List([create(rngs) for _ in range(n)])
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def stacked(r: nnx.Rngs) -> nnx.Module:
+        return create(r)
+
+    return stacked(rngs)
+
+
+def _layer_body(x, layer, rope, mask, kv, cache_index):
+    return layer(x, rope, mask, kv, cache_index)
+
+
+class DecoderLM(nnx.Module):
+    """Shared causal-LM plumbing: forward, hidden states, KV-cache decode, scan / remat.
+
+    Subclasses set ``config``, ``layers``, ``dtype``, ``scan_layers``, ``remat`` and implement
+    ``_embed(input_ids, positions)``, ``_rope(positions)``, ``_final(x)``, ``_positions(mask)``
+    and ``lm_head_weights()``; they may override ``_logits(h)``.
+    """
+
+    config: Any
+    layers: Any
+    dtype: Any
+    scan_layers: bool
+    remat: str | None
+
+    # --- hooks -------------------------------------------------------------------------------
+    def _embed(self, input_ids: Array, positions: Array) -> Array:
+        raise NotImplementedError
+
+    def _rope(self, positions: Array) -> tuple[Array, Array] | None:
+        return None
+
+    def _final(self, x: Array) -> Array:
+        raise NotImplementedError
+
+    def _positions(self, attention_mask: Array) -> Array:
+        """Positions of a plain forward (Llama / Phi: ``arange``, as HF without ``position_ids``)."""
+        b, t = attention_mask.shape
+        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+
+    def lm_head_weights(self) -> tuple[Array, Array | None]:
+        raise NotImplementedError
+
+    def _logits(self, h: Array) -> Array:
+        w, b = self.lm_head_weights()
+        logits = jnp.dot(h, w.astype(self.dtype), preferred_element_type=jnp.float32)
+        if b is not None:
+            logits = logits + b.astype(jnp.float32)
+        return logits
+
+    # --- stack -------------------------------------------------------------------------------
+    def _run_layers(self, x, rope, mask, cache, cache_index):
+        use_remat, policy = remat_policy(self.remat)
+        body = _layer_body
+        if use_remat:
+            body = nnx.remat(body, policy=policy, prevent_cse=not self.scan_layers)
+        if self.scan_layers:
+            scan = nnx.scan(
+                body, in_axes=(nnx.Carry, 0, None, None, 0, None), out_axes=(nnx.Carry, 0)
+            )
+            return scan(x, self.layers, rope, mask, cache, cache_index)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = body(x, layer, rope, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(kv)
+        return x, (None if cache is None else new_cache)
+
+    # --- public API (docs/interfaces.md) -----------------------------------------------------
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Final hidden states ``[B, T, d]`` (after the final norm; OPT: after project_out)."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask)
+        positions = self._positions(attention_mask)
+        x = self._embed(input_ids, positions)
+        x, _ = self._run_layers(x, self._rope(positions), forward_mask(attention_mask), None, None)
+        return self._final(x)
+
+    def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Logits ``[B, T, V]`` float32."""
+        return self._logits(self.hidden_states(input_ids, attention_mask))
+
+    def init_cache(self, batch_size: int, max_length: int) -> Any:
+        """Zeroed K/V cache: per layer ``{"k", "v"}: [B, S, n_kv_heads, head_dim]`` (stacked
+        ``[L, ...]`` when ``scan_layers``)."""
+        c = self.config
+        shape = (batch_size, max_length, c.num_key_value_heads, c.head_dim)
+        if self.scan_layers:
+            shape = (c.num_layers, *shape)
+            return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+        return [
+            {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+            for _ in range(c.num_layers)
+        ]
+
+    def decode(
+        self,
+        input_ids: Array,
+        positions: Array,
+        cache: Any,
+        cache_index: Array | int,
+        kv_mask: Array,
+    ) -> tuple[Array, Any]:
+        """Run ``t`` new tokens against the cache: writes their K/V at slots
+        ``[cache_index, cache_index + t)`` and attends causally to the slots where ``kv_mask`` is
+        true. ``positions`` are logical (0 = first real token). Returns ``(logits [B, t, V], cache)``."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        positions = jnp.asarray(positions, jnp.int32)
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        x = self._embed(input_ids, positions)
+        mask = decode_mask(jnp.asarray(kv_mask), cache_index, input_ids.shape[1])
+        x, cache = self._run_layers(x, self._rope(positions), mask, cache, cache_index)
+        return self._logits(self._final(x)), cache
