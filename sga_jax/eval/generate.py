@@ -1,0 +1,157 @@
+"""Batched greedy decoding with the model's KV cache, jitted once per shape bucket.
+
+Prompts are left-padded to a multiple of ``bucket`` tokens; the batch is padded to ``batch_size``
+rows; the cache holds ``prompt bucket + new-token bucket`` slots. One jitted function runs the prefill
+and a ``lax.while_loop`` over new tokens that stops when every row has emitted EOS or after
+``max_new_tokens`` (a traced value, so different limits do not recompile). Finished rows are
+filled with the pad id, as ``transformers``' ``generate`` does, so the tokens equal HF greedy output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sga_jax.data.batching import bucket_length
+from sga_jax.errors import ConfigError, DataError
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """``tokens[i]``: new token ids of prompt i, up to and including EOS (nothing after it);
+    ``texts[i]``: their decoding with special tokens skipped (when a tokenizer was given)."""
+
+    tokens: list[list[int]]
+    texts: list[str] | None = None
+
+
+@nnx.jit(static_argnames=("cache_len", "eos_ids", "pad_id"))
+def _greedy(model, input_ids, attention_mask, max_new_tokens, *, cache_len, eos_ids, pad_id):
+    b, p = input_ids.shape
+    n_out = cache_len - p
+    cache = model.init_cache(b, cache_len)
+    # Logical positions of a left-padded prompt (HF: cumsum(mask) - 1); padding slots are masked.
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+    kv_mask = jnp.zeros((b, cache_len), jnp.int32).at[:, :p].set(attention_mask)
+    logits, cache = model.decode(input_ids, positions, cache, 0, kv_mask)
+    tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    pos = positions[:, -1] + 1
+    out = jnp.full((b, n_out), pad_id, jnp.int32)
+    done = jnp.zeros((b,), bool)
+    eos = jnp.asarray(eos_ids, jnp.int32)
+    limit = jnp.minimum(max_new_tokens, n_out)
+
+    def cond(carry):
+        i, _, _, _, _, _, done = carry
+        return (i < limit) & ~jnp.all(done)
+
+    def body(carry):
+        i, tok, pos, cache, kv_mask, out, done = carry
+        out = out.at[:, i].set(jnp.where(done, pad_id, tok))
+        done = done | jnp.isin(tok, eos)
+        kv_mask = kv_mask.at[:, p + i].set(1)
+        logits, cache = model.decode(tok[:, None], pos[:, None], cache, p + i, kv_mask)
+        nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+        return i + 1, nxt, pos + 1, cache, kv_mask, out, done
+
+    carry = (jnp.int32(0), tok, pos, cache, kv_mask, out, done)
+    i, *_, out, done = jax.lax.while_loop(cond, body, carry)
+    return out, i
+
+
+def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
+    if eos_token_id is None:
+        return (-1,)
+    if isinstance(eos_token_id, int | np.integer):
+        return (int(eos_token_id),)
+    return tuple(int(e) for e in eos_token_id) or (-1,)
+
+
+def greedy_generate(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None,
+    pad_token_id: int | None = None,
+    batch_size: int = 16,
+    bucket: int = 16,
+    max_length: int | None = None,
+    tokenizer: Any = None,
+    sort_by_length: bool = True,
+) -> GenerationResult:
+    """Greedy continuations of token-id ``prompts`` (token-identical to ``transformers``'
+    ``generate(do_sample=False)`` with left padding).
+
+    ``max_length``: optional cap on prompt + new tokens (HF's ``max_length``; TOFU generates with
+    ``max_length=200``): each batch gets ``min(max_new_tokens, max_length - longest prompt)`` new
+    tokens. A prompt that leaves no room raises DataError naming it.
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise DataError(f"prompt {i} is empty")
+        if max_length is not None and n >= max_length:
+            raise DataError(f"prompt {i} has {n} tokens, no room to generate within max_length={max_length}")
+    eos = _eos_tuple(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos[0] >= 0 else 0)
+    order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(prompts))
+    new_bucket = bucket_length(max_new_tokens, bucket)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        idx = [int(i) for i in order[start : start + batch_size]]
+        longest = max(lengths[i] for i in idx)
+        p_len = bucket_length(longest, bucket)
+        n_new = max_new_tokens if max_length is None else min(max_new_tokens, max_length - longest)
+        ids = np.full((batch_size, p_len), pad, np.int32)
+        mask = np.zeros((batch_size, p_len), np.int32)
+        for row, i in enumerate(idx):
+            ids[row, p_len - lengths[i] :] = prompts[i]
+            mask[row, p_len - lengths[i] :] = 1
+        out, _ = _greedy(
+            model,
+            jnp.asarray(ids),
+            jnp.asarray(mask),
+            jnp.int32(n_new),
+            cache_len=p_len + new_bucket,
+            eos_ids=eos,
+            pad_id=int(pad),
+        )
+        out = np.asarray(out)
+        for row, i in enumerate(idx):
+            seq = out[row, :n_new].tolist()
+            for j, t in enumerate(seq):
+                if t in eos:
+                    seq = seq[: j + 1]
+                    break
+            tokens[i] = seq
+    texts = None
+    if tokenizer is not None:
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return GenerationResult(tokens, texts)
+
+
+def generate_text(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    add_special_tokens: bool = True,
+    **kwargs: Any,
+) -> GenerationResult:
+    """:func:`greedy_generate` on text prompts (tokenised with ``add_special_tokens``)."""
+    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    return greedy_generate(model, ids, max_new_tokens=max_new_tokens, tokenizer=tokenizer, **kwargs)

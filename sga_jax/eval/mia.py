@@ -1,0 +1,118 @@
+"""Membership-inference scores, their ROC AUC, and perplexity.
+
+Every score is oriented so that **higher = more likely a member** (seen in training), from the
+per-token log-probs ``logp_t = log p(x_t | x_<t)`` of a text's target tokens:
+
+* LOSS (Yeom et al. 2018): ``mean_t logp_t`` (= −NLL).
+* zlib (Carlini et al. 2021, arXiv 2012.07805): ``−NLL / len(zlib.compress(text))`` (the log
+  perplexity over the zlib entropy in bytes, negated).
+* Min-K% (Shi et al. 2024, arXiv 2310.16789): the mean of the ``k`` fraction of lowest ``logp_t``
+  (``max(1, int(k·n))`` tokens, as the reference code's ``int(len·ratio)``).
+* Min-K%++ (Zhang et al. 2024, arXiv 2404.02936, eq. 3): the same over
+  ``(logp_t − mu_t) / sigma_t``, with ``mu_t, sigma_t`` the mean / std of ``log p`` under the model's
+  next-token distribution at t.
+
+``auc(member_scores, nonmember_scores)`` is sklearn's ``roc_auc_score`` with members labelled 1.
+MUSE's PrivLeak uses Min-K% with k = 0.4 on forget (members) vs holdout (non-members).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sga_jax.errors import ConfigError
+
+_EPS = 1e-12
+
+
+def _k_count(n: int, k: float) -> int:
+    if not 0.0 < k <= 1.0:
+        raise ConfigError(f"k must be in (0, 1], got {k}")
+    return max(1, int(n * k))
+
+
+def loss_score(logp: np.ndarray) -> float:
+    """``mean_t logp_t``."""
+    return float(np.mean(logp))
+
+
+def zlib_score(logp: np.ndarray, text: str) -> float:
+    """``mean_t logp_t / len(zlib.compress(text.encode()))``."""
+    return float(np.mean(logp)) / len(zlib.compress(text.encode("utf-8")))
+
+
+def min_k_score(logp: np.ndarray, k: float = 0.2) -> float:
+    """Mean of the ``max(1, int(k·n))`` lowest token log-probs."""
+    logp = np.asarray(logp, np.float64)
+    return float(np.mean(np.sort(logp)[: _k_count(logp.size, k)]))
+
+
+def min_k_pp_score(logp: np.ndarray, mu: np.ndarray, sigma: np.ndarray, k: float = 0.2) -> float:
+    """Min-K% over the standardised log-probs ``(logp − mu) / sigma``."""
+    z = (np.asarray(logp, np.float64) - mu) / np.maximum(np.asarray(sigma, np.float64), _EPS)
+    return float(np.mean(np.sort(z)[: _k_count(z.size, k)]))
+
+
+def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> float:
+    """ROC AUC of separating members (label 1) from non-members by score (sklearn)."""
+    from sklearn.metrics import roc_auc_score
+
+    m, n = np.asarray(member_scores, np.float64), np.asarray(nonmember_scores, np.float64)
+    if m.size == 0 or n.size == 0:
+        raise ConfigError("auc needs at least one member and one non-member score")
+    labels = np.concatenate([np.ones(m.size), np.zeros(n.size)])
+    return float(roc_auc_score(labels, np.concatenate([m, n])))
+
+
+SCORES = ("loss", "zlib", "min_k", "min_k_pp")
+
+
+def text_scores(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    k: float = 0.2,
+    max_length: int = 512,
+    batch_size: int = 8,
+    which: Sequence[str] = SCORES,
+) -> dict[str, np.ndarray]:
+    """Each requested score (``SCORES``) for each text (truncated to ``max_length`` tokens; the
+    number truncated is reported by a warning), plus ``"nll"`` (token-mean NLL) and ``"n_tokens"``."""
+    from sga_jax.data.formatting import PromptFormatter
+    from sga_jax.eval.scoring import iterate_token_logprobs
+
+    unknown = set(which) - set(SCORES)
+    if unknown:
+        raise ConfigError(f"unknown MIA score(s) {sorted(unknown)}; choose from {SCORES}")
+    fmt = PromptFormatter(tokenizer, template="plain", max_length=max_length)
+    encoded, _ = fmt.encode_rows([{"text": t} for t in texts], source="mia texts", strict=True)
+    stats = "min_k_pp" in which
+    out = {name: np.zeros(len(texts)) for name in (*which, "nll", "n_tokens")}
+    for i, arrays in iterate_token_logprobs(
+        model, encoded, pad_id=fmt.pad_token_id, batch_size=batch_size, stats=stats
+    ):
+        logp = arrays[0].astype(np.float64)
+        out["nll"][i] = -np.mean(logp)
+        out["n_tokens"][i] = logp.size
+        if "loss" in which:
+            out["loss"][i] = loss_score(logp)
+        if "zlib" in which:
+            out["zlib"][i] = zlib_score(logp, texts[i])
+        if "min_k" in which:
+            out["min_k"][i] = min_k_score(logp, k)
+        if stats:
+            out["min_k_pp"][i] = min_k_pp_score(logp, arrays[1], arrays[2], k)
+    return out
+
+
+def perplexity(
+    model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int = 512, batch_size: int = 8
+) -> float:
+    """Token-weighted perplexity of a text set: ``exp(Σ NLL / Σ tokens)`` over all texts."""
+    s = text_scores(model, tokenizer, texts, max_length=max_length, batch_size=batch_size, which=())
+    return float(np.exp(np.sum(s["nll"] * s["n_tokens"]) / np.sum(s["n_tokens"])))
