@@ -7,7 +7,7 @@
     sga-jax unlearn  --config configs/experiment/tofu_sga.yaml model.path=runs/full/model method.r=-0.8
     sga-jax eval MODEL_DIR --benchmark tofu --out runs/eval [--retain-model DIR] [option=value ...]
     sga-jax convert SRC DST                        # GGUF / HF dir -> HF safetensors dir
-    sga-jax sweep    --config configs/experiment/tofu_sweep.yaml model.path=... eval.retain_model=...
+    sga-jax sweep    --config configs/experiment/tofu_sweep.yaml model.path=... eval.retain_logs=RETAIN_EVAL_DIR
     sga-jax reapply  ...                           # re-apply a saved K-FADE update
     sga-jax bench    [NAME] [-- ARGS]              # run benchmarks/NAME.py (all when omitted)
 
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="unlearn built-in facts from SmolLM2-135M-Instruct with SGA (a few minutes)")
     p.add_argument("--out", default="runs/demo", help="output folder (plot, metrics, model)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
-    p.add_argument("--no-export", action="store_true", help="do not write the unlearned model")
+    p.add_argument("--export", action="store_true", help="also write the unlearned model (HF dir, ~0.5 GB)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, e.g. train.lr=3e-5")
 
     p = sub.add_parser("finetune", help="finetune on a split with plain NLL (TOFU's first stage)")
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="HF model directory (or .gguf)")
     p.add_argument("--benchmark", "-b", required=True, help="tofu, tofu_forget01/05/10, muse_news ...")
     p.add_argument("--out", "-o", required=True, help="output folder for results and eval logs")
-    p.add_argument("--retain-model", default=None, help="retain model's eval folder or model dir (TOFU FQ)")
+    p.add_argument("--retain-logs", default=None, help="the retain model's TOFU eval folder (Forget Quality)")
     p.add_argument("options", nargs="*", metavar="key=value", help="extra options for the evaluator")
 
     p = sub.add_parser("convert", help="GGUF or HF dir -> HF safetensors dir")
@@ -67,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
 
     p = sub.add_parser("reapply", help="re-apply a saved K-FADE unlearning update to another model")
-    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.add_argument("delta", help="delta.safetensors written by a K-FADE run")
+    p.add_argument("model", help="the model to apply it to (HF dir or .gguf)")
+    p.add_argument("out", help="output HF directory")
+    p.add_argument("--scale", type=float, default=1.0, help="multiply the update by this factor")
 
     p = sub.add_parser("bench", help="run the benchmarks/ scripts")
     p.add_argument("name", nargs="?", default=None, help="benchmarks/NAME.py (default: all)")
@@ -135,8 +138,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not model.exists():
         raise ModelLoadError(f"model not found: {model}")
     options = _parse_options(args.options)
-    if args.retain_model:
-        options["retain_model"] = args.retain_model
+    if args.retain_logs:
+        options["retain_logs"] = args.retain_logs
     from sga_jax.eval.run import evaluate
 
     results = evaluate(args.benchmark, str(model), args.out, **options)
@@ -167,9 +170,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_reapply(args: argparse.Namespace) -> int:
-    from sga_jax import reapply
+    from sga_jax.errors import DataError, ModelLoadError
+    from sga_jax.reapply import reapply
 
-    return int(reapply.main(list(args.args)) or 0)
+    if not Path(args.delta).is_file():
+        raise DataError(f"reapply: delta file not found: {args.delta}")
+    if not Path(args.model).exists():
+        raise ModelLoadError(f"reapply: model not found: {args.model}")
+    out = reapply(args.delta, args.model, args.out, scale=args.scale)
+    print(f"reapplied {args.delta} to {args.model} -> {out}")
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -195,7 +205,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sga_jax.demo import main as demo_main
 
-    return int(demo_main(out=args.out, steps=args.steps, export=not args.no_export, overrides=args.overrides) or 0)
+    return int(demo_main(out=args.out, steps=args.steps, export=args.export, overrides=args.overrides) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

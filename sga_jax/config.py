@@ -190,23 +190,35 @@ class FLATConfig(MethodConfig):
 
 @dataclass
 class KFADEConfig(MethodConfig):
-    """K-FADE (arXiv 2602.10568): a few uphill Gauss-Newton steps on the forget set, preconditioned
-    by K-FAC curvature of the retain set (damping λ, trust region on the step norm)."""
+    """K-FADE (arXiv 2602.10568): ``steps`` uphill Gauss-Newton steps on the forget NLL,
+    preconditioned by the K-FAC curvature of the retain set (``(F + λI)⁻¹``, λ = ``damping``), each
+    step's size set by a trust region on the quadratic model (``trust_region``; ``max_step_size``
+    caps it). ``fisher``: ``sampled`` (true Fisher) or ``empirical``. ``curvature_batches``: how many
+    retain batches of ``train.batch_size`` rows estimate the curvature. The update Δθ is saved as
+    ``delta.safetensors`` for ``sga-jax reapply``."""
 
     name: str = "kfade"
     steps: int = 3
     damping: float = 1e-3
-    step_norm: float = 1.0
+    trust_region: float = 1e-2
+    max_step_size: float | None = None
     curvature_batches: int = 8
-    fisher: str = "true"
+    fisher: str = "sampled"
     ekfac: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.steps >= 1, "method.steps", f"must be >= 1, got {self.steps}")
         _check(self.damping > 0, "method.damping", f"must be > 0, got {self.damping}")
-        _check(self.step_norm > 0, "method.step_norm", f"must be > 0, got {self.step_norm}")
-        _check(self.fisher in ("true", "empirical"), "method.fisher", f"must be true or empirical, got {self.fisher!r}")
+        _check(self.trust_region > 0, "method.trust_region", f"must be > 0, got {self.trust_region}")
+        _check(
+            self.curvature_batches >= 1, "method.curvature_batches", f"must be >= 1, got {self.curvature_batches}"
+        )
+        _check(
+            self.fisher in ("sampled", "empirical"),
+            "method.fisher",
+            f"must be sampled or empirical, got {self.fisher!r}",
+        )
 
 
 _BASE_SCHEMAS: dict[str, type[MethodConfig]] = {
@@ -384,13 +396,21 @@ class MeshConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation after a run (``benchmark: none`` skips it). Extra options go to
-    ``sga_jax.eval.run.evaluate``; ``retain_model`` is the retain model's eval dir for TOFU's
-    Forget Quality."""
+    """Evaluation after a run (``benchmark: none`` skips it): ``tofu``, ``muse_news``, ``ppl``,
+    ``mia`` or ``wmdp``. Extra ``options`` go to ``sga_jax.eval.run.evaluate``; ``retain_logs`` is
+    the retain model's TOFU eval folder, for Forget Quality."""
 
     benchmark: str = "none"
-    retain_model: str | None = None
+    retain_logs: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+
+    def __post_init__(self) -> None:
+        _check(
+            self.benchmark in ("none", "tofu", "muse_news", "ppl", "mia", "wmdp"),
+            "eval.benchmark",
+            f"must be none, tofu, muse_news, ppl, mia or wmdp, got {self.benchmark!r}",
+        )
 
 
 @dataclass

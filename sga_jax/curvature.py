@@ -32,6 +32,7 @@ retain outputs (``½ ΔθᵀFΔθ ≤ δ``, i.e. a KL budget ≈ δ per token): 
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
@@ -162,19 +163,31 @@ def _flat(state: nnx.State, leaf_name: str) -> dict[str, Any]:
     return out
 
 
-def _cotangents(t: Targets, fisher: str, num_samples: int, key: Array) -> Iterator[tuple[Array, float]]:
-    """Cotangents ``∂ℓ/∂logits`` (with their weight) whose pull-backs give the ``g`` samples."""
+def _sampled_stats(
+    t: Targets, fisher: str, num_samples: int, key: Array, g_stats: Callable[[Array], dict[str, Array]]
+) -> dict[str, Array]:
+    """Mean over label draws of the pulled-back statistics. The cotangent of the summed loss is
+    ``∂ℓ/∂z = w (p − e_y)``: ``y`` the data label (empirical) or ``y ~ p`` (sampled, true Fisher).
+    Samples run in a ``lax.scan`` with a running sum, so memory does not grow with their number."""
     logits = jax.lax.stop_gradient(t.logits).astype(jnp.float32)
     p = jax.nn.softmax(logits, axis=-1)
-    w = t.weights[..., None]
+    w = t.weights.astype(jnp.float32)[..., None]
+
+    def cotangent(y: Array) -> Array:
+        return w * (p - jax.nn.one_hot(y, p.shape[-1], dtype=p.dtype))
+
     if fisher == "empirical":
-        yield w * (p - jax.nn.one_hot(t.labels, p.shape[-1], dtype=p.dtype)), 1.0
-    elif fisher == "sampled":
-        for i in range(num_samples):
-            y = jax.random.categorical(jax.random.fold_in(key, i), logits, axis=-1)
-            yield w * (p - jax.nn.one_hot(y, p.shape[-1], dtype=p.dtype)), 1.0 / num_samples
-    else:  # exact: handled by the caller (a map over target positions and classes)
-        raise AssertionError(fisher)
+        return g_stats(cotangent(t.labels))
+    if num_samples == 1:
+        return g_stats(cotangent(jax.random.categorical(jax.random.fold_in(key, 0), logits, axis=-1)))
+
+    def body(carry, i):
+        y = jax.random.categorical(jax.random.fold_in(key, i), logits, axis=-1)
+        return jax.tree.map(jnp.add, carry, g_stats(cotangent(y))), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(g_stats, p))
+    total, _ = jax.lax.scan(body, zero, jnp.arange(num_samples))
+    return jax.tree.map(lambda x: x / num_samples, total)
 
 
 def _make_step(
@@ -190,10 +203,9 @@ def _make_step(
 
     def step(acc, pert0, params, rest, batch, key, eigen):
         def fwd(pert, params):
-            m = nnx.merge(graphdef, pert, params, rest)
-            t = forward(m, batch)
-            inputs = _flat(nnx.state(m, nnx.Intermediate), _KFAC_IN)
-            return t.logits, (t, inputs)
+            m = nnx.merge(graphdef, params, rest)
+            t, inputs = nnx.capture(forward, nnx.Intermediate, init=pert)(m, batch)
+            return t.logits, (t, _flat(inputs, _KFAC_IN))
 
         # Differentiate w.r.t. the params too (their cotangents are unused and dropped by XLA's
         # dead-code elimination) so every variable nnx.scan sees lives at the same trace level.
@@ -222,10 +234,7 @@ def _make_step(
         if fisher == "exact":
             g_sum = _exact_stats(t, g_stats)
         else:
-            g_sum = None
-            for ct, weight in _cotangents(t, fisher, num_samples, key):
-                s = jax.tree.map(lambda x, w=weight: w * x, g_stats(ct))
-                g_sum = s if g_sum is None else jax.tree.map(jnp.add, g_sum, s)
+            g_sum = _sampled_stats(t, fisher, num_samples, key, g_stats)
         out = {"count": acc["count"] + jnp.sum(mask)}
         out["g"] = {k: acc["g"][k] + g_sum[k] for k in acc["g"]}
         if eigen is None:
@@ -251,16 +260,18 @@ def _exact_stats(t: Targets, g_stats: Callable[[Array], dict[str, Array]]) -> di
     w = t.weights.reshape(b, n_pos)
     eye = jnp.eye(v, dtype=jnp.float32)
 
-    def at_position(n):
+    def at_position(carry, n):
         def for_class(c):
             onehot_n = (jnp.arange(n_pos) == n).astype(jnp.float32)[None, :, None]
             ct = onehot_n * w[:, :, None] * jnp.sqrt(p[:, :, c])[..., None] * (eye[c] - p)
             return g_stats(ct.reshape(logits.shape))
 
-        return jax.tree.map(lambda x: jnp.sum(x, axis=0), jax.vmap(for_class)(jnp.arange(v)))
+        per_class = jax.vmap(for_class)(jnp.arange(v))
+        return jax.tree.map(lambda acc, x: acc + jnp.sum(x, axis=0), carry, per_class), None
 
-    per_pos = jax.lax.map(at_position, jnp.arange(n_pos))
-    return jax.tree.map(lambda x: jnp.sum(x, axis=0), per_pos)
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(g_stats, logits))
+    total, _ = jax.lax.scan(at_position, zero, jnp.arange(n_pos))
+    return total
 
 
 def _constrain(tree: Any, shardings: Mapping[str, Any]) -> Any:
@@ -282,6 +293,14 @@ def _row_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh, row_axes: Any
     size = int(np.prod([mesh.shape[n] for n in names]))
     rows = row_axes if size > 1 and shape[-2] % size == 0 else None
     return NamedSharding(mesh, P(*([None] * (len(shape) - 2)), rows, None))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_step(graphdef, forward, fisher, num_samples, has_bias, shardings) -> Callable:
+    """One jitted step per (model structure, forward, options); jit caches the batch shapes."""
+    shardings = None if shardings is None else {kind: dict(items) for kind, items in shardings}
+    step = _make_step(graphdef, forward, fisher, num_samples, dict(has_bias), shardings)
+    return jax.jit(step, donate_argnums=(0,))
 
 
 class _Collector:
@@ -312,18 +331,15 @@ class _Collector:
             return self._compiled[sig]
         # The tap flags are static attributes: they live in the graphdef, the model is restored.
         with taps(self.layers):
-            graphdef0, params, rest = nnx.split(self.model, nnx.Param, ...)
-        rest = nnx.filter_state(rest, nnx.Not(nnx.Intermediate))
+            graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
 
         def init(params, rest):
-            # One abstract forward creates the Perturbation variables ([L, B, T, out] under scan).
-            m = nnx.merge(graphdef0, params, rest)
-            t = self.forward(m, batch)
-            inputs = nnx.pop(m, nnx.All(nnx.Intermediate, nnx.Not(nnx.Perturbation)))
-            graphdef, pert, _, _ = nnx.split(m, nnx.Perturbation, nnx.Param, ...)
-            return graphdef, pert, inputs, t.pool
+            # One abstract forward gives the perturbations' shapes ([L, B, T, out] under scan).
+            m = nnx.merge(graphdef, params, rest)
+            t, pert, inputs = nnx.capture(self.forward, nnx.Perturbation, nnx.Intermediate)(m, batch)
+            return pert, inputs, t.pool
 
-        graphdef, pert_shapes, inputs_shapes, pool = jax.eval_shape(init, params, rest)
+        pert_shapes, inputs_shapes, pool = jax.eval_shape(init, params, rest)
         in_shapes = _flat(inputs_shapes, _KFAC_IN)
         out_shapes = _flat(pert_shapes, _KFAC_OUT)
         has_bias = {k: m.bias is not None for k, m in self.layers.items()}
@@ -343,8 +359,14 @@ class _Collector:
                 "a": {k: _row_sharding(s, self.mesh, self.row_axes) for k, s in a_shapes.items()},
                 "g": {k: _row_sharding(s, self.mesh, self.row_axes) for k, s in g_shapes.items()},
             }
-        step = _make_step(graphdef, self.forward, self.fisher, self.num_samples, has_bias, shardings)
-        jitted = jax.jit(step, donate_argnums=(0,))
+        jitted = _jitted_step(
+            graphdef,
+            self.forward,
+            self.fisher,
+            self.num_samples,
+            tuple(sorted(has_bias.items())),
+            None if shardings is None else tuple((kind, tuple(sorted(d.items()))) for kind, d in shardings.items()),
+        )
         pert0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_shapes)
         entry = (jitted, pert0, params, rest, a_shapes, g_shapes, shardings)
         self._compiled[sig] = entry

@@ -127,9 +127,37 @@ class Method:
 
 
 def _nll(model, batch) -> jax.Array:
-    from sga_jax.logprobs import sequence_nll
-
+    """Token-mean NLL per row (``sga_jax.logprobs.sequence_nll``)."""
+    try:
+        from sga_jax.logprobs import sequence_nll
+    except ImportError:  # TEMPORARY: until sga_jax.logprobs lands (plain logits path, same maths)
+        return _sequence_nll_fallback(model, batch)
     return sequence_nll(model, batch)
+
+
+def _sequence_nll_fallback(model, batch) -> jax.Array:
+    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
+    labels = batch["input_ids"][:, 1:]
+    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), labels[..., None], -1)[..., 0]
+    return -jnp.sum(logp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+
+
+def _objectives():
+    """``sga_jax.objectives`` (TEMPORARY fallback for GA / SGA / NLL until it lands)."""
+    try:
+        from sga_jax import objectives
+    except ImportError:
+        import types
+
+        def sga_loss(nll_f, nll_n, r):
+            k = nll_n.shape[-1] + 1
+            return jnp.mean(-(1 - r * (k - 1) / k) * nll_f - (r / k) * jnp.sum(nll_n, -1))
+
+        return types.SimpleNamespace(
+            ga_loss=lambda nll: -jnp.mean(nll), nll_loss=lambda nll: jnp.mean(nll), sga_loss=sga_loss
+        )
+    return objectives
 
 
 def _retain_term(m: C.MethodConfig, model, batch, aux: dict) -> jax.Array:
@@ -142,7 +170,7 @@ def _retain_term(m: C.MethodConfig, model, batch, aux: dict) -> jax.Array:
 
 def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
     """The :class:`Method` of a method config (``mode="finetune"``: plain NLL)."""
-    from sga_jax import objectives as O
+    O = _objectives()  # noqa: N806
 
     if mode == "finetune":
 
@@ -740,10 +768,14 @@ def prepare(cfg: C.RunConfig) -> Prepared:
 
 def normal_index(model, data: TrainData, m: C.MethodConfig, *, seed: int) -> np.ndarray:
     """``[N, K-1]`` retain-row indices: each forget row's SGA normal samples."""
-    from sga_jax.data import normal_samples as NS
-
     k = m.k  # type: ignore[attr-defined]
     assert data.retain is not None
+    try:
+        from sga_jax.data import normal_samples as NS
+    except ImportError:  # TEMPORARY until sga_jax.data.normal_samples lands: random pairing
+        rng = np.random.default_rng(seed)
+        m_rows = data.retain["input_ids"].shape[0]
+        return np.stack([rng.choice(m_rows, k - 1, replace=False) for _ in range(data.num_forget)])
     if m.normal_samples == "random":  # type: ignore[attr-defined]
         idx = NS.random_pairing(data.num_forget, data.retain["input_ids"].shape[0], k - 1, seed=seed)
     else:
@@ -839,49 +871,50 @@ def run(
 
 def _eval_options(cfg: C.RunConfig) -> dict[str, Any]:
     opts = dict(cfg.eval.options)
-    if cfg.eval.retain_model:
-        opts.setdefault("retain_model", cfg.eval.retain_model)
+    if cfg.eval.retain_logs:
+        opts.setdefault("retain_logs", cfg.eval.retain_logs)
+    if cfg.eval.benchmark == "tofu" and cfg.data.benchmark == "tofu" and cfg.data.forget.startswith("forget"):
+        opts.setdefault("forget_split", cfg.data.forget)
     if cfg.data.data_dir:
         opts.setdefault("data_dir", cfg.data.data_dir)
     return opts
 
 
 def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
-    """K-FADE: curvature of the retain set, a few uphill Gauss-Newton steps (sga_jax.curvature)."""
+    """K-FADE: retain-set K-FAC curvature, then a few uphill Gauss-Newton steps
+    (:func:`sga_jax.curvature.kfade_unlearn`); Δθ is saved for ``sga-jax reapply``."""
     from sga_jax.curvature import kfade_unlearn
+    from sga_jax.models.hf import save_model
+    from sga_jax.reapply import save_delta
 
-    prepared = prepare(dataclasses.replace(cfg, method=C.GAConfig(name="ga"), mode="unlearn"))
-    retain_rows = prepared.retain_rows
-    if retain_rows is None:
-        forget_rows, retain_rows = load_rows(cfg.data, need_retain=True)
-        from sga_jax.data.formatting import PromptFormatter
+    m = cfg.method
+    prepared = prepare(dataclasses.replace(cfg, method=C.GradDiffConfig(), mode="unlearn"))
+    data, bs = prepared.data, cfg.train.batch_size
 
-        fmt = PromptFormatter(prepared.tokenizer, cfg.data.prompt_format, cfg.data.max_length)
-        prepared.data.retain = encode(retain_rows, fmt, source="data.retain")
+    def batches(b: Batch, limit: int | None = None) -> list[Batch]:
+        n = b["input_ids"].shape[0]
+        out_ = [{k: b[k][i : i + bs] for k in _KEYS} for i in range(0, n - n % bs or n, bs)]
+        return out_[:limit] if limit else out_
+
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / "config.yaml", C.to_yaml(cfg))
-    m = cfg.method
-    model, info = kfade_unlearn(
+    before = float(np.mean(batched_nll(prepared.model, data.forget)))
+    model, delta = kfade_unlearn(
         prepared.model,
-        prepared.data.forget,
-        prepared.data.retain,
+        batches(data.forget),
+        batches(data.retain, m.curvature_batches),  # type: ignore[arg-type, attr-defined]
         steps=m.steps,  # type: ignore[attr-defined]
         damping=m.damping,  # type: ignore[attr-defined]
-        step_norm=m.step_norm,  # type: ignore[attr-defined]
-        curvature_batches=m.curvature_batches,  # type: ignore[attr-defined]
-        fisher=m.fisher,  # type: ignore[attr-defined]
+        trust_region=m.trust_region,  # type: ignore[attr-defined]
+        max_step_size=m.max_step_size,  # type: ignore[attr-defined]
         ekfac=m.ekfac,  # type: ignore[attr-defined]
-        batch_size=cfg.train.batch_size,
-        seed=cfg.train.seed,
-        output_dir=out,
+        fisher=m.fisher,  # type: ignore[attr-defined]
     )
-    from sga_jax.models.hf import save_model
-
+    after = float(np.mean(batched_nll(model, data.forget)))
+    save_delta(delta, model, out / "delta.safetensors", metadata={"method": "kfade"})
     model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer)
-    history = list(info.get("history", [])) if isinstance(info, dict) else []
-    with open(out / "metrics.jsonl", "w") as f:
-        for rec in history:
-            f.write(json.dumps(rec) + "\n")
+    history = [{"step": 0, "forget_nll": before}, {"step": m.steps, "forget_nll": after}]  # type: ignore[attr-defined]
+    _write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     result = RunResult(out, model_dir, m.steps, history, model)  # type: ignore[attr-defined]
     if cfg.eval.benchmark != "none":
         from sga_jax.eval.run import evaluate as run_eval

@@ -5,7 +5,7 @@ Submodules: ``tofu``, ``muse``, ``wmdp``, ``jsonl``, ``formatting``, ``batching`
 """
 
 from sga_jax.data.batching import bucket_length, collate, iterate_batches
-from sga_jax.data.formatting import EncodeStats, Encoded, PromptFormatter
+from sga_jax.data.formatting import Encoded, EncodeStats, PromptFormatter
 from sga_jax.data.jsonl import load_user_rows, read_records
 from sga_jax.data.muse import load_knowmem, load_privleak, load_raw, load_verbmem
 from sga_jax.data.tofu import load_idontknow, load_tofu

@@ -9,8 +9,9 @@ Two templates, chosen per model by ``template``:
 * ``"auto"``: ``"chat"`` when the tokenizer has a chat template, else ``"plain"``.
 
 As TOFU does, the number of prompt tokens is that of the prompt tokenised on its own and the first
-that many tokens of the full text are masked out of ``loss_mask`` (the answer tokens and the EOS
-that follows them are the targets). Truncation to ``max_length`` is counted in
+that many tokens of the full text are masked out of ``loss_mask``. In the plain template TOFU's
+prompt is ``"Question: {q}\n"``: the ``"Answer: "`` tag, the answer and the EOS after it are the
+targets (``mask_answer_tag=True`` masks the tag too). Truncation to ``max_length`` is counted in
 :class:`EncodeStats` and warned about; a row whose prompt alone fills the context is skipped and
 reported (never silently dropped, never a crash inside JAX).
 """
@@ -81,6 +82,7 @@ class PromptFormatter:
         model configs use ``"Question: "``, ``"\\n"``, ``"Answer: "``).
       system_prompt: chat template only; ``None`` keeps the template's default system turn.
       add_eos: plain template only: append EOS after the answer (TOFU's label does).
+      mask_answer_tag: plain template only: also mask the answer tag (TOFU does not).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class PromptFormatter:
         answer_tag: str = "Answer: ",
         system_prompt: str | None = None,
         add_eos: bool = True,
+        mask_answer_tag: bool = False,
     ):
         if template not in TEMPLATES:
             raise ConfigError(f"unknown prompt template {template!r}; use one of {TEMPLATES}")
@@ -110,6 +113,7 @@ class PromptFormatter:
         self.answer_tag = answer_tag
         self.system_prompt = system_prompt
         self.add_eos = add_eos
+        self.mask_answer_tag = mask_answer_tag
 
     # --- ids -----------------------------------------------------------------------------------
     @property
@@ -171,7 +175,11 @@ class PromptFormatter:
     def encode_qa(self, question: str, answer: str) -> Encoded | str:
         """``Encoded`` for one QA pair, or a string saying why the row cannot be used."""
         ids = self.tokenize(self.full_text(question, answer))
-        n_prompt = len(self.tokenize(self.prompt_text(question)))
+        if self.mode == "plain" and not self.mask_answer_tag:
+            masked = self.question_start + question + self.question_end
+        else:
+            masked = self.prompt_text(question)
+        n_prompt = len(self.tokenize(masked))
         if self.mode == "plain" and self.add_eos and self.eos_token_id is not None:
             ids.append(int(self.eos_token_id))
         truncated = len(ids) > self.max_length

@@ -46,22 +46,26 @@ def _greedy(model, input_ids, attention_mask, max_new_tokens, *, cache_len, eos_
     done = jnp.zeros((b,), bool)
     eos = jnp.asarray(eos_ids, jnp.int32)
     limit = jnp.minimum(max_new_tokens, n_out)
+    # NNX modules may not cross into the loop's trace level (nnx.scan over stacked layers refuses
+    # outer-level tracers): carry the parameters through the loop and rebuild the model inside.
+    graphdef, state = nnx.split(model)
 
     def cond(carry):
-        i, _, _, _, _, _, done = carry
+        i, _, _, _, _, _, done, _ = carry
         return (i < limit) & ~jnp.all(done)
 
     def body(carry):
-        i, tok, pos, cache, kv_mask, out, done = carry
+        i, tok, pos, cache, kv_mask, out, done, state = carry
         out = out.at[:, i].set(jnp.where(done, pad_id, tok))
         done = done | jnp.isin(tok, eos)
         kv_mask = kv_mask.at[:, p + i].set(1)
-        logits, cache = model.decode(tok[:, None], pos[:, None], cache, p + i, kv_mask)
+        step_model = nnx.merge(graphdef, state)
+        logits, cache = step_model.decode(tok[:, None], pos[:, None], cache, p + i, kv_mask)
         nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-        return i + 1, nxt, pos + 1, cache, kv_mask, out, done
+        return i + 1, nxt, pos + 1, cache, kv_mask, out, done, state
 
-    carry = (jnp.int32(0), tok, pos, cache, kv_mask, out, done)
-    i, *_, out, done = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), tok, pos, cache, kv_mask, out, done, state)
+    i, *_, out, done, _ = jax.lax.while_loop(cond, body, carry)
     return out, i
 
 

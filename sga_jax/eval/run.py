@@ -1,0 +1,150 @@
+"""``evaluate(benchmark, model_path, out_dir, **options)``: load a model, run a benchmark, write JSON.
+
+Benchmarks:
+
+* ``"tofu"``: the four official eval-log files + ``results.json`` from :func:`sga_jax.eval.tofu.aggregate`
+  (Forget Quality when ``retain_logs=`` names a retain model's eval-log folder). Options:
+  ``forget_split`` (forget01/05/10), ``limit`` (300), ``template`` (auto/chat/plain), ``max_length``,
+  ``batch_size``, ``generate``, ``max_new_tokens``, ``generation_max_length``.
+* ``"muse_news"``: VerbMem / KnowMem / PrivLeak (``retrain_auc=``), ``limit``, ``metrics``.
+* ``"ppl"``: perplexity of a text set: ``data=`` a JSON/JSONL file of ``{"text"}`` or QA rows, or
+  ``tofu:<config>`` / ``muse:raw`` style names; ``limit``, ``max_length``.
+* ``"mia"``: LOSS / zlib / Min-K% / Min-K%++ AUC of ``members=`` vs ``nonmembers=`` (same naming as
+  ``data``; default MUSE-News privleak forget vs holdout), ``k``.
+* ``"wmdp"``: multiple-choice accuracy on a WMDP-format file (``data=``) or hub config (``source="hub"``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sga_jax.data.jsonl import write_json_atomic
+from sga_jax.errors import ConfigError, DataError
+
+BENCHMARKS = ("tofu", "muse_news", "ppl", "mia", "wmdp")
+
+
+def _texts(spec: str, limit: int | None, data_dir=None) -> list[str]:
+    """Texts named by ``spec``: a file path, ``tofu:<config>``, ``muse:raw[/split]`` or
+    ``muse:privleak/<split>``. QA rows become ``"{question} {answer}"``."""
+    from sga_jax.data import muse, tofu
+    from sga_jax.data.jsonl import load_user_rows
+
+    if spec.startswith("tofu:"):
+        rows = tofu.load_tofu(spec[5:], data_dir=data_dir, limit=limit)
+    elif spec.startswith("muse:"):
+        part, _, split = spec[5:].partition("/")
+        if part == "raw":
+            rows = muse.load_raw(split or "forget", data_dir=data_dir, limit=limit)
+        elif part == "privleak":
+            rows = muse.load_privleak(split or "forget", data_dir=data_dir, limit=limit)
+        else:
+            raise ConfigError(
+                f"unknown MUSE text set {spec!r}; use muse:raw[/split] or muse:privleak/<split>"
+            )
+    else:
+        rows = load_user_rows(spec)
+        rows = rows[:limit] if limit else rows
+    return [r["text"] if "text" in r else f"{r['question']} {r['answer']}" for r in rows]
+
+
+def wmdp_accuracy(model: Any, tokenizer: Any, rows: list[dict], *, batch_size: int = 8) -> dict[str, Any]:
+    """Accuracy of picking the letter (" A" .. " D") with the highest log-probability after the
+    WMDP prompt (lm-evaluation-harness' multiple-choice scoring)."""
+    from sga_jax.data.formatting import Encoded
+    from sga_jax.data.wmdp import choice_continuations, format_prompt
+    from sga_jax.eval.scoring import sequence_nll
+
+    seqs = []
+    for r in rows:
+        prompt = tokenizer(format_prompt(r), add_special_tokens=True)["input_ids"]
+        for cont in choice_continuations():
+            c = tokenizer(cont, add_special_tokens=False)["input_ids"]
+            seqs.append(Encoded(list(prompt) + list(c), [0] * len(prompt) + [1] * len(c)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    nll, _ = sequence_nll(model, seqs, pad_id=pad, batch_size=batch_size)
+    pred = nll.reshape(len(rows), 4).argmin(axis=1)
+    gold = np.array([r["answer"] for r in rows])
+    return {"accuracy": float(np.mean(pred == gold)), "predictions": pred.tolist()}
+
+
+def evaluate(
+    benchmark: str,
+    model_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer_path: str | os.PathLike | None = None,
+    dtype: str = "float32",
+    model: Any = None,
+    tokenizer: Any = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run ``benchmark`` on the model at ``model_path`` (or a given ``model`` / ``tokenizer``) and
+    write ``out_dir/results.json`` (+ the official TOFU logs). Returns the results dict."""
+    import sga_jax
+
+    if benchmark not in BENCHMARKS:
+        raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    if model is None:
+        model = sga_jax.load_model(model_path, dtype=dtype, scan_layers=True)
+    if tokenizer is None:
+        tokenizer = sga_jax.load_tokenizer(tokenizer_path or model_path)
+    data_dir = options.pop("data_dir", None)
+    source = options.pop("source", "local")
+    limit = options.pop("limit", None)
+    results: dict[str, Any] = {"benchmark": benchmark, "model": str(model_path)}
+
+    if benchmark == "tofu":
+        from sga_jax.data.formatting import PromptFormatter
+        from sga_jax.eval import tofu
+
+        fmt = PromptFormatter(
+            tokenizer, options.pop("template", "auto"), max_length=options.pop("max_length", 512)
+        )
+        retain_logs = options.pop("retain_logs", None)
+        tofu.evaluate(
+            model, tokenizer, out, formatter=fmt, limit=300 if limit is None else limit, source=source,
+            data_dir=data_dir, **options,
+        )  # fmt: skip
+        results.update(tofu.aggregate(out, retain_logs))
+        results["template"] = fmt.mode
+    elif benchmark == "muse_news":
+        from sga_jax.eval import muse
+
+        res = muse.evaluate(model, tokenizer, limit=limit, source=source, data_dir=data_dir, **options)
+        write_json_atomic(res.pop("logs"), out / "muse_logs.json", indent=2)
+        results.update(res)
+    elif benchmark == "ppl":
+        from sga_jax.eval.mia import perplexity
+
+        spec = options.pop("data", "muse:raw/forget")
+        results["data"] = spec
+        results["perplexity"] = perplexity(model, tokenizer, _texts(spec, limit, data_dir), **options)
+    elif benchmark == "mia":
+        from sga_jax.eval.mia import SCORES, auc, text_scores
+
+        members = options.pop("members", "muse:privleak/forget")
+        nonmembers = options.pop("nonmembers", "muse:privleak/holdout")
+        s_in = text_scores(model, tokenizer, _texts(members, limit, data_dir), **options)
+        s_out = text_scores(model, tokenizer, _texts(nonmembers, limit, data_dir), **options)
+        results.update({"members": members, "nonmembers": nonmembers})
+        results.update({f"auc_{s}": auc(s_in[s], s_out[s]) for s in SCORES if s in s_in})
+    elif benchmark == "wmdp":
+        from sga_jax.data.wmdp import load_wmdp
+
+        spec = options.pop("data", None)
+        if spec is None:
+            raise DataError("wmdp needs data=<file> (or a cais/wmdp config with source='hub')")
+        rows = load_wmdp(spec, source=source, limit=limit)
+        results.update(wmdp_accuracy(model, tokenizer, rows, **options))
+    results["seconds"] = time.perf_counter() - t0
+    write_json_atomic(results, out / "results.json", indent=2)
+    return results

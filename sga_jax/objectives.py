@@ -1,0 +1,273 @@
+"""Unlearning objectives as pure functions (all *minimised*).
+
+Inputs are per-sequence token-mean negative log-likelihoods ``l = -(1/|y|) Σ_t log p(y_t | ...)``
+(``[B]`` arrays from :func:`sga_jax.logprobs.sequence_nll`) or, for FLAT, per-token log-probs with
+their masks (:func:`sga_jax.logprobs.token_logprobs`). Sign conventions follow DESIGN.md; each
+function cites its paper. Batch reduction is the mean over examples.
+
+Argument problems a user can cause (r > 1, K < 1, mismatched shapes, empty masks, an unknown
+divergence) raise :class:`sga_jax.errors.ConfigError`. Checks on values run only where the value
+is concrete (outside ``jit``); shape checks always run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sga_jax.errors import ConfigError
+
+Array = jax.Array
+
+# ------------------------------------------------------------------------------------- helpers
+
+
+def _host(x) -> np.ndarray | None:
+    """``x`` as a numpy array when it is concrete, ``None`` under tracing (inside ``jit``/``grad``)."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _concrete(x) -> float | None:
+    """``float(x)`` when ``x`` is a concrete scalar, ``None`` under tracing."""
+    value = _host(x)
+    return None if value is None or value.size != 1 else float(value)
+
+
+def _check_r(r) -> None:
+    value = _concrete(r)
+    if value is not None and value > 1:
+        raise ConfigError(f"SGA smoothing rate r must be <= 1 (arXiv 2510.22376), got r={value}")
+
+
+def _check_1d(name: str, x: Array) -> None:
+    if jnp.ndim(x) != 1:
+        raise ConfigError(f"{name} must be a [B] array of per-sequence NLLs, got shape {jnp.shape(x)}")
+
+
+def _check_same(names: tuple[str, str], a: Array, b: Array) -> None:
+    if jnp.shape(a) != jnp.shape(b):
+        raise ConfigError(f"{names[0]} {jnp.shape(a)} and {names[1]} {jnp.shape(b)} must have the same shape")
+
+
+def _check_mask(name: str, logp: Array, mask: Array) -> None:
+    if jnp.ndim(logp) != 2 or jnp.shape(logp) != jnp.shape(mask):
+        raise ConfigError(
+            f"{name}: log-probs {jnp.shape(logp)} and mask {jnp.shape(mask)} must both be [B, T]"
+        )
+    host = _host(mask)
+    if host is not None:
+        counts = host.astype(bool).sum(axis=-1)
+        if (counts == 0).any():
+            rows = np.flatnonzero(counts == 0).tolist()
+            raise ConfigError(f"{name}: empty loss mask in rows {rows} (no answer token to score)")
+
+
+def masked_mean(x: Array, mask: Array) -> Array:
+    """Per-row mean of ``x [B, T]`` over ``mask`` (rows with an empty mask give 0)."""
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x.astype(jnp.float32) * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
+def sequence_nll_from_logprobs(logp: Array, mask: Array) -> Array:
+    """Token-mean NLL ``[B]`` from per-token log-probs ``[B, T]`` and their mask."""
+    return -masked_mean(logp, mask)
+
+
+# ----------------------------------------------------------------------------------- baselines
+
+
+def nll_loss(nll: Array) -> Array:
+    """Plain NLL (fine-tuning, retain terms): ``L = mean_b l_b``."""
+    _check_1d("nll", nll)
+    return jnp.mean(nll)
+
+
+def ga_loss(nll_forget: Array) -> Array:
+    """Gradient ascent on the forget set: ``L = -mean_b l_f`` (Jang et al. 2022, arXiv 2210.01504)."""
+    _check_1d("nll_forget", nll_forget)
+    return -jnp.mean(nll_forget)
+
+
+def graddiff_loss(nll_forget: Array, nll_retain: Array, *, alpha: float = 1.0, gamma: float = 1.0) -> Array:
+    """Gradient difference (Liu et al. 2022, arXiv 2203.12817; TOFU's GradDiff, arXiv 2401.06121):
+    ``L = -γ·mean l_f + α·mean l_r`` (open-unlearning's ``gamma``, ``alpha``)."""
+    _check_1d("nll_forget", nll_forget)
+    _check_1d("nll_retain", nll_retain)
+    return -gamma * jnp.mean(nll_forget) + alpha * jnp.mean(nll_retain)
+
+
+def npo_loss(nll_forget: Array, nll_forget_ref: Array, *, beta: float = 0.1) -> Array:
+    """Negative Preference Optimisation (Zhang et al. 2024, arXiv 2404.05868, eq. 3):
+    ``L = -(2/β)·mean_b log σ(β·(l_f - l_f,ref))`` with ``l_f,ref`` the NLL under the frozen reference
+    model (a constant here: pass it precomputed or under ``stop_gradient``)."""
+    _check_1d("nll_forget", nll_forget)
+    _check_same(("nll_forget", "nll_forget_ref"), nll_forget, nll_forget_ref)
+    if beta <= 0:
+        raise ConfigError(f"NPO beta must be > 0, got {beta}")
+    ratio = nll_forget - jax.lax.stop_gradient(nll_forget_ref)
+    return -(2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(beta * ratio))
+
+
+def simnpo_loss(nll_forget: Array, *, beta: float = 2.5, gamma: float = 0.0, delta: float = 0.0) -> Array:
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163, eq. 5): reference-free, length-normalised NPO.
+
+    The paper's loss ``-(2/β) log σ(-(β/|y|) log π(y|x) - γ)`` on the token-mean NLL ``l_f`` is
+    ``L = -(2/β)·mean_b log σ(β·(l_f - δ) - γ)``: ``γ`` the paper's reward margin; ``δ`` the same
+    margin in NLL units as open-unlearning parametrises it (``γ = β·δ``). Both default to 0.
+    """
+    _check_1d("nll_forget", nll_forget)
+    if beta <= 0:
+        raise ConfigError(f"SimNPO beta must be > 0, got {beta}")
+    return -(2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(beta * (nll_forget - delta) - gamma))
+
+
+# -------------------------------------------------------------------------------------------- SGA
+
+
+def sga_direction_weights(r, K: int) -> tuple:
+    """Coefficients ``(c_f, c_n)`` of the SGA loss ``L = -c_f·l_f - c_n·Σ_i l_i``.
+
+    ``c_f = 1 - r(K-1)/K`` and ``c_n = r/K`` (arXiv 2510.22376, eq. 6): generalised label smoothing
+    of the forget sample's "label" over 1 forget + K-1 normal samples. r = -0.8, K = 4 gives
+    (1.6, -0.2): the forget sample is ascended with weight 1.6 and each normal sample descended with
+    weight 0.2.
+    """
+    if int(K) != K or K < 1:
+        raise ConfigError(f"SGA K (1 forget + K-1 normal samples) must be an integer >= 1, got {K}")
+    _check_r(r)
+    return 1.0 - r * (K - 1) / K, r / K
+
+
+def sga_loss(nll_forget: Array, nll_normal: Array, r) -> Array:
+    """Smoothed Gradient Ascent (Smoothed Gradient Ascent for LLM unlearning, arXiv 2510.22376, eq. 6).
+
+    ``L = mean_b[-(1 - r(K-1)/K)·l_f - (r/K)·Σ_{i<K} l_i]`` with ``K = nll_normal.shape[1] + 1``
+    and smoothing rate ``r <= 1``. r = 0 is exactly gradient ascent; r < 0 ascends the forget
+    sample harder and descends the normal samples. Its gradient is ``-g_f - r·u`` with
+    ``u = ḡ_n - (1 - 1/K)·g_f``, ``ḡ_n = (1/K)·Σ_i g_i`` (see :func:`sga_jax.transforms.sga`).
+
+    Args:
+      nll_forget: ``[B]`` token-mean NLL of each forget example.
+      nll_normal: ``[B, K-1]`` token-mean NLL of its K-1 normal samples (``[B, 0]`` for K = 1).
+      r: smoothing rate (float or a traced scalar, e.g. from a schedule).
+    """
+    _check_1d("nll_forget", nll_forget)
+    if jnp.ndim(nll_normal) != 2 or jnp.shape(nll_normal)[0] != jnp.shape(nll_forget)[0]:
+        raise ConfigError(
+            f"nll_normal must be [B, K-1] with B = {jnp.shape(nll_forget)[0]} (nll_forget's batch), "
+            f"got shape {jnp.shape(nll_normal)}"
+        )
+    k = jnp.shape(nll_normal)[1] + 1
+    c_f, c_n = sga_direction_weights(r, k)
+    return jnp.mean(-c_f * nll_forget - c_n * jnp.sum(nll_normal, axis=1))
+
+
+# ------------------------------------------------------------------------------------------- FLAT
+
+# The variational representation of f-divergences, D_f(P‖Q) >= sup_V E_P[g(V)] - E_Q[f*(g(V))]
+# (Nguyen et al. 2010; f-GAN, Nowozin et al. 2016, arXiv 1606.00709, Table 2), which FLAT
+# (arXiv 2410.11143, eq. 6) applies with V = the mean token probability. Each entry is
+# (activation g, conjugate composed with it f*∘g); both are increasing in v, so minimising
+# -g(P_e) + f*(g(P_f)) raises P_e and lowers P_f for every divergence. (FLAT's code flips v -> -v
+# in the reverse-KL / squared-Hellinger / Neyman activations, which reverses those objectives, and
+# replaces Jeffrey's Lambert-W conjugate by its cubic Taylor series; we keep f-GAN's table.)
+_LOG2 = float(np.log(2.0))
+
+
+def _lambertw_principal(x: Array) -> Array:
+    """Principal branch of Lambert W on x >= 1/e (here x = e^{1-t} in [1, e]): Newton on w·e^w = x."""
+    w = jnp.log1p(x)  # within 0.2 of the root on [1, e]; Newton converges quadratically
+    for _ in range(8):
+        ew = jnp.exp(w)
+        w = w - (w * ew - x) / (ew * (w + 1.0))
+    return w
+
+
+def _jeffrey_conjugate(t: Array) -> Array:
+    w = _lambertw_principal(jnp.exp(1.0 - t))
+    return w + 1.0 / w + t - 2.0
+
+
+FLAT_DIVERGENCES: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
+    "kl": (lambda v: v, lambda v: jnp.exp(v - 1.0)),
+    "reverse_kl": (lambda v: -jnp.exp(-v), lambda v: -1.0 + v),
+    "pearson": (lambda v: v, lambda v: v * v / 4.0 + v),
+    "neyman": (lambda v: 1.0 - jnp.exp(-v), lambda v: 2.0 - 2.0 * jnp.exp(-v / 2.0)),
+    "squared_hellinger": (lambda v: 1.0 - jnp.exp(-v), lambda v: jnp.exp(v) - 1.0),
+    "jeffrey": (lambda v: v, _jeffrey_conjugate),
+    "js": (lambda v: _LOG2 - jax.nn.softplus(-v), lambda v: jax.nn.softplus(v) - _LOG2),
+    "total_variation": (lambda v: 0.5 * jnp.tanh(v), lambda v: 0.5 * jnp.tanh(v)),
+}
+_ALIASES = {
+    "kld": "kl",
+    "reverse-kl": "reverse_kl",
+    "rkl": "reverse_kl",
+    "jensen-shannon": "js",
+    "jensen_shannon": "js",
+    "jenson-shannon": "js",
+    "tv": "total_variation",
+    "total-variation": "total_variation",
+    "hellinger": "squared_hellinger",
+    "squared-hellinger": "squared_hellinger",
+}
+
+
+def flat_divergence(name: str) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
+    """``(g, f*∘g)`` of a FLAT f-divergence by name (case-insensitive; a few aliases accepted)."""
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in FLAT_DIVERGENCES:
+        raise ConfigError(
+            f"unknown f-divergence {name!r}; choose one of {', '.join(sorted(FLAT_DIVERGENCES))}"
+        )
+    return FLAT_DIVERGENCES[key]
+
+
+def mean_token_prob(logp: Array, mask: Array) -> Array:
+    """``P = (1/|y|)·Σ_t p(y_t | ...)`` per row: FLAT's mean token probability (arXiv 2410.11143)."""
+    return masked_mean(jnp.exp(logp.astype(jnp.float32)), mask)
+
+
+def flat_loss(
+    logp_forget: Array,
+    mask_forget: Array,
+    logp_template: Array,
+    mask_template: Array,
+    *,
+    divergence: str = "kl",
+) -> Array:
+    """FLAT (Wang et al. 2025, "LLM Unlearning via Loss Adjustment with Only Forget Data",
+    arXiv 2410.11143, eq. 6): ``L = mean_b[-g(P_e) + f*(g(P_f))]``.
+
+    ``P_f`` and ``P_e`` are the mean token probabilities (:func:`mean_token_prob`) of the forget
+    answer and of the template answer ("I don't know") for the same question; minimising L raises
+    the template's probability (through the activation g) and lowers the forget answer's (through
+    the conjugate f*∘g), i.e. maximises the variational estimate of D_f between the two.
+
+    Args:
+      logp_forget, mask_forget: ``[B, T]`` per-token log-probs of the forget answers and their mask.
+      logp_template, mask_template: ``[B, T']`` the same for the template answers.
+      divergence: one of ``kl, js, pearson, total_variation, reverse_kl, jeffrey,
+        squared_hellinger, neyman``.
+
+    Unlike FLAT's reference code, which averages P over the batch *and* the padding positions
+    before applying g, each example's P is the mean over its own answer tokens and the loss is
+    averaged over examples, as the paper's per-sample objective reads. The (g, f*∘g) pairs are
+    f-GAN's Table 2 (see ``FLAT_DIVERGENCES``).
+    """
+    g, conj = flat_divergence(divergence)
+    _check_mask("logp_forget", logp_forget, mask_forget)
+    _check_mask("logp_template", logp_template, mask_template)
+    if jnp.shape(logp_forget)[0] != jnp.shape(logp_template)[0]:
+        raise ConfigError(
+            f"forget ({jnp.shape(logp_forget)[0]}) and template ({jnp.shape(logp_template)[0]}) "
+            "batches must have the same number of rows"
+        )
+    p_f = mean_token_prob(logp_forget, mask_forget)
+    p_e = mean_token_prob(logp_template, mask_template)
+    return jnp.mean(-g(p_e) + conj(p_f))

@@ -1,0 +1,69 @@
+"""Greedy generation is token-identical to transformers' greedy ``generate``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import write_tiny_hf
+
+import sga_jax
+from sga_jax.data import tofu
+from sga_jax.data.formatting import PromptFormatter
+from sga_jax.errors import DataError
+from sga_jax.eval.generate import greedy_generate
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, torch_model = write_tiny_hf("llama", tmp_path_factory.mktemp("gen") / "llama")
+    return sga_jax.load_model(path), torch_model
+
+
+def hf_greedy(torch_model, prompts, max_new_tokens, eos, pad):
+    """HF batched greedy generation with left padding; new tokens cut after the first EOS."""
+    p = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (p - len(x)) + list(x) for x in prompts])
+    mask = torch.tensor([[0] * (p - len(x)) + [1] * len(x) for x in prompts])
+    with torch.no_grad():
+        out = torch_model.generate(
+            ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+            eos_token_id=eos, pad_token_id=pad,
+        )  # fmt: skip
+    result = []
+    for row in out[:, p:].tolist():
+        result.append(row[: row.index(eos) + 1] if eos in row else row)
+    return result
+
+
+def test_tiny_llama_token_identical(tiny):
+    model, torch_model = tiny
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 96, size=n).tolist() for n in (5, 9, 3, 17, 1, 8)]
+    ref = hf_greedy(torch_model, prompts, 24, eos=2, pad=0)
+    got = greedy_generate(model, prompts, max_new_tokens=24, eos_token_id=2, pad_token_id=0, batch_size=4)
+    assert got.tokens == ref
+    # A token the model does emit as EOS: rows stop there, as in HF (ragged lengths, padded rows).
+    eos = ref[0][3]
+    ref_eos = hf_greedy(torch_model, prompts, 24, eos=eos, pad=0)
+    got_eos = greedy_generate(model, prompts, max_new_tokens=24, eos_token_id=eos, pad_token_id=0, batch_size=3)
+    assert got_eos.tokens == ref_eos and len(got_eos.tokens[0]) == 4
+
+
+def test_bad_prompts(tiny):
+    model, _ = tiny
+    with pytest.raises(DataError, match="prompt 1 has 40 tokens"):
+        greedy_generate(model, [[5, 6], [7] * 40], max_new_tokens=4, eos_token_id=2, max_length=32)
+    with pytest.raises(DataError, match="prompt 0 is empty"):
+        greedy_generate(model, [[]], max_new_tokens=4, eos_token_id=2)
+
+
+def test_smollm2_first_16_tokens(smollm2_jax, smollm2_torch, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    fmt = PromptFormatter(tok, "chat")
+    rows = tofu.load_tofu("forget10", limit=3)
+    prompts = [fmt.encode_prompt(fmt.generation_prompt(r["question"])) for r in rows]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    ref = hf_greedy(smollm2_torch, prompts, 16, eos=eos, pad=pad)
+    got = greedy_generate(smollm2_jax, prompts, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad, batch_size=3)
+    assert got.tokens == ref
