@@ -52,9 +52,11 @@ def test_muse_news(data_dir):
 
 def test_wmdp_format(tmp_path):
     items = [
-        {"question": "Which planet is closest to the Sun?", "choices": ["Venus", "Mercury", "Earth", "Mars"], "answer": 1},
+        {"question": "Which planet is closest to the Sun?",
+         "choices": ["Venus", "Mercury", "Earth", "Mars"], "answer": 1},
         {"question": "What is 2 + 2?", "choices": ["3", "4", "5", "22"], "answer": 1},
-        {"question": "Water freezes at how many degrees Celsius?", "choices": ["0", "10", "50", "100"], "answer": 0},
+        {"question": "Water freezes at how many degrees Celsius?",
+         "choices": ["0", "10", "50", "100"], "answer": 0},
     ]  # fmt: skip
     path = tmp_path / "mc.jsonl"
     path.write_text("\n".join(json.dumps(i) for i in items))

@@ -46,7 +46,9 @@ def test_tiny_llama_token_identical(tiny):
     # A token the model does emit as EOS: rows stop there, as in HF (ragged lengths, padded rows).
     eos = ref[0][3]
     ref_eos = hf_greedy(torch_model, prompts, 24, eos=eos, pad=0)
-    got_eos = greedy_generate(model, prompts, max_new_tokens=24, eos_token_id=eos, pad_token_id=0, batch_size=3)
+    got_eos = greedy_generate(
+        model, prompts, max_new_tokens=24, eos_token_id=eos, pad_token_id=0, batch_size=3
+    )
     assert got_eos.tokens == ref_eos and len(got_eos.tokens[0]) == 4
 
 
@@ -65,5 +67,7 @@ def test_smollm2_first_16_tokens(smollm2_jax, smollm2_torch, smollm2_tokenizer):
     prompts = [fmt.encode_prompt(fmt.generation_prompt(r["question"])) for r in rows]
     eos, pad = tok.eos_token_id, tok.pad_token_id
     ref = hf_greedy(smollm2_torch, prompts, 16, eos=eos, pad=pad)
-    got = greedy_generate(smollm2_jax, prompts, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad, batch_size=3)
+    got = greedy_generate(
+        smollm2_jax, prompts, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad, batch_size=3
+    )
     assert got.tokens == ref

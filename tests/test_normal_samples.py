@@ -80,7 +80,9 @@ def test_random_pairing_and_validation():
 
 def test_save_and_load_pairing(tmp_path):
     pairing = np.array([[3, 1], [0, 2]])
-    path = NS.save_pairing(tmp_path / "run" / "normal_samples.json", pairing, meta={"k": 3, "method": "embedding"})
+    path = NS.save_pairing(
+        tmp_path / "run" / "normal_samples.json", pairing, meta={"k": 3, "method": "embedding"}
+    )
     doc = json.loads(path.read_text())
     assert doc["meta"]["k"] == 3
     np.testing.assert_array_equal(NS.load_pairing(path), pairing)
@@ -113,8 +115,11 @@ def test_embed_is_masked_mean_of_final_hidden_states(tiny_llama):
     batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": attn}
     emb = NS.embed(model, batch, batch_size=2)  # 5 rows in micro-batches of 2 (one padded)
     with torch.no_grad():
-        out = torch_model(torch.as_tensor(ids, dtype=torch.long), attention_mask=torch.as_tensor(attn),
-                          output_hidden_states=True)
+        out = torch_model(
+            torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(attn),
+            output_hidden_states=True,
+        )
     h = out.hidden_states[-1].numpy()
     m = attn[..., None].astype(np.float64)
     expected = (h * m).sum(1) / m.sum(1)

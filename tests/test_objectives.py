@@ -59,7 +59,9 @@ def test_npo_and_simnpo_formulas():
 
 def test_graddiff_and_nll():
     nll_r = NLL_N[:, 0]
-    np.testing.assert_allclose(O.graddiff_loss(NLL_F, nll_r, alpha=0.5), -NLL_F.mean() + 0.5 * nll_r.mean(), rtol=1e-6)
+    np.testing.assert_allclose(
+        O.graddiff_loss(NLL_F, nll_r, alpha=0.5), -NLL_F.mean() + 0.5 * nll_r.mean(), rtol=1e-6
+    )
     np.testing.assert_allclose(O.nll_loss(nll_r), nll_r.mean(), rtol=1e-6)
 
 

@@ -57,19 +57,34 @@ def setup(tmp_path_factory):
 
     def outputs(p):
         m = nnx.merge(graphdef, p, rest)
-        out = {k: logprobs.sequence_nll(m, batches[k], chunk_size=CHUNK) for k in ("forget", "normal", "retain")}
+        out = {
+            k: logprobs.sequence_nll(m, batches[k], chunk_size=CHUNK) for k in ("forget", "normal", "retain")
+        }
         for k in ("forget", "template"):
             out[f"logp_{k}"], _ = logprobs.token_logprobs(m, batches[k], chunk_size=CHUNK)
         return out
 
     # One compilation: the vector-Jacobian product of all model outputs; each objective then only
     # supplies its cotangent (the chain rule, exactly jax.grad of the composed loss).
-    vjp = jax.jit(lambda p, ct: jax.vjp(outputs, p)[1](ct)[0])
-    values = jax.jit(outputs)(params)
+    def values_and_vjp(p, ct):
+        out, pullback = jax.vjp(outputs, p)
+        return out, pullback(ct)[0]
+
+    both = jax.jit(values_and_vjp)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(outputs, params))
+    values, _ = both(params, zeros)
+    vjp = lambda p, ct: both(p, ct)[1]
     masks = {k: jnp.asarray(batches[k]["loss_mask"][:, 1:].astype(bool)) for k in ("forget", "template")}
     return dict(
-        torch=torch_model, batches=batches, ref_nll=ref_nll, vjp=vjp, values=values, masks=masks,
-        params=params, graphdef=graphdef, rest=rest,
+        torch=torch_model,
+        batches=batches,
+        ref_nll=ref_nll,
+        vjp=vjp,
+        values=values,
+        masks=masks,
+        params=params,
+        graphdef=graphdef,
+        rest=rest,
     )
 
 
@@ -139,9 +154,11 @@ def compare(s, g_jax, g_torch, tol=1e-4):
         b = g_torch[name]
         err = np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)
         assert err <= tol, f"{name}: relative error {err:.2e}"
+        assert np.linalg.norm(b) > 0, f"{name}: zero gradient proves nothing"
         worst = max(worst, err)
         seen.add(name)
     assert seen == set(g_torch), set(g_torch) ^ seen  # every parameter compared
+    print(f"worst relative gradient error {worst:.2e}")
     return worst
 
 

@@ -77,8 +77,7 @@ def check_rows(
             value = row[key]
             if not isinstance(value, typ):
                 raise DataError(
-                    f"{source}: row {i} key {key!r} is a {type(value).__name__}, expected "
-                    f"{_type_name(typ)}"
+                    f"{source}: row {i} key {key!r} is a {type(value).__name__}, expected {_type_name(typ)}"
                 )
             if isinstance(value, list):
                 bad = [j for j, v in enumerate(value) if not isinstance(v, str)]
@@ -86,9 +85,7 @@ def check_rows(
                     raise DataError(f"{source}: row {i} key {key!r} item {bad[0]} is not a string")
                 want = (list_lengths or {}).get(key)
                 if want is not None and len(value) != want:
-                    raise DataError(
-                        f"{source}: row {i} key {key!r} has {len(value)} items, expected {want}"
-                    )
+                    raise DataError(f"{source}: row {i} key {key!r} has {len(value)} items, expected {want}")
         out.append(row)
     return out
 

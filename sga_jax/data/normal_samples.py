@@ -119,7 +119,9 @@ def retrieve_normal_samples(
     f = np.asarray(forget_emb)
     p = np.asarray(pool_emb)
     if f.ndim != 2 or p.ndim != 2 or f.shape[1] != p.shape[1]:
-        raise ConfigError(f"embeddings must be [N, d] and [M, d] with the same d, got {f.shape} and {p.shape}")
+        raise ConfigError(
+            f"embeddings must be [N, d] and [M, d] with the same d, got {f.shape} and {p.shape}"
+        )
     banned = _excluded(p.shape[0], forget_ids_in_pool)
     _check_k(k_minus_1, int((~banned).sum()))
     sim = _normalise(f) @ _normalise(p).T  # [N, M] cosine, float64
@@ -146,7 +148,9 @@ def random_pairing(
     allowed = np.flatnonzero(~banned)
     _check_k(k_minus_1, allowed.size)
     rng = np.random.default_rng(seed)
-    return np.stack([rng.choice(allowed, k_minus_1, replace=False) for _ in range(num_forget)]).astype(np.int64)
+    return np.stack([rng.choice(allowed, k_minus_1, replace=False) for _ in range(num_forget)]).astype(
+        np.int64
+    )
 
 
 def retrieve(
@@ -166,7 +170,9 @@ def retrieve(
     return retrieve_normal_samples(f, p, k_minus_1, forget_ids_in_pool=forget_ids_in_pool, seed=seed)
 
 
-def save_pairing(path: str | os.PathLike, pairing: np.ndarray, *, meta: Mapping[str, Any] | None = None) -> Path:
+def save_pairing(
+    path: str | os.PathLike, pairing: np.ndarray, *, meta: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``{"forget_to_pool": [[...], ...], "meta": {...}}`` to ``path`` (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

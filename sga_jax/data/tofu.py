@@ -107,9 +107,7 @@ def load_tofu(
     elif source == "local":
         path = _local_dir(data_dir) / filename
         if not path.is_file():
-            raise DataError(
-                f"TOFU split file not found: {path} (set SGA_JAX_DATA_DIR or use source='hub')"
-            )
+            raise DataError(f"TOFU split file not found: {path} (set SGA_JAX_DATA_DIR or use source='hub')")
         rows = _read_idk(path) if config == "idontknow" else read_records(path)
         where = str(path)
     else:

@@ -39,7 +39,9 @@ def load_wmdp(
     if limit is not None:
         rows = rows[:limit]
     rows = check_rows(
-        rows, {"question": str, "choices": list, "answer": int}, source=where,
+        rows,
+        {"question": str, "choices": list, "answer": int},
+        source=where,
         list_lengths={"choices": 4},
     )
     for i, r in enumerate(rows):

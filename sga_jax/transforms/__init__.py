@@ -1,26 +1,12 @@
 """optax ``GradientTransformationExtraArgs`` for unlearning: ``sga``, ``gru``, ``kfade``.
 
 Each is a factory in optax's style (keyword-only extra args, NamedTuple state) and composes with
-``optax.chain``. Imported lazily so each transform's module loads only when used.
+``optax.chain``. Imported eagerly: a lazy ``__getattr__`` would let the submodules (``sga.py`` …)
+shadow the factories of the same name on the package.
 """
 
-from __future__ import annotations
+from sga_jax.transforms.gru import GRUState, gru
+from sga_jax.transforms.kfade import KFADEState, kfade
+from sga_jax.transforms.sga import SGAState, sga
 
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "sga": "sga_jax.transforms.sga",
-    "SGAState": "sga_jax.transforms.sga",
-    "gru": "sga_jax.transforms.gru",
-    "GRUState": "sga_jax.transforms.gru",
-    "kfade": "sga_jax.transforms.kfade",
-    "KFADEState": "sga_jax.transforms.kfade",
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'sga_jax.transforms' has no attribute {name!r}")
+__all__ = ["GRUState", "KFADEState", "SGAState", "gru", "kfade", "sga"]

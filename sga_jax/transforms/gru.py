@@ -34,11 +34,15 @@ class GRUState(NamedTuple):
 
 
 def _vdot(a: Any, b: Any) -> jax.Array:
-    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b))
+    leaves = jax.tree.leaves(
+        jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b)
+    )
     return sum(leaves, jnp.float32(0.0))
 
 
-def gru(m: float = 0.8, *, clip: float | None = None, eps: float = 1e-30) -> optax.GradientTransformationExtraArgs:
+def gru(
+    m: float = 0.8, *, clip: float | None = None, eps: float = 1e-30
+) -> optax.GradientTransformationExtraArgs:
     """Rectify the incoming update against an EMA of retain gradients.
 
     ``updates`` is the unlearning direction g_u (a descent direction, e.g. the gradient of the
@@ -73,7 +77,9 @@ def gru(m: float = 0.8, *, clip: float | None = None, eps: float = 1e-30) -> opt
             raise ConfigError("gru needs the retain-set gradient as the extra arg retain_grads")
         first = state.count == 0
         ema = jax.tree.map(
-            lambda now, prev: jnp.where(first, now.astype(jnp.float32), m * now.astype(jnp.float32) + (1 - m) * prev),
+            lambda now, prev: jnp.where(
+                first, now.astype(jnp.float32), m * now.astype(jnp.float32) + (1 - m) * prev
+            ),
             retain_grads,
             state.retain_ema,
         )

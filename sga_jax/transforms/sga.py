@@ -35,7 +35,9 @@ class SGAState(NamedTuple):
 
 def _vdot(a: Any, b: Any) -> jax.Array:
     """⟨a, b⟩ over all leaves, accumulated in float32 (bf16 parameters included)."""
-    leaves = jax.tree.leaves(jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b))
+    leaves = jax.tree.leaves(
+        jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b)
+    )
     return sum(leaves, jnp.float32(0.0))
 
 
