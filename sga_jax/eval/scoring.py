@@ -17,20 +17,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sga_jax import logprobs
 from sga_jax.data.batching import iterate_batches
 from sga_jax.data.formatting import Encoded
 
 
 @nnx.jit(static_argnames=("stats",))
 def _token_logprobs(model, input_ids, attention_mask, loss_mask, *, stats: bool = False):
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask * attention_mask,
+    }
+    if not stats:
+        # The chunked kernel: no [B, T, V] float32 logits (the LM head of a 49k-150k vocabulary).
+        logp, mask = logprobs.token_logprobs(model, batch)
+        return logp, mask.astype(jnp.int32)
+    # Min-K%++ needs the whole next-token distribution, so this path takes the full logits.
     logits = model(input_ids, attention_mask)[:, :-1].astype(jnp.float32)
     labels = input_ids[:, 1:]
-    mask = loss_mask[:, 1:] * attention_mask[:, 1:]
+    mask = batch["loss_mask"][:, 1:]
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     logp = (picked - logz) * mask
-    if not stats:
-        return logp, mask
     log_probs = logits - logz[..., None]
     probs = jnp.exp(log_probs)
     mu = jnp.sum(probs * log_probs, axis=-1)
