@@ -81,6 +81,8 @@ class Factors(NamedTuple):
 def lm_forward(model: nnx.Module, batch: Mapping[str, Array]) -> Targets:
     """Causal-LM targets (docs/interfaces.md batch): token t+1 is predicted at t; the loss covers
     ``loss_mask`` (answer tokens; all real tokens when absent), pooling covers ``attention_mask``."""
+    if "input_ids" not in batch:
+        raise DataError(f"a batch needs input_ids (and attention_mask, loss_mask); got {sorted(batch)}")
     ids = jnp.asarray(batch["input_ids"], jnp.int32)
     attn = jnp.asarray(batch.get("attention_mask", jnp.ones_like(ids)), jnp.int32)
     logits = model(ids, attn)
@@ -214,7 +216,9 @@ def _make_step(
         a_pooled = {}
         for k, xs in inputs.items():
             if len(xs) != 1:
-                raise ConfigError(f"dense layer {k} is called {len(xs)} times per forward; K-FAC taps need one")
+                raise ConfigError(
+                    f"dense layer {k} is called {len(xs)} times per forward; K-FAC taps need one"
+                )
             a, _ = _pooled(xs[0], t.pool)
             if has_bias[k]:
                 a = jnp.concatenate([a, jnp.ones((*a.shape[:-1], 1), a.dtype)], axis=-1)
@@ -365,7 +369,9 @@ class _Collector:
             self.fisher,
             self.num_samples,
             tuple(sorted(has_bias.items())),
-            None if shardings is None else tuple((kind, tuple(sorted(d.items()))) for kind, d in shardings.items()),
+            None
+            if shardings is None
+            else tuple((kind, tuple(sorted(d.items()))) for kind, d in shardings.items()),
         )
         pert0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pert_shapes)
         entry = (jitted, pert0, params, rest, a_shapes, g_shapes, shardings)
@@ -610,7 +616,9 @@ def kfade_unlearn(
             raise ConfigError("give retain_batches (or a precomputed curvature)")
         curvature = estimate_curvature(model, retain_batches, ekfac=ekfac, **curvature_kwargs)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = kfade(curvature, damping=damping, trust_region=trust_region, max_step_size=max_step_size, untapped=untapped)
+    tx = kfade(
+        curvature, damping=damping, trust_region=trust_region, max_step_size=max_step_size, untapped=untapped
+    )
     state = tx.init(params)
 
     @jax.jit

@@ -97,7 +97,9 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str
     except Exception as e:
         raise ModelLoadError(f"cannot read delta file {p}: {e}") from None
     if meta.get("format") != FORMAT:
-        raise ModelLoadError(f"{p} is not an sga_jax delta (format {meta.get('format')!r}, expected {FORMAT!r})")
+        raise ModelLoadError(
+            f"{p} is not an sga_jax delta (format {meta.get('format')!r}, expected {FORMAT!r})"
+        )
     meta["extra"] = json.loads(meta.get("extra") or "{}")
     return tensors, meta
 
@@ -133,8 +135,7 @@ def apply_delta(model: nnx.Module, tensors: dict[str, np.ndarray], *, scale: flo
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise ModelLoadError(
-            f"the delta has {len(unknown)} tensors the model lacks (e.g. {unknown[0]!r}): "
-            "wrong architecture?"
+            f"the delta has {len(unknown)} tensors the model lacks (e.g. {unknown[0]!r}): wrong architecture?"
         )
     nnx.update(model, nnx.from_flat_state(flat))
     return model

@@ -69,7 +69,9 @@ def _torch_factors(torch_model, batch, labels):
     logits = torch_model(input_ids=ids, attention_mask=attn).logits.float()[:, :-1]
     w = torch.tensor((batch["loss_mask"][:, 1:] * batch["attention_mask"][:, :-1]).astype(np.float32))
     y = torch.tensor(np.asarray(labels), dtype=torch.long)
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+    )
     (ce * w.reshape(-1)).sum().backward()
     for h in hooks:
         h.remove()
@@ -144,7 +146,9 @@ def test_scanned_and_unrolled_layouts_agree(tiny_llama, batch):
 
 def test_layer_filter_lm_head_and_errors(tiny_llama, batch):
     _, _, unrolled, _ = tiny_llama
-    f = C.estimate_factors(unrolled, [batch], fisher="empirical", layer_filter=r"o_proj$|lm_head", include_lm_head=True)
+    f = C.estimate_factors(
+        unrolled, [batch], fisher="empirical", layer_filter=r"o_proj$|lm_head", include_lm_head=True
+    )
     assert sorted(f.a) == ["layers/0/self_attn/o_proj", "layers/1/self_attn/o_proj", "lm_head"]
     assert f.a["lm_head"].shape == (32, 32) and f.g["lm_head"].shape == (96, 96)
     with pytest.raises(ConfigError, match="fisher"):
@@ -267,7 +271,9 @@ def test_precondition_on_a_parameter_tree(mlp_example):
     x = jax.random.normal(jax.random.key(5), (8, 5))
     f = C.estimate_factors(model, [{"x": x, "y": jnp.arange(8) % 4}], fisher="exact", forward=mlp_forward)
     eigen = C.eigendecompose(f)
-    grads = jax.tree.map(lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)), nnx.state(model, nnx.Param))
+    grads = jax.tree.map(
+        lambda p: jnp.sin(jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape)), nnx.state(model, nnx.Param)
+    )
     grads["extra"] = {"scale": jnp.ones((3,))}  # e.g. a norm: no curvature
     lam = 1e-1
     pg, quad = C.precondition(eigen, grads, lam)

@@ -15,7 +15,7 @@ from sga_jax import curvature as C
 from sga_jax import kfac_math as M
 from sga_jax import reapply as R
 from sga_jax.errors import ConfigError, ModelLoadError
-from sga_jax.transforms.kfade import KFADEState, kfade
+from sga_jax.transforms import KFADEState, kfade
 from tests.tiny_models import write_tiny_hf
 
 
@@ -96,7 +96,9 @@ def test_kfade_unlearn_raises_forget_nll(setup):
     for d, n, o in zip(jax.tree.leaves(delta), jax.tree.leaves(new_p), jax.tree.leaves(old_p), strict=True):
         np.testing.assert_allclose(np.asarray(d), np.asarray(n) - np.asarray(o), atol=1e-7)
     # the high-level entry point estimates the curvature itself (EK-FAC here)
-    new2, _ = C.kfade_unlearn(model, forget, retain, steps=1, trust_region=0.05, ekfac=True, fisher="empirical")
+    new2, _ = C.kfade_unlearn(
+        model, forget, retain, steps=1, trust_region=0.05, ekfac=True, fisher="empirical"
+    )
     assert float(C.forget_nll(new2, forget[0])) > before
 
 

@@ -322,6 +322,15 @@ def export_config(model) -> dict[str, Any]:
     return hf
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _has_tokenizer(source: Path) -> bool:
+    if source.is_file():
+        return source.suffix.lower() == ".gguf"
+    return any((source / f).is_file() for f in _TOKENIZER_FILES)
+
+
 def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer when known) to ``out_dir``, via
     a temporary directory renamed into place. ``transformers.AutoModelForCausalLM.from_pretrained``
@@ -334,7 +343,7 @@ def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> P
         _write_safetensors(model, tmp / "model.safetensors")
         if tokenizer is None:
             source = model.config.hf.get("_name_or_path")
-            if source and Path(source).exists():
+            if source and _has_tokenizer(Path(source)):
                 try:
                     tokenizer = load_tokenizer(source)
                 except Exception:  # no tokenizer files beside the weights: weights alone are fine

@@ -89,9 +89,7 @@ def spec_for(path: tuple, shape: tuple[int, ...], mesh: Mesh, model_type: str) -
     keys = [str(k) for k in path]
     stacked = bool(path) and path[0] == "layers" and len(path) > 1 and not isinstance(path[1], int)
     name = "/".join(keys)
-    for pattern, spec in PARTITION_RULES.get(model_type, _COMMON):
-        if re.search(pattern, name):
-            break
+    spec = next(s for pattern, s in PARTITION_RULES.get(model_type, _COMMON) if re.search(pattern, name))
     if stacked:
         return P(None, *_fit(spec, shape[1:], mesh))
     return _fit(spec, shape, mesh)

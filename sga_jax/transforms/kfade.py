@@ -72,7 +72,9 @@ def kfade(
 
     def init_fn(params: Any) -> KFADEState:
         del params
-        return KFADEState(eigen=eigen, count=jnp.zeros((), jnp.int32), last_step_size=jnp.zeros((), jnp.float32))
+        return KFADEState(
+            eigen=eigen, count=jnp.zeros((), jnp.int32), last_step_size=jnp.zeros((), jnp.float32)
+        )
 
     def update_fn(updates: Any, state: KFADEState, params: Any = None, **extra_args: Any):
         del params, extra_args

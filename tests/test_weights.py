@@ -1,0 +1,177 @@
+"""Loading and saving HF checkpoints: round trip through transformers, sharded indexes, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import write_tiny_hf
+
+import sga_jax
+from sga_jax.errors import ModelLoadError
+from sga_jax.models import hf
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    return write_tiny_hf("llama", tmp_path_factory.mktemp("llama") / "m")
+
+
+def _ids():
+    return np.random.RandomState(0).randint(3, 96, size=(2, 9)).astype(np.int32)
+
+
+def _torch(tm, ids):
+    with torch.no_grad():
+        return tm(torch.tensor(ids, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [("llama", {}), ("opt", dict(word_embed_proj_dim=16)), ("phi", dict(qk_layernorm=True))],
+)
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
+def test_round_trip_through_transformers(tmp_path, model_type, overrides, scan):
+    import transformers
+
+    src, _ = write_tiny_hf(model_type, tmp_path / "src", **overrides)
+    model = sga_jax.load_model(src, scan_layers=scan)
+    out = sga_jax.save_model(model, tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = _ids()
+    np.testing.assert_allclose(_torch(reloaded, ids), np.asarray(model(ids)), atol=1e-4)
+    # and back into sga_jax: bit-identical parameters
+    again = sga_jax.load_model(out, scan_layers=scan)
+    np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
+
+
+def test_sharded_safetensors_index(tmp_path, tiny_llama):
+    _, tm = tiny_llama
+    tm.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    model = sga_jax.load_model(tmp_path / "sharded")
+    ids = _ids()
+    assert np.abs(np.asarray(model(ids)) - _torch(tm, ids)).max() <= 1e-4
+
+
+def test_bfloat16_save_round_trip(tmp_path, tiny_llama):
+    import transformers
+
+    path, _ = tiny_llama
+    model = sga_jax.load_model(path, dtype="bfloat16")
+    out = sga_jax.save_model(model, tmp_path / "bf16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+    ids = _ids()
+    np.testing.assert_allclose(_torch(reloaded.eval(), ids), np.asarray(model(ids)), atol=0.1, rtol=0.05)
+
+
+def test_convert_hf_dir(tmp_path, tiny_llama):
+    path, tm = tiny_llama
+    out = hf.convert(path, tmp_path / "conv")
+    ids = _ids()
+    assert np.abs(np.asarray(sga_jax.load_model(out)(ids)) - _torch(tm, ids)).max() <= 1e-4
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_unknown_model_type_lists_supported(tmp_path, tiny_llama):
+    d = _copy(tiny_llama[0], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"gpt_neox.*llama, opt, phi"):
+        sga_jax.load_model(d)
+
+
+def test_remote_code_config_refused(tmp_path, tiny_llama):
+    d = _copy(tiny_llama[0], tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="remote code"):
+        sga_jax.load_model(d)
+
+
+def _rewrite(d, fn):
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(d / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_named(tmp_path, tiny_llama):
+    d = _copy(tiny_llama[0], tmp_path / "m")
+    _rewrite(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ModelLoadError, match=r"missing tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        sga_jax.load_model(d, scan_layers=True)
+
+
+def test_misshapen_tensor_named(tmp_path, tiny_llama):
+    d = _copy(tiny_llama[0], tmp_path / "m")
+
+    def shrink(t):
+        t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"][:8]
+
+    _rewrite(d, shrink)
+    with pytest.raises(ModelLoadError, match=r"k_proj\.weight.*shape \(8, 32\), expected \(16, 32\)"):
+        sga_jax.load_model(d)
+
+
+def test_pickle_only_directory_refused(tmp_path, tiny_llama):
+    d = _copy(tiny_llama[0], tmp_path / "m")
+    (d / "model.safetensors").unlink()
+    # a pickle whose unpickling would create a file: proves it is never unpickled
+    marker = tmp_path / "pwned"
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ModelLoadError, match=r"pickled.*pytorch_model\.bin.*never unpickles"):
+        sga_jax.load_model(d)
+    assert not marker.exists()
+
+
+def test_corrupt_safetensors(tmp_path, tiny_llama):
+    d = _copy(tiny_llama[0], tmp_path / "m")
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        sga_jax.load_model(d)
+    (d / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        sga_jax.load_model(d)
+
+
+def test_corrupt_gguf(tmp_path, smollm2_gguf):
+    bad = tmp_path / "bad.gguf"
+    with open(smollm2_gguf, "rb") as f:
+        bad.write_bytes(f.read(4096))
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        sga_jax.load_model(bad)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        sga_jax.load_model(tmp_path / "junk.gguf")
+
+
+def test_missing_paths(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        sga_jax.load_model(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="config.json"):
+        sga_jax.load_model(tmp_path / "empty")
