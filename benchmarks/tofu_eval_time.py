@@ -57,7 +57,15 @@ def main() -> None:
         estimate = first["seconds"] + per_row * (sum(FULL_ROWS.values()) - first["rows"])
     else:
         estimate = measured
+    import datetime
+    import os
+
+    import flax
+
     result = {
+        "date": datetime.date.today().isoformat(),
+        "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__},
+        "load_average_at_end": os.getloadavg(),
         "what": "TOFU eval (forget10 + retain_perturbed + real authors + world facts, with generation) "
         "of SmolLM2-135M-Instruct (float32, chat template), sga_jax on CPU",
         "mode": "full" if not args.limit else f"subset: first {args.limit} rows per split, extrapolated",
