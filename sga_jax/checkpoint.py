@@ -123,9 +123,22 @@ def load_params(checkpoint_dir: str | Path, abstract_params: Any, step: int | No
         target = jax.tree.map(_abstract, abstract_params)
         restored = ckpt._manager.restore(
             step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)
+            ),
         )
-        return restored["state"]["params"]
+        params = restored["state"]["params"]
+        missing = [
+            jax.tree_util.keystr(path)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+            if isinstance(leaf, jax.ShapeDtypeStruct)
+        ]
+        if missing:
+            raise ConfigError(
+                f"checkpoint {ckpt.path(step)} does not hold parameter {missing[0]} of this model "
+                f"({len(missing)} missing; was it saved with other model settings, e.g. model.scan_layers?)"
+            )
+        return params
     finally:
         ckpt.close()
 

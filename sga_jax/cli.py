@@ -5,9 +5,9 @@
     sga-jax demo                                   # the built-in SmolLM2 facts demo
     sga-jax finetune --config configs/benchmark/tofu_full.yaml model.path=... output_dir=runs/full
     sga-jax unlearn  --config configs/experiment/tofu_sga.yaml model.path=runs/full/model method.r=-0.8
-    sga-jax eval MODEL_DIR --benchmark tofu --out runs/eval [--retain-model DIR] [option=value ...]
+    sga-jax eval MODEL_DIR --benchmark tofu --out runs/eval [--retain-logs DIR] [option=value ...]
     sga-jax convert SRC DST                        # GGUF / HF dir -> HF safetensors dir
-    sga-jax sweep    --config configs/experiment/tofu_sweep.yaml model.path=... eval.retain_logs=RETAIN_EVAL_DIR
+    sga-jax sweep    --config configs/experiment/tofu_sweep.yaml model.path=... eval.retain_logs=DIR
     sga-jax reapply  ...                           # re-apply a saved K-FADE update
     sga-jax bench    [NAME] [-- ARGS]              # run benchmarks/NAME.py (all when omitted)
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -31,20 +32,30 @@ PROG = "sga-jax"
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, e.g. method.r=-0.8 or method=npo")
+    p.add_argument(
+        "--config", "-c", action="append", default=[], metavar="FILE", help="YAML config (repeatable)"
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="overrides, e.g. method.r=-0.8 or method=npo"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="LLM unlearning in JAX: SGA, FLAT, GRU, K-FADE + baselines")
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="LLM unlearning in JAX: SGA, FLAT, GRU, K-FADE + baselines"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="unlearn built-in facts from SmolLM2-135M-Instruct with SGA (a few minutes)")
+    p = sub.add_parser(
+        "demo", help="unlearn built-in facts from SmolLM2-135M-Instruct with SGA (a few minutes)"
+    )
     p.add_argument("--out", default="runs/demo", help="output folder (plot, metrics, model)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
     p.add_argument("--export", action="store_true", help="also write the unlearned model (HF dir, ~0.5 GB)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="run-config overrides, e.g. train.lr=3e-5")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="run-config overrides, e.g. train.lr=3e-5"
+    )
 
     p = sub.add_parser("finetune", help="finetune on a split with plain NLL (TOFU's first stage)")
     _config_args(p)
@@ -118,11 +129,23 @@ def cmd_train(args: argparse.Namespace, mode: str) -> int:
         from sga_jax.errors import ConfigError
 
         raise ConfigError(f"mode={cfg.mode} in the config, but the command is `{PROG} {mode}`")
+    _maybe_distributed(cfg.distributed)
     result = train.run(cfg)
-    print(f"{mode}: {result.steps} steps; model: {result.model_dir}; metrics: {result.output_dir / 'metrics.jsonl'}")
+    print(
+        f"{mode}: {result.steps} steps; model: {result.model_dir}; "
+        f"metrics: {result.output_dir / 'metrics.jsonl'}"
+    )
     if result.eval:
         _print_eval(result.eval)
     return 0
+
+
+def _maybe_distributed(enabled: bool | None) -> None:
+    """``jax.distributed.initialize()`` when the config says ``distributed: true`` (or, when it says
+    nothing, ``$SGA_JAX_DISTRIBUTED=1``): before the run touches any device."""
+    from sga_jax.distributed import maybe_initialize
+
+    maybe_initialize(enabled)
 
 
 def _print_eval(results: dict) -> None:
@@ -132,7 +155,7 @@ def _print_eval(results: dict) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from sga_jax.errors import ModelLoadError
+    from sga_jax.errors import ConfigError, ModelLoadError
 
     model = Path(args.model).expanduser()
     if not model.exists():
@@ -140,9 +163,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     options = _parse_options(args.options)
     if args.retain_logs:
         options["retain_logs"] = args.retain_logs
-    from sga_jax.eval.run import evaluate
+    from sga_jax.eval.run import BENCHMARKS, evaluate
+    from sga_jax.train import benchmark_dir
 
-    results = evaluate(args.benchmark, str(model), args.out, **options)
+    bench = args.benchmark
+    if bench.startswith("tofu_forget"):  # tofu_forget05 = tofu with forget_split=forget05
+        options.setdefault("forget_split", bench.removeprefix("tofu_"))
+        bench = "tofu"
+    if bench not in BENCHMARKS:
+        raise ConfigError(f"--benchmark: unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    if options.get("data_dir") is not None and bench in ("tofu", "muse_news"):
+        options["data_dir"] = benchmark_dir(str(options["data_dir"]), bench)
+    out = Path(args.out).expanduser()
+    created = not out.exists()
+    try:
+        results = evaluate(bench, str(model), out, **options)
+    except SgaJaxError:
+        if created:  # a refused evaluation leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     print(f"eval {args.benchmark}: results in {args.out}")
     if isinstance(results, dict):
         _print_eval(results)
@@ -162,10 +201,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from sga_jax import config as C
     from sga_jax.sweep import sweep
 
+    _maybe_distributed(C.compose(args.config, list(args.overrides)).distributed)
     result = sweep(args.config, list(args.overrides))
-    print(f"sweep: {len(result.rows)} runs; table: {result.table_path}; plot: {result.plot_path}")
+    print(f"sweep: {len(result.rows) - 1} runs; table: {result.table_path}; plot: {result.plot_path}")
     return 0
 
 
@@ -187,7 +228,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     root = Path(__file__).resolve().parents[1] / "benchmarks"
     if not root.is_dir():
-        raise ConfigError("benchmarks/ is not present in this installation (it ships with the source checkout)")
+        raise ConfigError(
+            "benchmarks/ is not present in this installation (it ships with the source checkout)"
+        )
     scripts = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))
     if args.name:
         scripts = [p for p in scripts if p.stem == args.name]
@@ -212,7 +255,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sga-jax`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value items after an option (``eval DIR --benchmark tofu limit=3``) are left over by
+    # argparse: they belong to the command's own key=value list.
+    dest = {
+        "eval": "options",
+        "finetune": "overrides",
+        "unlearn": "overrides",
+        "sweep": "overrides",
+        "demo": "overrides",
+    }
+    if extra:
+        if args.command in dest and all("=" in x and not x.startswith("-") for x in extra):
+            getattr(args, dest[args.command]).extend(extra)
+        elif args.command != "bench":
+            parser.parse_args(argv)  # argparse's own one-line error, exit code 2
+        else:
+            args.args = [*args.args, *extra]
     try:
         if args.command in ("finetune", "unlearn"):
             return cmd_train(args, args.command)

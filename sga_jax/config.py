@@ -64,7 +64,11 @@ class ModelConfig:
     freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        _check(bool(self.path), "model.path", "is required: an HF directory, a .gguf file or smollm2 (model.path=...)")
+        _check(
+            bool(self.path),
+            "model.path",
+            "is required: an HF directory, a .gguf file or smollm2 (model.path=...)",
+        )
         for key in ("dtype", "param_dtype"):
             value = getattr(self, key)
             _check(
@@ -159,7 +163,9 @@ class SGAConfig(MethodConfig):
         super().__post_init__()
         _check(self.r <= 1, "method.r", f"the smoothing rate must be <= 1 (arXiv 2510.22376), got {self.r}")
         _check(self.k >= 1, "method.k", f"K (1 forget + K-1 normal samples) must be >= 1, got {self.k}")
-        _check(self.rate in ("fixed", "optimal"), "method.rate", f"must be fixed or optimal, got {self.rate!r}")
+        _check(
+            self.rate in ("fixed", "optimal"), "method.rate", f"must be fixed or optimal, got {self.rate!r}"
+        )
         _check(self.r_max <= 1, "method.r_max", f"must be <= 1, got {self.r_max}")
         _check(self.r_min <= self.r_max, "method.r_min", f"must be <= method.r_max, got {self.r_min}")
         _check(
@@ -212,7 +218,9 @@ class KFADEConfig(MethodConfig):
         _check(self.damping > 0, "method.damping", f"must be > 0, got {self.damping}")
         _check(self.trust_region > 0, "method.trust_region", f"must be > 0, got {self.trust_region}")
         _check(
-            self.curvature_batches >= 1, "method.curvature_batches", f"must be >= 1, got {self.curvature_batches}"
+            self.curvature_batches >= 1,
+            "method.curvature_batches",
+            f"must be >= 1, got {self.curvature_batches}",
         )
         _check(
             self.fisher in ("sampled", "empirical"),
@@ -263,7 +271,9 @@ def method_schema(name: str, base: str | None = None) -> type[MethodConfig]:
         if base is None:
             raise ConfigError(f"method.base: GRU needs a base method, one of {', '.join(BASE_METHODS)}")
         if base not in _BASE_SCHEMAS:
-            raise ConfigError(f"method.base: unknown base method {base!r}; choose one of {', '.join(BASE_METHODS)}")
+            raise ConfigError(
+                f"method.base: unknown base method {base!r}; choose one of {', '.join(BASE_METHODS)}"
+            )
         return _gru_schema(base)
     hint = difflib.get_close_matches(str(name), METHODS, n=1)
     raise ConfigError(
@@ -361,9 +371,13 @@ class TrainConfig:
             "train.grad_accum",
             f"must divide train.batch_size ({self.batch_size}), got {self.grad_accum}",
         )
-        _check(self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be a positive number, got {self.lr}")
+        _check(
+            self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be a positive number, got {self.lr}"
+        )
         _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        _check(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _check(
+            0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
+        )
         _check(
             self.schedule in ("linear", "cosine", "constant"),
             "train.schedule",
@@ -375,8 +389,12 @@ class TrainConfig:
             "train.max_grad_norm",
             f"must be > 0 or null, got {self.max_grad_norm}",
         )
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
-        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        _check(
+            self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"
+        )
+        _check(
+            self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"
+        )
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _check(
             self.stop_after is None or self.stop_after >= 1,
@@ -404,7 +422,6 @@ class EvalConfig:
     retain_logs: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
-
     def __post_init__(self) -> None:
         _check(
             self.benchmark in ("none", "tofu", "muse_news", "ppl", "mia", "wmdp"),
@@ -416,7 +433,8 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     """A whole run. ``mode``: ``unlearn`` or ``finetune`` (plain NLL on the ``data.forget`` split,
-    TOFU's first stage)."""
+    TOFU's first stage). ``distributed``: start ``jax.distributed`` (multi-host) before anything
+    touches a device; null follows ``$SGA_JAX_DISTRIBUTED``."""
 
     mode: str = "unlearn"
     output_dir: str = "runs/unlearn"
@@ -427,9 +445,12 @@ class RunConfig:
     mesh: MeshConfig | None = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     sweep: list[str] = field(default_factory=list)
+    distributed: bool | None = None
 
     def __post_init__(self) -> None:
-        _check(self.mode in ("unlearn", "finetune"), "mode", f"must be unlearn or finetune, got {self.mode!r}")
+        _check(
+            self.mode in ("unlearn", "finetune"), "mode", f"must be unlearn or finetune, got {self.mode!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -556,7 +577,9 @@ def compose(
     # benchmark/experiment group files hold top-level sections (data:, eval:, ...).
     for group in ("benchmark", "experiment"):
         if group in raw:
-            raise ConfigError(f"{group!r} is not a config section; use {group}=NAME to merge configs/{group}/NAME.yaml")
+            raise ConfigError(
+                f"{group!r} is not a config section; use {group}=NAME to merge configs/{group}/NAME.yaml"
+            )
     try:
         method = _method_section(raw)
     except oc_errors.OmegaConfBaseException as e:

@@ -36,9 +36,9 @@ DEMO_CONFIG: dict[str, Any] = {
     "model": {"path": "smollm2", "scan_layers": True, "freeze": ["embed_tokens"]},
     "method": {"name": "sga", "r": -0.8, "k": 4, "normal_samples": "embedding"},
     "train": {
-        "steps": 20,
+        "steps": 14,
         "batch_size": 4,
-        "lr": 4e-5,
+        "lr": 2e-5,
         "schedule": "constant",
         "warmup_steps": 0,
         "weight_decay": 0.0,
@@ -68,7 +68,9 @@ def chat_prompt(question: str) -> str:
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def encode_facts(facts: Sequence[dict[str, str]], tokenizer, length: int | None = None) -> dict[str, np.ndarray]:
+def encode_facts(
+    facts: Sequence[dict[str, str]], tokenizer, length: int | None = None
+) -> dict[str, np.ndarray]:
     """Batch of ``chat_prompt(q) + lead`` (prompt, masked) + ``" " + answer`` (targets)."""
     from sga_jax.data.batching import bucket_length, collate
     from sga_jax.data.formatting import Encoded
@@ -93,25 +95,25 @@ def make_evaluator(graph_model, forget: dict, retain: dict):
     def probs(state, batch):
         return _probs(nnx.merge(graphdef, state), batch)
 
+    seen: list[np.ndarray] = []  # per-fact probabilities of every evaluation, in order
+
     def evaluate(model) -> dict[str, float]:
         p = np.asarray(probs(nnx.state(model), both))
+        seen.append(p)
         return {"forget_prob": float(p[:n_f].mean()), "retain_prob": float(p[n_f:].mean())}
+
+    evaluate.seen = seen  # type: ignore[attr-defined]
 
     evaluate.per_fact = lambda model: np.asarray(probs(nnx.state(model), both))  # type: ignore[attr-defined]
     return evaluate
 
 
 def _probs(model, batch):
-    try:
-        from sga_jax.logprobs import token_logprobs
-    except ImportError:  # TEMPORARY until sga_jax.logprobs lands
-        logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
-        labels = batch["input_ids"][:, 1:]
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), labels[..., None], -1)[..., 0]
-        mask = batch["loss_mask"][:, 1:]
-    else:
-        logp, mask = token_logprobs(model, batch)
-    return jnp.exp(jnp.sum(logp * mask, axis=-1))
+    """P(answer | prompt) per row: the product of the answer tokens' probabilities."""
+    from sga_jax.logprobs import token_logprobs
+
+    logp, mask = token_logprobs(model, batch)
+    return jnp.exp(jnp.sum(jnp.where(mask, logp, 0.0), axis=-1))
 
 
 def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 12) -> list[str]:
@@ -134,7 +136,14 @@ def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens:
 # ------------------------------------------------------------------------------------------ plot
 
 
-def plot(history: list[dict[str, Any]], path: Path, start: dict[str, float]) -> Path:
+def plot(
+    history: list[dict[str, Any]],
+    path: Path,
+    start: dict[str, float],
+    *,
+    title: str = "SmolLM2-135M-Instruct: Smoothed Gradient Ascent",
+    sizes: tuple[int, int] = (20, 40),
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,14 +152,20 @@ def plot(history: list[dict[str, Any]], path: Path, start: dict[str, float]) -> 
     pts = [h for h in history if "forget_prob" in h]
     steps = [h["step"] for h in pts]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ax.plot(steps, [h["forget_prob"] for h in pts], "o-", color="tab:red", label="forget facts (20)")
-    ax.plot(steps, [h["retain_prob"] for h in pts], "o-", color="tab:blue", label="retain facts (40)")
-    ax.axhline(FORGET_TARGET * start["forget_prob"], color="tab:red", ls=":", lw=1, label="forget target (0.25×)")
-    ax.axhline(RETAIN_TARGET * start["retain_prob"], color="tab:blue", ls=":", lw=1, label="retain target (0.75×)")
+    ax.plot(steps, [h["forget_prob"] for h in pts], "o-", color="tab:red", label=f"forget facts ({sizes[0]})")
+    ax.plot(
+        steps, [h["retain_prob"] for h in pts], "o-", color="tab:blue", label=f"retain facts ({sizes[1]})"
+    )
+    ax.axhline(
+        FORGET_TARGET * start["forget_prob"], color="tab:red", ls=":", lw=1, label="forget target (0.25×)"
+    )
+    ax.axhline(
+        RETAIN_TARGET * start["retain_prob"], color="tab:blue", ls=":", lw=1, label="retain target (0.75×)"
+    )
     ax.set_xlabel("SGA step")
     ax.set_ylabel("mean answer probability")
     ax.set_ylim(0, 1)
-    ax.set_title("SmolLM2-135M-Instruct: Smoothed Gradient Ascent (K=4, r=-0.8)")
+    ax.set_title(title, fontsize=10)
     ax.legend(loc="center right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -219,13 +234,30 @@ def run_demo(
     out_dir.mkdir(parents=True, exist_ok=True)
     t_train = time.perf_counter()
     result = train.train_loop(
-        model, data, cfg, out_dir, evaluate=evaluate, eval_every=EVAL_EVERY, tokenizer=tokenizer, export=export
+        model,
+        data,
+        cfg,
+        out_dir,
+        evaluate=evaluate,
+        eval_every=EVAL_EVERY,
+        tokenizer=tokenizer,
+        export=export,
     )
     t_trained = time.perf_counter()
-    after_answers = generate_answers(result.model, tokenizer, [f["question"] for f in shown]) if generate else []
+    after_answers = (
+        generate_answers(result.model, tokenizer, [f["question"] for f in shown]) if generate else []
+    )
     start = result.history[0]
     end = [h for h in result.history if "forget_prob" in h][-1]
-    png = plot(result.history, out_dir / "probabilities.png", start)
+    m = cfg.method
+    name = "SmolLM2-135M-Instruct" if cfg.model.path == "smollm2" else Path(str(cfg.model.path)).name
+    title = f"{name}: {m.name.upper()}" + (
+        f" (K={m.k}, r={m.r:g}, lr={cfg.train.lr:g}, {result.steps} steps)" if m.name == "sga" else ""
+    )
+    png = plot(
+        result.history, out_dir / "probabilities.png", start, title=title,
+        sizes=(len(facts["forget"]), len(facts["retain"])),
+    )  # fmt: skip
     report = {
         "forget_prob_before": start["forget_prob"],
         "forget_prob_after": end["forget_prob"],
@@ -243,6 +275,15 @@ def run_demo(
         ],
         "plot": str(png),
         "model_dir": str(result.model_dir) if result.model_dir else None,
+        "per_fact": [
+            dict(set=g, question=f["question"], answer=f["answer"], before=float(b), after=float(z))
+            for g, f, b, z in zip(
+                ["forget"] * len(facts["forget"]) + ["retain"] * len(facts["retain"]),
+                facts["forget"] + facts["retain"],
+                evaluate.seen[0],  # type: ignore[attr-defined]
+                evaluate.seen[-1],  # type: ignore[attr-defined]
+            )
+        ],
     }
     report["forget_target_met"] = report["forget_ratio"] <= FORGET_TARGET
     report["retain_target_met"] = report["retain_ratio"] >= RETAIN_TARGET
@@ -276,7 +317,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def main(
-    out: str | Path = "runs/demo", steps: int | None = None, export: bool = False, overrides: Sequence[str] = ()
+    out: str | Path = "runs/demo",
+    steps: int | None = None,
+    export: bool = False,
+    overrides: Sequence[str] = (),
 ) -> int:
     print("sga-jax demo: SmolLM2-135M-Instruct forgets 20 facts with Smoothed Gradient Ascent (K=4, r=-0.8)")
     report = run_demo(out=out, steps=steps, export=export, overrides=overrides)

@@ -124,40 +124,14 @@ class Method:
     transform: optax.GradientTransformation | None = None
     extra: dict[str, Callable[[Any, dict], jax.Array]] = dataclasses.field(default_factory=dict)
     needs: frozenset[str] = frozenset()
+    report_loss: bool = True  # False when ``loss`` is not the method's objective (SGA's optimal r)
 
 
 def _nll(model, batch) -> jax.Array:
-    """Token-mean NLL per row (``sga_jax.logprobs.sequence_nll``)."""
-    try:
-        from sga_jax.logprobs import sequence_nll
-    except ImportError:  # TEMPORARY: until sga_jax.logprobs lands (plain logits path, same maths)
-        return _sequence_nll_fallback(model, batch)
+    """Token-mean NLL per row (``sga_jax.logprobs.sequence_nll``: chunked LM head, no full logits)."""
+    from sga_jax.logprobs import sequence_nll
+
     return sequence_nll(model, batch)
-
-
-def _sequence_nll_fallback(model, batch) -> jax.Array:
-    logits = model(batch["input_ids"], batch["attention_mask"])[:, :-1]
-    labels = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), -1), labels[..., None], -1)[..., 0]
-    return -jnp.sum(logp * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
-
-
-def _objectives():
-    """``sga_jax.objectives`` (TEMPORARY fallback for GA / SGA / NLL until it lands)."""
-    try:
-        from sga_jax import objectives
-    except ImportError:
-        import types
-
-        def sga_loss(nll_f, nll_n, r):
-            k = nll_n.shape[-1] + 1
-            return jnp.mean(-(1 - r * (k - 1) / k) * nll_f - (r / k) * jnp.sum(nll_n, -1))
-
-        return types.SimpleNamespace(
-            ga_loss=lambda nll: -jnp.mean(nll), nll_loss=lambda nll: jnp.mean(nll), sga_loss=sga_loss
-        )
-    return objectives
 
 
 def _retain_term(m: C.MethodConfig, model, batch, aux: dict) -> jax.Array:
@@ -170,7 +144,7 @@ def _retain_term(m: C.MethodConfig, model, batch, aux: dict) -> jax.Array:
 
 def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
     """The :class:`Method` of a method config (``mode="finetune"``: plain NLL)."""
-    O = _objectives()  # noqa: N806
+    from sga_jax import objectives as O  # noqa: N812
 
     if mode == "finetune":
 
@@ -182,6 +156,7 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
 
     name = m.name if m.name != "gru" else m.base  # type: ignore[attr-defined]
     needs: set[str] = set()
+    report_loss = True
     if m.retain_weight:
         needs.add("retain")
     extra: dict[str, Callable] = {}
@@ -223,10 +198,16 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
     elif name == "flat":
 
         def base_loss(model, batch):
-            nll_f = _nll(model, batch["forget"])
-            nll_t = _nll(model, batch["template"])
-            aux = {"forget_nll": jnp.mean(nll_f)}
-            loss = O.flat_loss(nll_f, nll_t, divergence=m.divergence)  # type: ignore[attr-defined]
+            from sga_jax.logprobs import token_logprobs
+
+            logp_f, mask_f = token_logprobs(model, batch["forget"])
+            logp_t, mask_t = token_logprobs(model, batch["template"])
+            nll_f = O.sequence_nll_from_logprobs(logp_f, mask_f)
+            aux = {
+                "forget_nll": jnp.mean(nll_f),
+                "template_nll": jnp.mean(O.sequence_nll_from_logprobs(logp_t, mask_t)),
+            }
+            loss = O.flat_loss(logp_f, mask_f, logp_t, mask_t, divergence=m.divergence)  # type: ignore[attr-defined]
             return loss + _retain_term(m, model, batch, aux), aux
 
         needs.add("template")
@@ -250,19 +231,32 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
                 return loss + _retain_term(m, model, batch, aux), aux
 
         else:
-            # Per-step optimal r*: the transform needs g_f and the normal-sample gradient apart.
+            # Per-step optimal r*: the transform takes g_f (the gradient of the mean forget NLL, and
+            # nothing else) as its updates and the normal-sample gradient as an extra arg; a retain
+            # term is added to its output afterwards (``add_grads``), never mixed into g_f.
             def base_loss(model, batch):
                 nll_f = _nll(model, batch["forget"])
                 aux = {"forget_nll": jnp.mean(nll_f)}
-                return jnp.mean(nll_f) + _retain_term(m, model, batch, aux), aux
+                if m.retain_weight:
+                    aux["retain_nll"] = jnp.mean(_nll(model, batch["retain"]))
+                return jnp.mean(nll_f), aux
 
-            def normal_loss(model, batch):
-                return jnp.mean(_nll(model, batch["normal"]))
+            if k > 1:
 
-            extra["normal_grads"] = normal_loss
-            transform = T.sga(
-                r=m.r, K=k, rate="optimal", r_min=m.r_min, r_max=m.r_max  # type: ignore[attr-defined]
-            )
+                def normal_loss(model, batch):
+                    return jnp.mean(_nll(model, batch["normal"]))
+
+                extra["normal_grads"] = normal_loss
+            parts = [T.sga(r=m.r, K=k, rate="optimal", r_min=m.r_min, r_max=m.r_max)]  # type: ignore[attr-defined]
+            if m.retain_weight:
+
+                def retain_term(model, batch):
+                    return m.retain_weight * jnp.mean(_nll(model, batch["retain"]))
+
+                extra["added_grads"] = retain_term
+                parts.append(add_grads())
+            transform = optax.chain(*parts) if len(parts) > 1 else parts[0]
+            report_loss = False  # base_loss is only l_f here; the SGA loss depends on the r* of the step
     else:  # pragma: no cover - config validation rejects other names
         raise ConfigError(f"method.name: {m.name!r} has no training loop (K-FADE runs through curvature)")
 
@@ -276,7 +270,24 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
         gru = T.gru(m=m.momentum, clip=m.clip)  # type: ignore[attr-defined]
         transform = gru if transform is None else optax.chain(transform, gru)
         needs.add("retain")
-    return Method(base_loss, transform, extra, frozenset(needs))
+    return Method(base_loss, transform, extra, frozenset(needs), report_loss)
+
+
+def add_grads() -> optax.GradientTransformationExtraArgs:
+    """Adds the extra arg ``added_grads`` (a gradient pytree) to the incoming updates: a loss term
+    that must stay out of the updates of an earlier transform in the chain (SGA's optimal r)."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, added_grads=None, **extra_args):
+        del params, extra_args
+        if added_grads is None:
+            return updates, state
+        return jax.tree.map(lambda u, g: u + g.astype(u.dtype), updates, added_grads), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 # ----------------------------------------------------------------------------------- optimizer
@@ -300,7 +311,9 @@ def make_optimizer(cfg: C.TrainConfig, steps: int, method_tx: optax.GradientTran
     else:
         decay = optax.cosine_decay_schedule(cfg.lr, decay_steps)
     schedule = (
-        optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup]) if warmup else decay
+        optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+        if warmup
+        else decay
     )
     parts = [] if method_tx is None else [method_tx]
     if cfg.max_grad_norm is not None:
@@ -336,11 +349,23 @@ def split_model(model, freeze: Sequence[str] = ()):
     return graphdef, params, rest
 
 
-def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True):
-    """The jitted train step ``(params, opt_state, batch) -> (params, opt_state, metrics)``."""
+def _global_norm(tree) -> jax.Array:
+    tree_norm = getattr(
+        getattr(optax, "tree", None), "norm", None
+    )  # optax >= 0.2.5; global_norm is deprecated
+    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
+
+
+def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_rest: bool = True):
+    """The jitted train step ``(params, opt_state, batch) -> (params, opt_state, metrics)``.
+
+    ``rest`` (frozen parameters, buffers) is an argument of the jitted function, not a closure:
+    closed-over arrays would be baked into the program as constants (a frozen 49152 x 576 embedding
+    made XLA's constant folding take minutes). ``bind_rest=False`` returns the jitted
+    ``(params, opt_state, rest, batch)`` function itself."""
     names = list(method.extra)
 
-    def micro_grads(params, mb):
+    def micro_grads(params, rest, mb):
         def main(p):
             model = nnx.merge(graphdef, p, rest)
             return method.loss(model, mb)
@@ -352,27 +377,76 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True):
             extra[name] = jax.grad(lambda p, fn=fn: fn(nnx.merge(graphdef, p, rest), mb))(params)
         return g, extra, loss, aux
 
-    def step(params, opt_state, batch):
+    def step(params, opt_state, rest, batch):
         accum = jax.tree.leaves(batch)[0].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
-        out_shape = jax.eval_shape(micro_grads, params, first)
+        out_shape = jax.eval_shape(micro_grads, params, rest, first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
         def body(carry, mb):
-            new = micro_grads(params, mb)
+            new = micro_grads(params, rest, mb)
             return jax.tree.map(jnp.add, carry, new), None
 
         total, _ = jax.lax.scan(body, zeros, batch)
         grads, extra, loss, aux = jax.tree.map(lambda x: x / accum, total)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}
+        metrics = {**({"loss": loss} if method.report_loss else {}), **aux, "grad_norm": _global_norm(grads)}
         r = _current_r(opt_state)
         if r is not None:
             metrics["r"] = r
         return params, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    if not bind_rest:  # (params, opt_state, rest, batch)
+        return jitted
+
+    def run_step(params, opt_state, batch):
+        return jitted(params, opt_state, rest, batch)
+
+    return run_step
+
+
+_STEP_CACHE: dict[Any, Callable] = {}
+_STEP_CACHE_SIZE = 4
+_BOOKKEEPING = (
+    "stop_after",
+    "resume",
+    "progress",
+    "checkpoint_every",
+    "final_checkpoint",
+    "keep_checkpoints",
+    "log_every",
+)
+
+
+def _cached_step(graphdef, rest, method: Method, tx, cfg: C.RunConfig, steps: int):
+    """:func:`make_step`, reused across runs in one process whose step is the same program (a
+    resumed run, a sweep's repeats, tests): jit's own cache then skips the recompilation."""
+    train_cfg = {k: v for k, v in C.to_dict(cfg)["train"].items() if k not in _BOOKKEEPING}
+    try:
+        key = (
+            graphdef,
+            cfg.mode,
+            repr(cfg.method),
+            repr(sorted(train_cfg.items())),
+            steps,
+            tuple(cfg.model.freeze),
+        )
+        hash(key)
+    except TypeError:  # an unhashable graph definition: no reuse
+        return make_step(graphdef, rest, method, tx)
+    jitted = _STEP_CACHE.get(key)
+    if jitted is None:
+        jitted = make_step(graphdef, None, method, tx, bind_rest=False)
+        _STEP_CACHE[key] = jitted
+        while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+            _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+
+    def run_step(params, opt_state, batch):
+        return jitted(params, opt_state, rest, batch)
+
+    return run_step
 
 
 def _current_r(opt_state) -> jax.Array | None:
@@ -445,10 +519,10 @@ class RunResult:
 
 def _resume_key(cfg: C.RunConfig) -> dict[str, Any]:
     d = C.to_dict(cfg)
-    for k in ("stop_after", "resume", "progress", "checkpoint_every", "final_checkpoint", "keep_checkpoints", "log_every"):
+    for k in _BOOKKEEPING:
         d["train"].pop(k, None)
-    d.pop("eval", None)
-    d.pop("sweep", None)
+    for k in ("eval", "sweep", "distributed"):
+        d.pop(k, None)
     return d
 
 
@@ -489,7 +563,7 @@ def train_loop(
         start = int(meta["step"])
     history: list[dict[str, Any]] = []
     log = MetricsLog(out / "metrics.jsonl", start)
-    step_fn = make_step(graphdef, rest, method, tx)
+    step_fn = _cached_step(graphdef, rest, method, tx, cfg, steps)
     batch_sharding = None
     if mesh is not None:
         from sga_jax.models.sharding import batch_sharding as _bs
@@ -517,7 +591,9 @@ def train_loop(
     if t_cfg.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=steps, initial=start, desc=cfg.mode if cfg.mode == "finetune" else cfg.method.name)
+        progress = tqdm(
+            total=steps, initial=start, desc=cfg.mode if cfg.mode == "finetune" else cfg.method.name
+        )
     try:
         if start == 0 and evaluate is not None:
             rec = {"step": 0, **run_eval(0)}
@@ -543,8 +619,7 @@ def train_loop(
             if periodic or final:
                 if not _all_finite(params):
                     raise DivergenceError(
-                        f"training diverged after step {done}: parameters hold NaN/inf; "
-                        + _last_good(ckpt)
+                        f"training diverged after step {done}: parameters hold NaN/inf; " + _last_good(ckpt)
                     )
                 ckpt.save(done, {"params": params, "opt_state": opt_state}, {"step": done, "metrics": rec})
     finally:
@@ -553,7 +628,8 @@ def train_loop(
         log.close()
         ckpt.close()
 
-    model = nnx.merge(graphdef, params, rest)
+    # The step donated the arrays ``model`` held: give it the trained ones (trained in place).
+    nnx.update(model, params)
     model_dir = None
     if stop == steps and export:
         from sga_jax.models.hf import save_model
@@ -571,7 +647,9 @@ def _last_good(ckpt) -> str:
     step = ckpt.latest_step()
     if step is None:
         return "no checkpoint was saved before it (set train.checkpoint_every to keep one)"
-    return f"last good checkpoint: {ckpt.path(step)} (step {step}); lower train.lr or raise train.max_forget_nll"
+    return (
+        f"last good checkpoint: {ckpt.path(step)} (step {step}); lower train.lr or raise train.max_forget_nll"
+    )
 
 
 def _guard(metrics: dict[str, float], s: int, t_cfg: C.TrainConfig, ckpt, cfg: C.RunConfig) -> None:
@@ -622,18 +700,32 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
+def benchmark_dir(data_dir: str | None, sub: str) -> str | None:
+    """``data.data_dir`` may name the data root (holding ``tofu/``, ``muse_news/``) or the
+    benchmark's own folder; the loaders want the latter. A named folder must exist."""
+    if data_dir is None:
+        return None
+    p = Path(data_dir).expanduser()
+    if not p.is_dir():
+        raise DataError(f"data.data_dir: not a directory: {p}")
+    return str(p / sub) if (p / sub).is_dir() else str(p)
+
+
 def load_rows(d: C.DataConfig, *, need_retain: bool) -> tuple[list[dict], list[dict] | None]:
     """The forget (or finetuning) rows and, when needed, the retain rows of ``d``."""
     from sga_jax.data import jsonl, muse, tofu
 
-    kw = {"data_dir": d.data_dir, "limit": d.limit}
+    sub = {"tofu": "tofu", "muse_news": "muse_news"}.get(d.benchmark)
+    kw = {"data_dir": benchmark_dir(d.data_dir, sub) if sub else d.data_dir, "limit": d.limit}
     if d.benchmark == "tofu":
         forget = tofu.load_tofu(d.forget, **kw)
         retain = None
         if need_retain:
             name = d.retain or _TOFU_RETAIN.get(d.forget)
             if name is None:
-                raise ConfigError(f"data.retain: no default retain split for TOFU {d.forget!r}; set data.retain")
+                raise ConfigError(
+                    f"data.retain: no default retain split for TOFU {d.forget!r}; set data.retain"
+                )
             retain = tofu.load_tofu(name, **kw)
     elif d.benchmark == "muse_news":
         loaders = {
@@ -644,7 +736,9 @@ def load_rows(d: C.DataConfig, *, need_retain: bool) -> tuple[list[dict], list[d
         }
         for key, value in (("data.forget", d.forget), ("data.retain", d.retain or "retain2")):
             if value not in loaders:
-                raise ConfigError(f"{key}: unknown MUSE-News split {value!r}; choose one of {', '.join(loaders)}")
+                raise ConfigError(
+                    f"{key}: unknown MUSE-News split {value!r}; choose one of {', '.join(loaders)}"
+                )
         forget = loaders[d.forget]()
         retain = loaders[d.retain or "retain2"]() if need_retain else None
     else:
@@ -689,7 +783,7 @@ def _templates(m: C.MethodConfig, d: C.DataConfig) -> list[str]:
     try:
         from sga_jax.data.tofu import load_idontknow
 
-        return load_idontknow(data_dir=d.data_dir)
+        return load_idontknow(data_dir=benchmark_dir(d.data_dir, "tofu"))
     except DataError:
         return [_BUILTIN_IDK]
 
@@ -746,7 +840,9 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     if unlearn and "template" in needs:
         rng = np.random.default_rng(cfg.train.seed)
         picks = rng.integers(0, len(templates), size=len(forget_rows))
-        rows = [{"question": r.get("question", ""), "answer": templates[j]} for r, j in zip(forget_rows, picks)]
+        rows = [
+            {"question": r.get("question", ""), "answer": templates[j]} for r, j in zip(forget_rows, picks)
+        ]
         template = encode(rows, fmt, source="FLAT templates")
     model = hf.load_model(
         path,
@@ -770,12 +866,8 @@ def normal_index(model, data: TrainData, m: C.MethodConfig, *, seed: int) -> np.
     """``[N, K-1]`` retain-row indices: each forget row's SGA normal samples."""
     k = m.k  # type: ignore[attr-defined]
     assert data.retain is not None
-    try:
-        from sga_jax.data import normal_samples as NS
-    except ImportError:  # TEMPORARY until sga_jax.data.normal_samples lands: random pairing
-        rng = np.random.default_rng(seed)
-        m_rows = data.retain["input_ids"].shape[0]
-        return np.stack([rng.choice(m_rows, k - 1, replace=False) for _ in range(data.num_forget)])
+    from sga_jax.data import normal_samples as NS  # noqa: N812
+
     if m.normal_samples == "random":  # type: ignore[attr-defined]
         idx = NS.random_pairing(data.num_forget, data.retain["input_ids"].shape[0], k - 1, seed=seed)
     else:
@@ -875,8 +967,8 @@ def _eval_options(cfg: C.RunConfig) -> dict[str, Any]:
         opts.setdefault("retain_logs", cfg.eval.retain_logs)
     if cfg.eval.benchmark == "tofu" and cfg.data.benchmark == "tofu" and cfg.data.forget.startswith("forget"):
         opts.setdefault("forget_split", cfg.data.forget)
-    if cfg.data.data_dir:
-        opts.setdefault("data_dir", cfg.data.data_dir)
+    if cfg.data.data_dir and cfg.eval.benchmark in ("tofu", "muse_news"):
+        opts.setdefault("data_dir", benchmark_dir(cfg.data.data_dir, cfg.eval.benchmark))
     return opts
 
 
@@ -945,7 +1037,9 @@ def unlearn(
 
         sga_jax.unlearn("configs/experiment/tofu_sga.yaml", "model.path=out/target", train__steps=10)
     """
-    extra = [f"{k.replace('__', '.')}={_yaml_value(v)}" for k, v in options.items() if not isinstance(v, Mapping)]
+    extra = [
+        f"{k.replace('__', '.')}={_yaml_value(v)}" for k, v in options.items() if not isinstance(v, Mapping)
+    ]
     sections = {k: dict(v) for k, v in options.items() if isinstance(v, Mapping)}
     if isinstance(config, C.RunConfig):
         base: Any = C.to_dict(config)

@@ -22,7 +22,9 @@ def test_every_shipped_config_composes(path):
 
 
 def test_defaults_files_and_overrides_compose_in_order():
-    cfg = C.compose([ROOT / "configs/experiment/tofu_sga.yaml"], ["model.path=/m", "method.r=-2", "train.lr=3e-5"])
+    cfg = C.compose(
+        [ROOT / "configs/experiment/tofu_sga.yaml"], ["model.path=/m", "method.r=-2", "train.lr=3e-5"]
+    )
     assert isinstance(cfg.method, C.SGAConfig)
     assert (cfg.method.r, cfg.method.k) == (-2.0, 4)
     assert cfg.data.forget == "forget05" and cfg.data.retain == "retain95"
@@ -100,3 +102,61 @@ def test_cli_config_error_exit_code_and_single_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["sga-jax: error: method.r: the smoothing rate must be <= 1 (arXiv 2510.22376), got 2.0"]
     assert not out.exists()
+
+
+# ------------------------------------------------------------- user errors through `sga-jax` (in-process)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["unlearn", "method=sgaa"], "method=sgaa: no such method config (did you mean 'sga'?)"),
+        (["unlearn", "method.name=gradascent"], "method.name: unknown method 'gradascent'"),
+        (["unlearn", "trian.lr=1e-5"], "unknown config key 'trian'"),
+        (["unlearn", "train.learning_rate=1e-5"], "unknown config key 'train.learning_rate' in train"),
+        (["unlearn", "method.r=1.5"], "method.r: the smoothing rate must be <= 1"),
+        (["unlearn", "train.steps=ten"], "train.steps: wrong type or value 'ten'"),
+        (
+            ["unlearn", "benchmark=jsonl", "data.forget=/nonexistent/forget.jsonl", "method=ga"],
+            "data.forget: data file not found: /nonexistent/forget.jsonl",
+        ),
+        (
+            ["unlearn", "benchmark=jsonl", "data.forget={forget}", "data.retain=/nonexistent/r.jsonl"],
+            "data.retain: data file not found: /nonexistent/r.jsonl",
+        ),
+        (
+            ["unlearn", "benchmark=tofu_forget01", "data.data_dir=/nonexistent/data"],
+            "data.data_dir: not a directory: /nonexistent/data",
+        ),
+        (
+            ["finetune", "benchmark=jsonl", "data.forget={forget}", "model.path=/nonexistent/model"],
+            "model.path: /nonexistent/model does not exist",
+        ),
+        (["unlearn", "-c", "/nonexistent/exp.yaml"], "config file not found: /nonexistent/exp.yaml"),
+        (["finetune", "mode=unlearn"], "mode=unlearn in the config, but the command is `sga-jax finetune`"),
+        (["sweep", "benchmark=tofu_forget01", "sweep=[method=ga,method=nope]"], "sweep[1] 'method=nope'"),
+        (
+            ["eval", "{forget}", "--benchmark", "glue", "--out", "{out}"],
+            "--benchmark: unknown benchmark 'glue'",
+        ),
+        (["eval", "/nonexistent/model", "--benchmark", "tofu", "--out", "{out}"], "model not found"),
+        (["convert", "/nonexistent/model.gguf", "{out}"], "convert: source not found"),
+    ],
+)
+def test_cli_user_errors_are_one_line_exit_2_nothing_written(args, needle, tmp_path, capsys):
+    from sga_jax.cli import main
+
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text('{"question": "Q?", "answer": "A."}\n')
+    out = tmp_path / "out"
+    args = [a.format(forget=forget, out=out) for a in args]
+    if args[0] in ("unlearn", "finetune", "sweep"):
+        args.append(f"output_dir={out}")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("sga-jax: error: "), lines
+    assert needle in lines[0], lines[0]
+    assert not out.exists()
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written anywhere

@@ -1,0 +1,59 @@
+"""The demo pipeline (`sga-jax demo`) on a tiny random model: the real demo (SmolLM2-135M, a few
+minutes) is marked slow."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_models import write_tiny_hf
+
+from sga_jax import demo
+
+
+def test_builtin_facts():
+    facts = demo.load_facts()
+    assert (len(facts["forget"]), len(facts["retain"])) == (20, 40)
+    questions = [f["question"] for f in facts["forget"] + facts["retain"]]
+    assert len(set(questions)) == 60
+    assert all(f["lead"] and f["answer"] for f in facts["forget"] + facts["retain"])
+
+
+def test_demo_pipeline_on_a_tiny_model(tmp_path, smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    path, _ = write_tiny_hf(
+        "llama", tmp_path / "tiny", vocab_size=len(tok), tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=256,
+    )  # fmt: skip
+    tok.save_pretrained(path)
+    facts = demo.load_facts()
+    facts = {"forget": facts["forget"][:4], "retain": facts["retain"][:8]}
+    out = tmp_path / "demo"
+    report = demo.run_demo(
+        out=out, model_path=str(path), facts=facts, steps=2, generate=False, progress=False,
+        overrides=["train.lr=1e-3"],
+    )  # fmt: skip
+    assert report["steps"] == 2
+    assert report["forget_ratio"] == pytest.approx(report["forget_prob_after"] / report["forget_prob_before"])
+    assert report["retain_ratio"] == pytest.approx(report["retain_prob_after"] / report["retain_prob_before"])
+    assert report["forget_target_met"] == (report["forget_ratio"] <= demo.FORGET_TARGET)
+    assert (out / "probabilities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "demo_report.json").read_text())["steps"] == 2
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    per_fact = report["per_fact"]
+    assert [f["set"] for f in per_fact] == ["forget"] * 4 + ["retain"] * 8
+    before = np.mean([f["before"] for f in per_fact[:4]])
+    assert before == pytest.approx(report["forget_prob_before"], rel=1e-5)
+    assert np.mean([f["after"] for f in per_fact[4:]]) == pytest.approx(report["retain_prob_after"], rel=1e-5)
+    text = demo.format_report(report)
+    assert "forget facts P(answer)" in text and "retain facts P(answer)" in text
+
+
+@pytest.mark.slow
+def test_real_demo_meets_its_targets(tmp_path):
+    """`sga-jax demo` itself: SmolLM2-135M-Instruct, the built-in facts (minutes on a 2-core CPU)."""
+    report = demo.run_demo(out=tmp_path / "demo", progress=False)
+    assert report["forget_target_met"] and report["retain_target_met"], demo.format_report(report)
