@@ -8,11 +8,15 @@ steps and report the median.
 The step (both frameworks): B forget rows, each with K-1 normal rows (B*K rows of T tokens), the
 per-row token-mean NLL, the SGA loss of DESIGN.md (r = -0.8, K = 4), its gradient and an AdamW update.
 
-    python benchmarks/step_vs_torch.py --quick               # SmolLM2-135M, small batch, < 1 min on CPU
-    python benchmarks/step_vs_torch.py --model llama1b --dtype bfloat16 --seq 512   # on a GPU
+    python benchmarks/step_vs_torch.py --quick     # SmolLM2 shape, 4 layers, no torch.compile: < 1 min on CPU
+    python benchmarks/step_vs_torch.py             # SmolLM2-135M (real weights), B=2 x K=4 x T=128, all four
+    python benchmarks/step_vs_torch.py --model llama1b --dtype bfloat16 --seq 512 --batch 8 --steps 20  # GPU
 
 MFU = model FLOPs per second / the peak measured on the same machine (a large matmul in the same
-dtype through JAX). Results go to benchmarks/results/step_vs_torch_<device>.{json,md}.
+dtype through JAX). Besides the wall-clock step time each child reports its CPU time per step (all
+threads), which is robust to other load on a shared machine. Results go to
+benchmarks/results/step_vs_torch_<tag>.{json,md} (tag: ``cpu`` for the default CPU run, ``cpu_quick``,
+``gpu_<model>_<dtype>`` on a GPU, or ``--tag``).
 """
 
 from __future__ import annotations
@@ -29,7 +33,24 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GPU_COMMAND = (
+    "python benchmarks/step_vs_torch.py --model llama1b --dtype bfloat16 --seq 512 --batch 8 --steps 20 "
+    "--warmup 3 --scan"
+)
 
+# SmolLM2-135M (the GGUF's shape).
+SMOLLM2 = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 # A ~1B Llama (TinyLlama-1.1B's shape) for GPU runs, random weights.
 LLAMA_1B = dict(
     vocab_size=32000,
@@ -47,12 +68,22 @@ LLAMA_1B = dict(
 # --------------------------------------------------------------------------------------------- model
 
 
+def _config_dict(args) -> dict:
+    cfg = dict(SMOLLM2 if args.model == "smollm2" else LLAMA_1B)
+    if args.layers:
+        cfg["num_hidden_layers"] = args.layers
+    return cfg
+
+
+def _real_weights(args) -> bool:
+    """SmolLM2 at its full depth loads the real GGUF weights; other shapes use random weights."""
+    return args.model == "smollm2" and not args.layers
+
+
 def _hf_config(args):
     import transformers
 
-    if args.model == "smollm2":
-        return None  # read from the GGUF file
-    return transformers.LlamaConfig(**LLAMA_1B)
+    return transformers.LlamaConfig(**_config_dict(args))
 
 
 def _batch(args, vocab_size: int):
@@ -80,17 +111,20 @@ def model_flops_per_step(cfg: dict, rows: int, seq: int) -> float:
     return dense + attention
 
 
-def _config_dict(args) -> dict:
-    if args.model == "smollm2":
-        return dict(
-            vocab_size=49152,
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-        )
-    return dict(LLAMA_1B)
+def _timed(step, sync, args) -> tuple[float, list[float], list[float]]:
+    """(first-call seconds, wall seconds per timed step, CPU seconds per timed step)."""
+    t0 = time.perf_counter()
+    sync(step())
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        sync(step())
+    wall, cpu = [], []
+    for _ in range(args.steps):
+        c0, t0 = time.process_time(), time.perf_counter()
+        sync(step())
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return first, wall, cpu
 
 
 # ----------------------------------------------------------------------------------------- children
@@ -98,7 +132,11 @@ def _config_dict(args) -> dict:
 
 def run_jax(args) -> dict:
     import jax
+
+    if args.jax_devices > 1:  # before the backend starts: N CPU devices, one per core
+        jax.config.update("jax_num_cpu_devices", args.jax_devices)
     import jax.numpy as jnp
+    import jaxlib
     import numpy as np
     import optax
     from flax import nnx
@@ -106,57 +144,77 @@ def run_jax(args) -> dict:
     import sga_jax
     from sga_jax import logprobs, objectives
 
-    if args.model == "smollm2":
+    if _real_weights(args):
         model = sga_jax.load_model(
             sga_jax.paths.smollm2_gguf(), dtype=args.dtype, param_dtype="float32", scan_layers=args.scan
         )
     else:
         model = sga_jax.models.from_config(
-            _hf_config(args), rngs=nnx.Rngs(0), dtype=args.dtype, param_dtype="float32", scan_layers=args.scan
+            {"model_type": "llama", **_config_dict(args)},
+            rngs=nnx.Rngs(0),
+            dtype=args.dtype,
+            param_dtype="float32",
+            scan_layers=args.scan,
         )
     batch = {k: jnp.asarray(v) for k, v in _batch(args, model.config.vocab_size).items()}
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model
     tx = optax.adamw(1e-5, weight_decay=0.01)
     opt_state = tx.init(params)
+    if args.jax_devices > 1:
+        # Pure data parallelism over the CPU devices: each runs its share of the rows on its own
+        # thread (XLA:CPU runs the elementwise fusions of one device single-threaded).
+        from sga_jax.models import sharding as S
 
-    def loss_fn(p):
+        mesh = S.make_mesh(data=args.jax_devices, fsdp=1, tensor=1, devices=jax.devices()[: args.jax_devices])
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params, opt_state = jax.device_put((params, opt_state), replicated)
+        batch = jax.device_put(batch, S.batch_sharding(mesh))
+    kernel_kwargs = {"chunk_size": args.chunk_size} if args.chunk_size else {}
+
+    def loss_fn(p, batch):
         m = nnx.merge(graphdef, p, rest)
-        nll = logprobs.sequence_nll(m, batch, implementation=args.logprob_impl).reshape(args.batch, args.k)
+        nll = logprobs.sequence_nll(m, batch, implementation=args.logprob_impl, **kernel_kwargs)
+        nll = nll.reshape(args.batch, args.k)
         return objectives.sga_loss(nll[:, 0], nll[:, 1:], args.r)
 
-    def train_step(p, s):
-        loss, grads = jax.value_and_grad(loss_fn)(p)
+    def train_step(p, s, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
         updates, s = tx.update(grads, s, p)
         return optax.apply_updates(p, updates), s, loss
 
-    step = jax.jit(train_step, donate_argnums=(0, 1))
-    t0 = time.perf_counter()
-    params, opt_state, loss = step(params, opt_state)
-    jax.block_until_ready(loss)
-    compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        params, opt_state, loss = step(params, opt_state)
-    jax.block_until_ready(loss)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        params, opt_state, loss = step(params, opt_state)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
+    jitted = jax.jit(train_step, donate_argnums=(0, 1))
+    state = {"p": params, "s": opt_state}
+
+    def step():
+        state["p"], state["s"], loss = jitted(state["p"], state["s"], batch)
+        return loss
+
+    first, wall, cpu = _timed(step, jax.block_until_ready, args)
+    loss = step()
     device = jax.devices()[0]
-    peak = None
     stats = getattr(device, "memory_stats", lambda: None)()
-    if stats and "peak_bytes_in_use" in stats:
-        peak = stats["peak_bytes_in_use"]
+    peak = stats.get("peak_bytes_in_use") if stats else None
+    variant = f"jit, donated, {'scan' if args.scan else 'unrolled'} layers, {args.logprob_impl} log-probs"
+    if args.jax_devices > 1:
+        variant += f", data parallel over {args.jax_devices} CPU devices"
     return dict(
         framework="sga_jax",
-        variant=f"jit{'+scan' if args.scan else ''}, {args.logprob_impl} log-probs",
-        step_s=statistics.median(times),
-        compile_s=compile_s,
+        variant=variant,
+        step_s=statistics.median(wall),
+        step_times_s=wall,
+        cpu_s_per_step=statistics.median(cpu),
+        compile_s=first,
         loss=float(np.asarray(loss)),
         device_peak_bytes=peak,
         device=str(device.device_kind),
-        versions={"jax": jax.__version__, "flax": __import__("flax").__version__, "optax": optax.__version__},
+        xla_flags=os.environ.get("XLA_FLAGS", ""),
+        versions={
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "flax": __import__("flax").__version__,
+            "optax": optax.__version__,
+        },  # fmt: skip
     )
 
 
@@ -167,7 +225,7 @@ def run_torch(args, compiled: bool) -> dict:
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    if args.model == "smollm2":
+    if _real_weights(args):
         import sga_jax.paths
 
         gguf = sga_jax.paths.smollm2_gguf()
@@ -178,7 +236,9 @@ def run_torch(args, compiled: bool) -> dict:
         model = transformers.AutoModelForCausalLM.from_config(_hf_config(args), torch_dtype=torch.float32)
     # float32 master weights; bfloat16 compute through autocast, as sga_jax does.
     model = model.to(dev).train()
-    batch = {k: torch.as_tensor(v, device=dev).long() for k, v in _batch(args, model.config.vocab_size).items()}
+    batch = {
+        k: torch.as_tensor(v, device=dev).long() for k, v in _batch(args, model.config.vocab_size).items()
+    }
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
     B, K, r = args.batch, args.k, args.r
 
@@ -201,29 +261,25 @@ def run_torch(args, compiled: bool) -> dict:
 
     if compiled:
         step = torch.compile(step)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    t0 = time.perf_counter()
-    step()
-    sync()
-    compile_s = time.perf_counter() - t0
-    for _ in range(args.warmup):
-        loss = step()
-    sync()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - t0)
+
+    def sync(_):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    first, wall, cpu = _timed(step, sync, args)
+    loss = step()
     peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
     return dict(
         framework="pytorch",
         variant="torch.compile" if compiled else "eager",
-        step_s=statistics.median(times),
-        compile_s=compile_s,
+        step_s=statistics.median(wall),
+        step_times_s=wall,
+        cpu_s_per_step=statistics.median(cpu),
+        compile_s=first,
         loss=float(loss.detach()),
         device_peak_bytes=peak,
         device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
+        threads=torch.get_num_threads(),
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
     )
 
@@ -233,18 +289,32 @@ def run_peak(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    n = 2048 if jax.default_backend() == "cpu" else 8192
+    cpu = jax.default_backend() == "cpu"
+    n = 2048 if cpu else 8192
     dtype = jnp.dtype(args.dtype)
     a = jax.random.normal(jax.random.key(0), (n, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
     f(a, b).block_until_ready()
-    times = []
-    for _ in range(5 if jax.default_backend() == "cpu" else 50):
-        t0 = time.perf_counter()
+    times, cpu_times = [], []
+    for _ in range(7 if cpu else 50):
+        c0, t0 = time.process_time(), time.perf_counter()
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
-    return dict(framework="peak", flops_per_s=2.0 * n**3 / statistics.median(times), n=n)
+        cpu_times.append(time.process_time() - c0)
+    flops = 2.0 * n**3
+    # The best of the repeats: the least disturbed by other load (the peak is an upper bound).
+    return dict(
+        framework="peak",
+        flops_per_s=flops / min(times),
+        flops_per_s_median=flops / statistics.median(times),
+        # FLOPs per CPU-second (all threads): with the steps' CPU seconds this gives an efficiency
+        # that other load on a shared machine barely moves.
+        flops_per_cpu_s=flops / min(cpu_times),
+        backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,
+        n=n,
+    )
 
 
 # ------------------------------------------------------------------------------------------- parent
@@ -255,40 +325,80 @@ def _child(args, which: str) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(framework=which, error=proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed")
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["host_peak_rss_bytes"] = out.get("host_peak_rss_bytes")
-    return out
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _forward_args(args) -> list[str]:
     out = [
         "--model", args.model, "--batch", str(args.batch), "--k", str(args.k), "--seq", str(args.seq),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--dtype", args.dtype, "--r", str(args.r),
-        "--logprob-impl", args.logprob_impl,
+        "--logprob-impl", args.logprob_impl, "--layers", str(args.layers),
+        "--chunk-size", str(args.chunk_size), "--jax-devices", str(args.jax_devices),
     ]  # fmt: skip
     if args.scan:
         out.append("--scan")
     return out
 
 
+def _versions(runs) -> dict:
+    out = {"python": platform.python_version()}
+    for r in runs:
+        out.update(r.get("versions", {}))
+    return out
+
+
+def _fmt_row(r: dict) -> str:
+    if "step_s" not in r:
+        return f"| {r['framework']} | {r.get('variant', '')} | failed: {r.get('error')} | | | | | | | | |"
+    mem = r.get("device_peak_bytes") or r.get("host_peak_rss_bytes")
+    pct = lambda x: f"{100 * x:.1f} %" if x else "n/a"
+    ratio = lambda x: f"{x:.2f}" if x else "n/a"
+    return (
+        f"| {r['framework']} | {r['variant']} | {r['step_s']:.3f} | {r['cpu_s_per_step']:.2f} "
+        f"| {r['tokens_per_s']:.0f} | {ratio(r.get('vs_torch_eager'))} | {ratio(r.get('vs_torch_compile'))} "
+        f"| {pct(r.get('mfu'))} | {pct(r.get('cpu_time_mfu'))} | {r['compile_s']:.1f} "
+        f"| {mem / 2**30:.2f} GiB |"
+    )
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["smollm2", "llama1b"], default="smollm2")
-    p.add_argument("--batch", type=int, default=4, help="forget rows B (each with K-1 normal rows)")
+    p.add_argument("--layers", type=int, default=0, help="override the depth (random weights)")
+    p.add_argument("--batch", type=int, default=2, help="forget rows B (each with K-1 normal rows)")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--r", type=float, default=-0.8)
     p.add_argument("--scan", action="store_true", help="scan over layers in sga_jax")
     p.add_argument("--logprob-impl", default="chunked", choices=["chunked", "reference"])
-    p.add_argument("--quick", action="store_true", help="small batch and few steps (< 1 min on CPU)")
+    p.add_argument(
+        "--chunk-size", type=int, default=0, help="vocabulary chunk of the chunked kernel (0: default)"
+    )
+    p.add_argument(
+        "--jax-devices",
+        type=int,
+        default=1,
+        help="sga_jax on CPU: split the rows over this many CPU devices (data parallel)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="SmolLM2's shape with 4 layers (random weights), B=2, T=64, no torch.compile: < 1 min on CPU",
+    )
     p.add_argument("--skip", nargs="*", default=[], help="children to skip: jax torch-eager torch-compile")
+    p.add_argument(
+        "--tag", default=None, help="results file suffix (default: cpu / cpu_quick / gpu_<model>_<dtype>)"
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)  # fmt: skip
     if args.quick:
-        args.batch, args.seq, args.steps, args.warmup = 2, 64, 3, 1
+        args.layers = args.layers or 4
+        args.batch, args.seq, args.steps, args.warmup = 2, 64, 3, 0  # the first (timed apart) call warms up
+        if "torch-compile" not in args.skip:
+            args.skip.append("torch-compile")  # inductor's C++ compile alone takes minutes on 2 cores
 
     if args.child:
         import resource
@@ -307,60 +417,106 @@ def main(argv=None) -> int:
     rows = args.batch * args.k
     tokens = rows * args.seq
     flops = model_flops_per_step(cfg, rows, args.seq)
-    results = [_child(args, w) for w in ["peak", "jax", "torch-eager", "torch-compile"] if w not in args.skip]
+    load_before = os.getloadavg()
+    started = _dt.datetime.now().isoformat(timespec="seconds")
+    results = []
+    for which in ["peak", "jax", "torch-eager", "torch-compile"]:
+        if which in args.skip:
+            continue
+        results.append(_child(args, which))
+        print(json.dumps({k: v for k, v in results[-1].items() if k != "step_times_s"}), flush=True)
+    load_after = os.getloadavg()
     peak = next((r["flops_per_s"] for r in results if r["framework"] == "peak" and "flops_per_s" in r), None)
+    peak_cpu = next((r["flops_per_cpu_s"] for r in results if "flops_per_cpu_s" in r), None)
     runs = [r for r in results if r["framework"] != "peak"]
     eager = next((r for r in runs if r.get("variant") == "eager" and "step_s" in r), None)
+    compiled = next((r for r in runs if r.get("variant") == "torch.compile" and "step_s" in r), None)
     for r in runs:
         if "step_s" not in r:
             continue
         r["tokens_per_s"] = tokens / r["step_s"]
+        r["model_flops_per_s"] = flops / r["step_s"]
         r["mfu"] = flops / r["step_s"] / peak if peak else None
+        r["cpu_time_mfu"] = (
+            flops / r["cpu_s_per_step"] / peak_cpu if peak_cpu and r.get("cpu_s_per_step") else None
+        )
         r["vs_torch_eager"] = eager["step_s"] / r["step_s"] if eager else None
+        r["vs_torch_compile"] = compiled["step_s"] / r["step_s"] if compiled else None
 
-    import jax
-
-    device = jax.devices()[0].device_kind if jax.default_backend() != "cpu" else f"cpu ({os.cpu_count()} cores)"
+    # The parent never imports JAX (on a GPU it would hold device memory while the children run).
+    peak_run = next((r for r in results if r["framework"] == "peak" and "backend" in r), {})
+    on_gpu = peak_run.get("backend", "cpu") != "cpu"
+    device = peak_run["device"] if on_gpu else f"cpu: {_cpu_name()} ({os.cpu_count()} cores)"
     record = dict(
         date=_dt.date.today().isoformat(),
+        started=started,
         device=device,
-        python=platform.python_version(),
-        setup=dict(model=args.model, B=args.batch, K=args.k, T=args.seq, rows=rows, tokens=tokens,
-                   dtype=args.dtype, r=args.r, scan=args.scan, steps=args.steps),  # fmt: skip
+        load_average_before=list(load_before),
+        load_average_after=list(load_after),
+        versions=_versions(runs),
+        weights="SmolLM2-135M-Instruct GGUF (dequantised to float32)" if _real_weights(args) else "random",
+        setup=dict(
+            model=args.model,
+            layers=cfg["num_hidden_layers"],
+            B=args.batch,
+            K=args.k,
+            T=args.seq,
+            rows=rows,
+            tokens=tokens,
+            dtype=args.dtype,
+            r=args.r,
+            scan=args.scan,
+            logprob_impl=args.logprob_impl,
+            steps=args.steps,
+            warmup=args.warmup,
+            skipped=args.skip,
+        ),  # fmt: skip
         model_flops_per_step=flops,
         measured_peak_flops_per_s=peak,
+        measured_peak_flops_per_cpu_s=peak_cpu,
         runs=results,
     )
+    if not on_gpu:
+        record["gpu"] = "not run — no GPU was lent to this task"
+        record["gpu_command"] = GPU_COMMAND
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = f"{args.model}_{args.dtype}_{'gpu' if jax.default_backend() != 'cpu' else 'cpu'}{'_quick' if args.quick else ''}"
+    tag = args.tag or (f"gpu_{args.model}_{args.dtype}" if on_gpu else ("cpu_quick" if args.quick else "cpu"))
     (RESULTS / f"step_vs_torch_{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
+    title_model = f"{args.model} ({cfg['num_hidden_layers']} layers, {record['weights']} weights)"
     lines = [
-        f"# SGA step: sga_jax vs PyTorch — {args.model}, {args.dtype}, {device}, {record['date']}",
+        f"# SGA step: sga_jax vs PyTorch — {title_model}, {args.dtype}, {device}, {record['date']}",
         "",
-        f"B={args.batch} forget rows x K={args.k} (rows={rows}) x T={args.seq} tokens = {tokens} tokens/step; "
-        f"model FLOPs/step {flops:.3e}; measured matmul peak "
-        f"{(peak or 0) / 1e9:.1f} GFLOP/s ({args.dtype}).",
+        f"B={args.batch} forget rows x K={args.k} (rows={rows}) x T={args.seq} tokens = {tokens} "
+        "tokens/step; "
+        f"model FLOPs/step {flops:.3e}; measured {args.dtype} matmul peak {(peak or 0) / 1e9:.1f} GFLOP/s. "
+        f"Median of {args.steps} steps after {args.warmup} warm-up step(s). Load average before "
+        f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min). MFU = model FLOP/s / measured peak; "
+        "MFU (CPU time) = model FLOPs per CPU-second of the step / the matmul's FLOPs per CPU-second "
+        f"({(peak_cpu or 0) / 1e9:.1f} GFLOP per CPU-s), a second view of efficiency "
+        "(threads that spin-wait while other jobs hold the cores inflate it).",
         "",
-        "| framework | variant | step (s, median) | tokens/s | x torch eager | MFU | compile (s) | peak mem |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| framework | variant | step (s, median) | CPU s/step | tokens/s | x torch eager | x torch.compile "
+        "| MFU | MFU (CPU time) | first step (s) | peak mem |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in runs:
-        if "step_s" not in r:
-            lines.append(f"| {r['framework']} | {r.get('variant', '')} | failed: {r.get('error')} | | | | | |")
-            continue
-        mem = r.get("device_peak_bytes") or r.get("host_peak_rss_bytes")
-        mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") else "n/a"
-        ratio = f"{r['vs_torch_eager']:.2f}" if r.get("vs_torch_eager") else "n/a"
-        lines.append(
-            f"| {r['framework']} | {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {ratio} | {mfu} "
-            f"| {r['compile_s']:.1f} | {mem / 2**30:.2f} GiB |"
-        )
-    lines.append("")
-    lines.append("Versions: " + "; ".join(f"{k} {v}" for r in runs for k, v in r.get("versions", {}).items()))
+    lines += [_fmt_row(r) for r in runs]
+    lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + "."]
+    if not on_gpu:
+        lines += ["", f"GPU: {record['gpu']}. GPU command: `{GPU_COMMAND}`."]
     text = "\n".join(lines) + "\n"
     (RESULTS / f"step_vs_torch_{tag}.md").write_text(text)
     print(text)
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

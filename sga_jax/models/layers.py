@@ -86,7 +86,12 @@ class Linear(nnx.Module):
         x = x.astype(self.dtype)
         if self.kfac_tap:
             self.sow(nnx.Intermediate, "kfac_in", x)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype), preferred_element_type=out_dtype)
+        # As a 2-D product: the weight gradient then contracts one dimension, not (batch, seq),
+        # which XLA:CPU runs ~2x faster (benchmarks/step_vs_torch.py).
+        lead = x.shape[:-1]
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel, preferred_element_type=out_dtype)
+        y = y.reshape(*lead, y.shape[-1])
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         if self.kfac_tap:
