@@ -28,7 +28,6 @@ _LAZY_FUNCTIONS = {
     "unlearn": "sga_jax.train",
 }
 _LAZY_MODULES = {
-    "objectives",
     "transforms",
     "kernels",
     "models",
@@ -38,6 +37,12 @@ _LAZY_MODULES = {
     "train",
     "errors",
     "paths",
+    "distributed",
+    "objectives",
+    "logprobs",
+    "kfac_math",
+    "reapply",
+    "config",
 }
 
 __all__ = sorted([*_LAZY_FUNCTIONS, *_LAZY_MODULES, "__version__"])
