@@ -35,7 +35,7 @@ def main() -> None:
 
     gguf = sga_jax.paths.smollm2_gguf()
     t0 = time.perf_counter()
-    model = sga_jax.load_model(gguf, dtype="float32", scan_layers=True)
+    model = sga_jax.load_model(gguf, dtype="float32", scan_layers=False)  # as eval.run does
     tok = sga_jax.load_tokenizer(gguf)
     load_s = time.perf_counter() - t0
     fmt = PromptFormatter(tok, "auto", max_length=512)
@@ -67,7 +67,7 @@ def main() -> None:
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__},
         "load_average_at_end": os.getloadavg(),
         "what": "TOFU eval (forget10 + retain_perturbed + real authors + world facts, with generation) "
-        "of SmolLM2-135M-Instruct (float32, chat template), sga_jax on CPU",
+        "of SmolLM2-135M-Instruct (float32, chat template, unrolled layers), sga_jax on CPU",
         "mode": "full" if not args.limit else f"subset: first {args.limit} rows per split, extrapolated",
         "device": f"{jax.devices()[0].platform} x{jax.device_count()}, "
         f"{platform.processor() or platform.machine()}",

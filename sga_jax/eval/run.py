@@ -94,7 +94,10 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if model is None:
-        model = sga_jax.load_model(model_path, dtype=dtype, scan_layers=True)
+        # Unrolled layers: greedy decoding with a per-layer cache updates it in place, while the
+        # stacked [L, ...] cache of scan_layers is rewritten every token (measured on the 2-core CPU,
+        # SmolLM2-135M, batch 16: ~45 vs ~125 ms per new token). Compile time is a few seconds more.
+        model = sga_jax.load_model(model_path, dtype=dtype, scan_layers=False)
     if tokenizer is None:
         tokenizer = sga_jax.load_tokenizer(tokenizer_path or model_path)
     data_dir = options.pop("data_dir", None)
