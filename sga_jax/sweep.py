@@ -136,16 +136,14 @@ def sweep(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> SweepRe
     return SweepResult(root, rows, table, png)
 
 
+# The TOFU numbers each sweep entry reports (sweep.md / sweep.json columns).
+COLUMNS = (
+    "forget_quality", "model_utility", "forget_truth_ratio", "forget_prob", "forget_rougeL", "retain_prob",
+)  # fmt: skip
+
+
 def _row(results: dict[str, Any]) -> dict[str, Any]:
-    keys = (
-        "forget_quality",
-        "model_utility",
-        "forget_truth_ratio",
-        "forget_prob",
-        "forget_rougeL",
-        "retain_prob",
-    )
-    return {k: results.get(k) for k in keys}
+    return {k: results.get(k) for k in COLUMNS}
 
 
 def _fmt(v: Any) -> str:
@@ -159,14 +157,7 @@ def _fmt(v: Any) -> str:
 def _write(root: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
     from sga_jax.data.jsonl import write_json_atomic
 
-    cols = (
-        "forget_quality",
-        "model_utility",
-        "forget_truth_ratio",
-        "forget_prob",
-        "forget_rougeL",
-        "retain_prob",
-    )
+    cols = COLUMNS
     lines = [
         "| run | " + " | ".join(cols) + " |",
         "|---|" + "---:|" * len(cols),

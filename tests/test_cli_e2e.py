@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import write_tiny_hf
+from tiny_models import write_tiny_llama_for
 
 import sga_jax
 from sga_jax import train
@@ -28,12 +28,7 @@ QUIET = ["train.progress=false"]
 def tiny_dir(tmp_path_factory, smollm2_tokenizer):
     """A 2-layer, d=32 Llama over SmolLM2's vocabulary, with its tokenizer (chat template) beside it."""
     tok = smollm2_tokenizer
-    path, _ = write_tiny_hf(
-        "llama", tmp_path_factory.mktemp("e2e") / "tiny", vocab_size=len(tok), tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        max_position_embeddings=512,
-    )  # fmt: skip
-    tok.save_pretrained(path)
+    path, _ = write_tiny_llama_for(tok, tmp_path_factory.mktemp("e2e") / "tiny", max_position_embeddings=512)
     return path
 
 

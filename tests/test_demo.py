@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from tiny_models import write_tiny_hf
+from tiny_models import write_tiny_llama_for
 
 from sga_jax import demo
 
@@ -22,12 +22,7 @@ def test_builtin_facts():
 
 def test_demo_pipeline_on_a_tiny_model(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
-    path, _ = write_tiny_hf(
-        "llama", tmp_path / "tiny", vocab_size=len(tok), tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=256,
-    )  # fmt: skip
-    tok.save_pretrained(path)
+    path, _ = write_tiny_llama_for(tok, tmp_path / "tiny")
     facts = demo.load_facts()
     facts = {"forget": facts["forget"][:4], "retain": facts["retain"][:8]}
     out = tmp_path / "demo"

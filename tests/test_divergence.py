@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_models import write_tiny_hf
+from tiny_models import write_tiny_llama_for
 
 from sga_jax import checkpoint, config, train
 from sga_jax.cli import main
@@ -23,11 +23,7 @@ BOUND = 20.0
 def setup(tmp_path_factory, smollm2_tokenizer):
     tok = smollm2_tokenizer
     root = tmp_path_factory.mktemp("diverge")
-    path, _ = write_tiny_hf(
-        "llama", root / "tiny", vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=256,
-    )  # fmt: skip
-    tok.save_pretrained(path)
+    path, _ = write_tiny_llama_for(tok, root / "tiny")
     rows = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is number {i * 7}."} for i in range(4)]
     (root / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, path

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tiny_models import write_tiny_hf
+from tiny_models import write_tiny_llama_for
 
 import sga_jax
 from sga_jax import checkpoint, config, train
@@ -28,11 +28,7 @@ def setup(tmp_path_factory, smollm2_tokenizer):
     """A tiny Llama (with tokenizer) and a plain JSONL forget / retain set."""
     tok = smollm2_tokenizer
     root = tmp_path_factory.mktemp("resume")
-    path, _ = write_tiny_hf(
-        "llama", root / "tiny", vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_position_embeddings=256,
-    )  # fmt: skip
-    tok.save_pretrained(path)
+    path, _ = write_tiny_llama_for(tok, root / "tiny")
     forget = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is number {i * 7}."} for i in range(6)]
     retain = [
         {"question": f"Who wrote book {i}?", "answer": f"Book {i} was written by author {i}."}

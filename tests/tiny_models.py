@@ -96,3 +96,17 @@ def write_tiny_hf(model_type: str, path: str | Path, *, seed: int = 0, **overrid
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     return path, model
+
+
+def write_tiny_llama_for(
+    tokenizer, path: str | Path, *, max_position_embeddings: int = 256, **overrides: Any
+):
+    """A tiny random Llama that speaks ``tokenizer`` (its vocabulary and special ids), saved with the
+    tokenizer beside it so the runner and ``sga-jax`` commands can load the directory on its own."""
+    path, model = write_tiny_hf(
+        "llama", path, vocab_size=len(tokenizer), tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=max_position_embeddings, **overrides,
+    )  # fmt: skip
+    tokenizer.save_pretrained(path)
+    return path, model
