@@ -103,8 +103,6 @@ def make_evaluator(graph_model, forget: dict, retain: dict):
         return {"forget_prob": float(p[:n_f].mean()), "retain_prob": float(p[n_f:].mean())}
 
     evaluate.seen = seen  # type: ignore[attr-defined]
-
-    evaluate.per_fact = lambda model: np.asarray(probs(nnx.state(model), both))  # type: ignore[attr-defined]
     return evaluate
 
 

@@ -349,13 +349,6 @@ def split_model(model, freeze: Sequence[str] = ()):
     return graphdef, params, rest
 
 
-def _global_norm(tree) -> jax.Array:
-    tree_norm = getattr(
-        getattr(optax, "tree", None), "norm", None
-    )  # optax >= 0.2.5; global_norm is deprecated
-    return tree_norm(tree) if tree_norm is not None else optax.global_norm(tree)
-
-
 def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_rest: bool = True):
     """The jitted train step ``(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
@@ -391,15 +384,19 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_r
         grads, extra, loss, aux = jax.tree.map(lambda x: x / accum, total)
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         params = optax.apply_updates(params, updates)
-        metrics = {**({"loss": loss} if method.report_loss else {}), **aux, "grad_norm": _global_norm(grads)}
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        metrics = {**({"loss": loss} if method.report_loss else {}), **aux, "grad_norm": grad_norm}
         r = _current_r(opt_state)
         if r is not None:
             metrics["r"] = r
         return params, opt_state, metrics
 
     jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-    if not bind_rest:  # (params, opt_state, rest, batch)
-        return jitted
+    return _bind_rest(jitted, rest) if bind_rest else jitted
+
+
+def _bind_rest(jitted: Callable, rest) -> Callable:
+    """``(params, opt_state, batch) -> ...`` with ``rest`` passed to the jitted step as an argument."""
 
     def run_step(params, opt_state, batch):
         return jitted(params, opt_state, rest, batch)
@@ -442,11 +439,7 @@ def _cached_step(graphdef, rest, method: Method, tx, cfg: C.RunConfig, steps: in
         _STEP_CACHE[key] = jitted
         while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
             _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
-
-    def run_step(params, opt_state, batch):
-        return jitted(params, opt_state, rest, batch)
-
-    return run_step
+    return _bind_rest(jitted, rest)
 
 
 def _current_r(opt_state) -> jax.Array | None:
