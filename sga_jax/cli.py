@@ -190,11 +190,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     from sga_jax.errors import ModelLoadError
-    from sga_jax.models.hf import convert
+    from sga_jax.models.hf import convert, has_tokenizer
 
     src = Path(args.src).expanduser()
     if not src.exists():
         raise ModelLoadError(f"convert: source not found: {src}")
+    # The output is a complete HF directory (weights, config, tokenizer) or nothing.
+    if not has_tokenizer(src):
+        raise ModelLoadError(
+            f"convert: {src} has no tokenizer (tokenizer.json / tokenizer_config.json / vocab.json); "
+            "the converted directory would not be usable on its own"
+        )
     out = convert(src, args.dst, dtype=args.dtype)
     print(f"converted {src} -> {out}")
     return 0
@@ -254,6 +260,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``sga-jax`` console script."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers announces "PyTorch was not found" on import (an advisory warning); no command
+    # needs torch, so the notice is noise. Only advisory warnings are silenced, real ones stay.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value items after an option (``eval DIR --benchmark tofu limit=3``) are left over by

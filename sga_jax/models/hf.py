@@ -323,31 +323,40 @@ def export_config(model) -> dict[str, Any]:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# What an HF directory written by save_model needs for load_model + load_tokenizer to work.
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def _has_tokenizer(source: Path) -> bool:
+def has_tokenizer(source: Path) -> bool:
+    """Whether ``source`` (a .gguf file or an HF directory) carries a tokenizer."""
     if source.is_file():
         return source.suffix.lower() == ".gguf"
     return any((source / f).is_file() for f in _TOKENIZER_FILES)
 
 
+def missing_files(directory: Path) -> list[str]:
+    """The files of :data:`REQUIRED_FILES` that ``directory`` lacks (all of them if it is absent)."""
+    return [f for f in REQUIRED_FILES if not (directory / f).is_file()]
+
+
 def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer when known) to ``out_dir``, via
-    a temporary directory renamed into place. ``transformers.AutoModelForCausalLM.from_pretrained``
-    loads the result and gives the same logits."""
+    a temporary directory renamed into place, so ``out_dir`` is complete or absent.
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads the result and gives the same logits.
+
+    Without ``tokenizer``, the one beside the model's source (a GGUF's metadata, an HF directory's
+    tokenizer files) is copied; a source that has one that cannot be loaded is an error, not a
+    silently tokenizer-less output. A source without any tokenizer gives weights and config only."""
     out = Path(out_dir).expanduser()
+    if tokenizer is None:
+        source = model.config.hf.get("_name_or_path")
+        if source and has_tokenizer(Path(source)):
+            tokenizer = load_tokenizer(source)  # raises ModelLoadError naming the problem
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
         _write_safetensors(model, tmp / "model.safetensors")
-        if tokenizer is None:
-            source = model.config.hf.get("_name_or_path")
-            if source and _has_tokenizer(Path(source)):
-                try:
-                    tokenizer = load_tokenizer(source)
-                except Exception:  # no tokenizer files beside the weights: weights alone are fine
-                    tokenizer = None
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if out.exists():
@@ -363,16 +372,21 @@ def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> P
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The transformers tokenizer of an HF directory or of a ``.gguf`` file."""
+    """The transformers tokenizer of an HF directory or of a ``.gguf`` file (built from the GGUF
+    metadata without torch: :mod:`sga_jax.models.gguf_tokenizer`)."""
     import transformers
 
     p = Path(path).expanduser()
     try:
         if p.is_file() and p.suffix.lower() == ".gguf":
-            return transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            from sga_jax.models.gguf_tokenizer import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(p)
         return transformers.AutoTokenizer.from_pretrained(str(p))
+    except ModelLoadError:
+        raise
     except Exception as e:
-        raise ModelLoadError(f"cannot load a tokenizer from {p}: {e}") from None
+        raise ModelLoadError(f"cannot load a tokenizer from {p}: {' '.join(str(e).split())}") from None
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None) -> Path:
