@@ -289,6 +289,35 @@ def run_demo(
     return report
 
 
+STILL_KNOWN = 0.5  # a forget fact above this answer probability after the run is still known
+
+
+def per_fact_caveat(r: dict[str, Any]) -> list[str]:
+    """What the two means hide: forget facts still known, retain facts that fell below the retain
+    target on their own, and that greedy answers need not follow P(answer | lead)."""
+    facts = r.get("per_fact") or []
+    forget = [f for f in facts if f["set"] == "forget"]
+    retain = [f for f in facts if f["set"] == "retain"]
+    if not forget:
+        return []
+    known = [f for f in forget if f["after"] > STILL_KNOWN]
+    fell = [f for f in retain if f["after"] < RETAIN_TARGET * f["before"]]
+    gone = sum(f["after"] <= 0.02 for f in forget)
+    lines = [
+        f"Per fact (the means hide it): {gone} of {len(forget)} forget facts end at P <= 0.02; "
+        f"{len(known)} are still known (P > {STILL_KNOWN}) and {len(fell)} of {len(retain)} retain facts "
+        f"fell below {RETAIN_TARGET} x their start.",
+    ]
+    for f in known[:4]:
+        lines.append(f"    still known: {f['answer']} ({f['before']:.2f} -> {f['after']:.2f})")
+    lines.append(
+        "Greedy answers can still name a forgotten answer (another wording avoids the measured token) "
+        "or lose a retained one; demo_report.json lists every fact before and after."
+    )
+    lines.append("")
+    return lines
+
+
 def format_report(r: dict[str, Any]) -> str:
     ok = {True: "met", False: "MISSED"}
     lines = [
@@ -300,6 +329,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['retain_ratio']:14.3f}   >= {RETAIN_TARGET:.2f}  {ok[r['retain_target_met']]}",
         "",
     ]
+    lines += per_fact_caveat(r)
     for ex in r["examples"]:
         lines.append(f"[{ex['set']}] {ex['question']}")
         lines.append(f"    before: {ex['before']}")
@@ -326,4 +356,4 @@ def main(
     return 0
 
 
-__all__ = ["encode_facts", "format_report", "load_facts", "main", "run_demo"]
+__all__ = ["encode_facts", "format_report", "load_facts", "main", "per_fact_caveat", "run_demo"]

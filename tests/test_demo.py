@@ -52,3 +52,24 @@ def test_real_demo_meets_its_targets(tmp_path):
     """`sga-jax demo` itself: SmolLM2-135M-Instruct, the built-in facts (minutes on a 2-core CPU)."""
     report = demo.run_demo(out=tmp_path / "demo", progress=False)
     assert report["forget_target_met"] and report["retain_target_met"], demo.format_report(report)
+
+
+def test_console_report_names_the_facts_the_means_hide():
+    """The console says which forget facts are still known and how many retain facts fell, even
+    when both mean targets are met (the issue: "met" while Paris stayed known)."""
+    fact = lambda s, a, b, z: {"set": s, "question": "q", "answer": a, "before": b, "after": z}  # noqa: E731
+    per_fact = [
+        fact("forget", "Paris", 0.97, 0.83), fact("forget", "Tokyo", 0.91, 0.001),
+        fact("forget", "Berlin", 0.97, 0.01), fact("retain", "Rome", 0.82, 0.75),
+        fact("retain", "Madrid", 0.80, 0.35),
+    ]  # fmt: skip
+    report = dict(
+        forget_prob_before=0.95, forget_prob_after=0.28, retain_prob_before=0.81, retain_prob_after=0.55,
+        forget_ratio=0.2, retain_ratio=0.8, forget_target_met=True, retain_target_met=True, examples=[],
+        steps=14, seconds_total=1.0, seconds_load=0.1, seconds_train=0.5, plot="p.png", per_fact=per_fact,
+    )  # fmt: skip
+    text = demo.format_report(report)
+    assert "2 of 3 forget facts end at P <= 0.02" in text
+    assert "1 are still known" in text and "still known: Paris (0.97 -> 0.83)" in text
+    assert "1 of 2 retain facts fell below 0.75 x their start" in text
+    assert "Tokyo" not in text.split("still known")[-1].split("\n")[0]
