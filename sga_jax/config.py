@@ -336,7 +336,11 @@ class TrainConfig:
     the loss always stops the run. ``stop_after``: stop (as if killed) after this many steps, for
     tests and for splitting a run across jobs; the next run with the same output dir resumes.
     ``checkpoint_every``: steps between Orbax checkpoints (0: none); ``final_checkpoint``: also save
-    one at the end (a stopped run always saves one, to resume from).
+    one at the end (a stopped run always saves one, to resume from). ``keep_checkpoints``: how many
+    of the newest checkpoints stay once the run has ended and its model is exported (0: none, the
+    exported model is the result; a checkpoint holds parameters *and* optimizer state, about 1.4 GB
+    for a 135M model). While a run is in progress at least the two newest are kept, so a killed run
+    resumes and the divergence guard has a last good one.
     """
 
     steps: int | None = None
@@ -354,7 +358,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     final_checkpoint: bool = True
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 0
     log_every: int = 1
     max_forget_nll: float | None = 60.0
     stop_after: int | None = None
@@ -393,7 +397,7 @@ class TrainConfig:
             self.checkpoint_every >= 0, "train.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"
         )
         _check(
-            self.keep_checkpoints >= 1, "train.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}"
+            self.keep_checkpoints >= 0, "train.keep_checkpoints", f"must be >= 0, got {self.keep_checkpoints}"
         )
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _check(

@@ -548,7 +548,8 @@ def train_loop(
 
     from sga_jax.checkpoint import Checkpointer
 
-    ckpt = Checkpointer(out / "checkpoints", keep=t_cfg.keep_checkpoints)
+    # In progress: keep two, so that the guard can drop the newest and still name a good one.
+    ckpt = Checkpointer(out / "checkpoints", keep=max(t_cfg.keep_checkpoints, 2))
     start = 0
     if t_cfg.resume and ckpt.latest_step() is not None:
         abstract = jax.eval_shape(lambda: {"params": params, "opt_state": opt_state})
@@ -629,7 +630,23 @@ def train_loop(
         from sga_jax.models.hf import save_model
 
         model_dir = save_model(model, out / "model", tokenizer=tokenizer)
+        # The run ended well and its result is exported: the checkpoints only served resuming.
+        prune_checkpoints(out / "checkpoints", t_cfg.keep_checkpoints)
     return RunResult(out, model_dir, stop, history, model)
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Keep the ``keep`` newest step folders of an Orbax checkpoint directory (none: remove it)."""
+    if not directory.is_dir():
+        return
+    if keep == 0:
+        shutil.rmtree(directory)
+        return
+    steps = sorted(
+        (p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    for p in steps[: max(len(steps) - keep, 0)]:
+        shutil.rmtree(p)
 
 
 def _postfix(rec: dict[str, Any]) -> dict[str, str]:

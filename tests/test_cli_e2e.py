@@ -55,7 +55,8 @@ def test_tofu_protocol_end_to_end(tiny_dir, tmp_path, data_dir, smollm2_tokenize
     rc = main(
         ["unlearn", "-c", str(ROOT / "configs/experiment/tofu_sga.yaml"), "benchmark=tofu_forget01",
          f"model.path={target}", f"output_dir={out}", "train.steps=4", "train.grad_accum=2",
-         "train.warmup_ratio=0", "train.checkpoint_every=2", "eval.benchmark=none", *common]
+         "train.warmup_ratio=0", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+         "eval.benchmark=none", *common]
     )  # fmt: skip
     assert rc == 0
     for f in (

@@ -47,7 +47,7 @@ def _overrides(root: Path, model: Path, out: Path) -> list[str]:
         f"model.path={model}", f"output_dir={out}",
         "method=sga", "method.k=2", "method.normal_samples=random",
         "train.steps=6", "train.batch_size=4", "train.grad_accum=2", "train.lr=3e-3", "train.warmup_steps=2",
-        "train.checkpoint_every=2", "train.progress=false",
+        "train.checkpoint_every=2", "train.progress=false", "train.keep_checkpoints=1",
     ]  # fmt: skip
 
 
@@ -126,3 +126,15 @@ def test_killed_process_resumes_to_the_same_parameters(setup, uninterrupted, tmp
     a, b = _final_params(full, model), _final_params(killed, model)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_finished_run_keeps_only_the_exported_model_by_default(setup, uninterrupted, tmp_path):
+    """train.keep_checkpoints defaults to 0: once a run has ended and exported its model, its Orbax
+    checkpoints (parameters + optimizer state) are removed; keep_checkpoints=1 keeps the newest."""
+    root, model = setup
+    out = tmp_path / "default"
+    args = [a for a in _overrides(root, model, out) if not a.startswith("train.keep_checkpoints")]
+    assert main(["unlearn", *args, "train.steps=2"]) == 0
+    assert (out / "model" / "model.safetensors").is_file()
+    assert not (out / "checkpoints").exists()
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == ["6"]
