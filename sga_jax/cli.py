@@ -62,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("unlearn", help="run an unlearning method")
     _config_args(p)
 
-    p = sub.add_parser("eval", help="evaluate a model directory on a benchmark")
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model directory on a benchmark",
+        epilog=EVAL_OPTIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("model", help="HF model directory (or .gguf)")
     p.add_argument("--benchmark", "-b", required=True, help="tofu, tofu_forget01/05/10, muse_news ...")
     p.add_argument("--out", "-o", required=True, help="output folder for results and eval logs")
@@ -87,6 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=None, help="benchmarks/NAME.py (default: all)")
     p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+EVAL_OPTIONS = """options (key=value after the model; results.json records every one given):
+  all benchmarks:  limit=N (rows per split; tofu default 300 = the official size, others: all)
+                   data_dir=DIR (benchmark data folder)  source=local|hub
+  tofu:            forget_split=forget01|forget05|forget10 (or --benchmark tofu_forget05)
+                   template=auto|chat|plain  max_length=512  batch_size=16  generate=true|false
+                   max_new_tokens=200  generation_max_length=200  generation_batch_size=N
+                   progress=true|false (a progress bar per split on stderr)
+  muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X  batch_size=8
+  ppl:             data=FILE|tofu:<config>|muse:raw[/split]  max_length=N  batch_size=N
+  mia:             members=SPEC  nonmembers=SPEC (as ppl's data=)  k=0.2  max_length=512
+  wmdp:            data=FILE (or a cais/wmdp config with source=hub)  batch_size=N
+See docs/cli.md."""
 
 
 def _version() -> str:

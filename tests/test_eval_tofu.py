@@ -101,7 +101,7 @@ def test_rouge_recall_as_tofu():
     assert r1[0] == pytest.approx(2 / 5)  # "jaime", "vasquez" of 5 gt tokens
 
 
-def test_run_writes_official_files(tiny, smollm2_tokenizer, tmp_path, data_dir):
+def test_run_writes_official_files(tiny, smollm2_tokenizer, tmp_path, data_dir, capsys):
     from sga_jax.eval.run import evaluate
 
     path, model, _ = tiny
@@ -120,6 +120,14 @@ def test_run_writes_official_files(tiny, smollm2_tokenizer, tmp_path, data_dir):
         prompt, gen, gt = log["generated_text"]["0"]
         assert prompt.startswith("Question: ") and prompt.endswith("\n") and isinstance(gen, str)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    # results.json says it was a 3-row run with these options, not the official 300-row protocol
+    assert saved["limit"] == 3
+    assert saved["options"] == {"limit": 3, "template": "plain", "max_new_tokens": 6, "batch_size": 8}
+    # one progress bar per split, named by its data config, each reaching its total
+    err = capsys.readouterr().err
+    lines = err.replace("\r", "\n").splitlines()
+    for config in ("retain", "forget10", "real_authors", "world_facts"):
+        assert any(f"{config}_perturbed" in x and "100%" in x for x in lines), config
     # A random model's greedy answers share no words with the truth: ROUGE 0 makes the hmean 0.
     assert saved["model_utility"] == res["model_utility"] == 0.0 and saved["retain_rougeL"] == 0.0
     assert 0 < saved["retain_prob"] < 1 and 0 < saved["real_authors_prob"] < 1

@@ -10,7 +10,7 @@ filled with the pad id, as ``transformers``' ``generate`` does, so the tokens eq
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -89,6 +89,7 @@ def greedy_generate(
     max_length: int | None = None,
     tokenizer: Any = None,
     sort_by_length: bool = True,
+    progress: Callable[[int], Any] | None = None,
 ) -> GenerationResult:
     """Greedy continuations of token-id ``prompts`` (token-identical to ``transformers``'
     ``generate(do_sample=False)`` with left padding).
@@ -139,6 +140,8 @@ def greedy_generate(
                     seq = seq[: j + 1]
                     break
             tokens[i] = seq
+        if progress is not None:
+            progress(len(idx))
     texts = None
     if tokenizer is not None:
         texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)

@@ -100,10 +100,20 @@ def evaluate(
         model = sga_jax.load_model(model_path, dtype=dtype, scan_layers=False)
     if tokenizer is None:
         tokenizer = sga_jax.load_tokenizer(tokenizer_path or model_path)
+    # Every option given is recorded, so that e.g. a 10-row result cannot pass for an official one.
+    plain = str | int | float | bool | list | None
+    given = {k: v if isinstance(v, plain) else str(v) for k, v in options.items()}
     data_dir = options.pop("data_dir", None)
     source = options.pop("source", "local")
     limit = options.pop("limit", None)
-    results: dict[str, Any] = {"benchmark": benchmark, "model": str(model_path)}
+    if benchmark == "tofu" and limit is None:
+        limit = 300  # the official TOFU evaluation size (locuslab/tofu config/eval_everything.yaml ds_size)
+    results: dict[str, Any] = {
+        "benchmark": benchmark,
+        "model": str(model_path),
+        "limit": limit,  # rows per split; null: all
+        "options": given,
+    }
 
     if benchmark == "tofu":
         from sga_jax.data.formatting import PromptFormatter
@@ -114,8 +124,7 @@ def evaluate(
         )
         retain_logs = options.pop("retain_logs", None)
         tofu.evaluate(
-            model, tokenizer, out, formatter=fmt, limit=300 if limit is None else limit, source=source,
-            data_dir=data_dir, **options,
+            model, tokenizer, out, formatter=fmt, limit=limit, source=source, data_dir=data_dir, **options,
         )  # fmt: skip
         results.update(tofu.aggregate(out, retain_logs))
         results["template"] = fmt.mode

@@ -9,7 +9,7 @@ Min-K%++ (Zhang et al. 2024, arXiv 2404.02936, eq. 3) needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -81,9 +81,16 @@ def iterate_token_logprobs(
 
 
 def sequence_nll(
-    model: Any, rows: Sequence[Encoded], *, pad_id: int, batch_size: int = 16, bucket: int = 32
+    model: Any,
+    rows: Sequence[Encoded],
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+    bucket: int = 32,
+    progress: Callable[[int], Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Summed NLL over target tokens and the number of target tokens, per row: ``([N], [N])``."""
+    """Summed NLL over target tokens and the number of target tokens, per row: ``([N], [N])``.
+    ``progress(n)`` is called as rows are scored (e.g. a tqdm bar's ``update``)."""
     total = np.zeros(len(rows), np.float64)
     count = np.zeros(len(rows), np.int64)
     for i, (logp,) in iterate_token_logprobs(
@@ -91,4 +98,6 @@ def sequence_nll(
     ):
         total[i] = -float(np.sum(logp, dtype=np.float64))
         count[i] = logp.shape[0]
+        if progress is not None:
+            progress(1)
     return total, count

@@ -72,13 +72,14 @@ def evaluate_task(
     generation_max_length: int = 200,
     max_new_tokens: int = 200,
     source: str = "tofu",
+    progress: bool = True,
 ) -> dict[str, dict[int, Any]]:
     """The official per-sample eval log of one split (keys as ``evaluate_util.get_all_evals``).
+    ``progress``: a tqdm bar on stderr over the sequences scored and the answers generated.
 
     Rows whose prompt does not fit ``formatter.max_length`` are skipped and reported (warning);
     their indices are absent from the log.
     """
-    from sga_jax.eval.generate import greedy_generate
     from sga_jax.eval.scoring import sequence_nll
 
     fmt = formatter or PromptFormatter(tokenizer, "auto", max_length=512)
@@ -110,7 +111,39 @@ def evaluate_task(
     if n_trunc:
         log.warning("%s: %d answer sequences truncated to max_length=%d", source, n_trunc, fmt.max_length)
 
-    total, count = sequence_nll(model, seqs, pad_id=fmt.pad_token_id, batch_size=batch_size)
+    from tqdm.auto import tqdm
+
+    # One split of TOFU takes minutes on a CPU: show the scored sequences and generated answers.
+    bar = tqdm(
+        total=len(seqs) + (len(kept) if generate else 0), desc=source, unit="seq", disable=not progress
+    )
+    try:
+        total, count = sequence_nll(
+            model, seqs, pad_id=fmt.pad_token_id, batch_size=batch_size, progress=bar.update
+        )
+        logs = _losses_log(kept, layout, total, count)
+        if generate:
+            _add_generations(
+                logs,
+                model,
+                tokenizer,
+                fmt,
+                rows,
+                kept,
+                bar.update,
+                max_new_tokens=max_new_tokens,
+                generation_max_length=generation_max_length,
+                batch_size=generation_batch_size or batch_size,
+            )
+        else:
+            for k in ("generated_text", "rouge1_recall", "rougeL_recall"):
+                del logs[k]
+    finally:
+        bar.close()
+    return logs
+
+
+def _losses_log(kept, layout, total, count) -> dict[str, dict[int, Any]]:
     logs: dict[str, dict[int, Any]] = {
         k: {}
         for k in (
@@ -133,30 +166,32 @@ def evaluate_task(
         logs["perturb_loss"][i] = total[pert].tolist()
         logs["num_token_paraphrased"][i] = int(count[b])
         logs["num_token_perturb"][i] = count[pert].tolist()
-
-    if generate:
-        prompts = [fmt.generation_prompt(rows[i]["question"]) for i in kept]
-        ids = [fmt.encode_prompt(p) for p in prompts]
-        res = greedy_generate(
-            model,
-            ids,
-            max_new_tokens=max_new_tokens,
-            max_length=generation_max_length,
-            eos_token_id=fmt.eos_token_id,
-            pad_token_id=fmt.pad_token_id,
-            batch_size=generation_batch_size or batch_size,
-            tokenizer=tokenizer,
-        )
-        gts = [rows[i]["answer"] for i in kept]
-        r1, rl = rouge_recall(gts, res.texts)
-        for j, i in enumerate(kept):
-            logs["generated_text"][i] = [prompts[j], res.texts[j], gts[j]]
-            logs["rouge1_recall"][i] = r1[j]
-            logs["rougeL_recall"][i] = rl[j]
-    else:
-        for k in ("generated_text", "rouge1_recall", "rougeL_recall"):
-            del logs[k]
     return logs
+
+
+def _add_generations(logs, model, tokenizer, fmt, rows, kept, progress, **kw) -> None:
+    """Greedy answers and their ROUGE recall against the ground truth, into ``logs``."""
+    from sga_jax.eval.generate import greedy_generate
+
+    prompts = [fmt.generation_prompt(rows[i]["question"]) for i in kept]
+    ids = [fmt.encode_prompt(p) for p in prompts]
+    res = greedy_generate(
+        model,
+        ids,
+        max_new_tokens=kw["max_new_tokens"],
+        max_length=kw["generation_max_length"],
+        eos_token_id=fmt.eos_token_id,
+        pad_token_id=fmt.pad_token_id,
+        batch_size=kw["batch_size"],
+        tokenizer=tokenizer,
+        progress=progress,
+    )
+    gts = [rows[i]["answer"] for i in kept]
+    r1, rl = rouge_recall(gts, res.texts)
+    for j, i in enumerate(kept):
+        logs["generated_text"][i] = [prompts[j], res.texts[j], gts[j]]
+        logs["rouge1_recall"][i] = r1[j]
+        logs["rougeL_recall"][i] = rl[j]
 
 
 def evaluate(
