@@ -296,13 +296,18 @@ class DataConfig:
     file paths of ``{"question", "answer"}`` or ``{"text"}`` rows. ``data_dir``: where the benchmark
     files live (default ``$SGA_JAX_DATA_DIR`` or ``shared/data``). ``limit``: use only the first N rows
     of each split (quick runs). ``prompt_format``: ``auto`` (the chat template when the tokenizer has
-    one), ``chat`` or ``plain`` (TOFU's "Question: ... Answer:").
+    one), ``chat`` or ``plain`` (TOFU's "Question: ... Answer:"). ``source``: ``local`` (the files
+    in ``data_dir``) or ``hub`` (TOFU / MUSE-News through ``datasets.load_dataset``, from
+    ``hub_repo``: default ``locuslab/TOFU`` / ``muse-bench/MUSE-News``, or a local folder holding a
+    copy of that dataset repository).
     """
 
     benchmark: str = "tofu"
     forget: str = "forget01"
     retain: str | None = None
     data_dir: str | None = None
+    source: str = "local"
+    hub_repo: str | None = None
     max_length: int = 256
     limit: int | None = None
     prompt_format: str = "auto"
@@ -314,6 +319,7 @@ class DataConfig:
             f"must be tofu, muse_news or jsonl, got {self.benchmark!r}",
         )
         _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
+        _check(self.source in ("local", "hub"), "data.source", f"must be local or hub, got {self.source!r}")
         _check(self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1, got {self.limit}")
         _check(
             self.prompt_format in ("auto", "chat", "plain"),

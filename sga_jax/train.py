@@ -735,7 +735,9 @@ def load_rows(d: C.DataConfig, *, need_retain: bool) -> tuple[list[dict], list[d
     from sga_jax.data import jsonl, muse, tofu
 
     sub = {"tofu": "tofu", "muse_news": "muse_news"}.get(d.benchmark)
-    kw = {"data_dir": benchmark_dir(d.data_dir, sub) if sub else d.data_dir, "limit": d.limit}
+    kw: dict[str, Any] = {"data_dir": benchmark_dir(d.data_dir, sub) if sub else d.data_dir, "limit": d.limit}
+    if sub and d.source == "hub":
+        kw = {"source": "hub", "hub_repo": d.hub_repo, "limit": d.limit}
     if d.benchmark == "tofu":
         forget = tofu.load_tofu(d.forget, **kw)
         retain = None
@@ -986,6 +988,8 @@ def _eval_options(cfg: C.RunConfig) -> dict[str, Any]:
         opts.setdefault("retain_logs", cfg.eval.retain_logs)
     if cfg.eval.benchmark == "tofu" and cfg.data.benchmark == "tofu" and cfg.data.forget.startswith("forget"):
         opts.setdefault("forget_split", cfg.data.forget)
+    if cfg.data.source == "hub" and cfg.eval.benchmark in ("tofu", "muse_news"):
+        opts.setdefault("source", "hub")
     if cfg.data.data_dir and cfg.eval.benchmark in ("tofu", "muse_news"):
         opts.setdefault("data_dir", benchmark_dir(cfg.data.data_dir, cfg.eval.benchmark))
     return opts

@@ -42,13 +42,18 @@ def _file(data_dir, *parts: str) -> Path:
     return path
 
 
-def _hub(config: str, split: str) -> list[Row]:  # pragma: no cover - needs a network
+def _hub(config: str, split: str, repo: str | None = None) -> list[Row]:
+    """``datasets.load_dataset(repo, config, split=split)``; ``repo``: the hub id (default
+    :data:`HUB_NAME`) or a local folder holding a copy of that dataset repository."""
+    repo = repo or HUB_NAME
     try:
         import datasets
 
-        ds = datasets.load_dataset(HUB_NAME, config, split=split)
+        ds = datasets.load_dataset(repo, config, split=split)
     except Exception as e:
-        raise DataError(f"cannot load {HUB_NAME} {config}/{split} from the hub: {e}") from None
+        raise DataError(
+            f"cannot load {repo} {config}/{split} with datasets: {' '.join(str(e).split())}"
+        ) from None
     return [dict(r) for r in ds]
 
 
@@ -61,7 +66,13 @@ def _limit(rows: list, limit: int | None) -> list:
 
 
 def load_knowmem(
-    split: str = "forget", *, icl: bool = False, source: str = "local", data_dir=None, limit=None
+    split: str = "forget",
+    *,
+    icl: bool = False,
+    source: str = "local",
+    data_dir=None,
+    limit=None,
+    hub_repo=None,
 ) -> list[Row]:
     """KnowMem QA rows ``{question, answer}`` of ``split`` ("forget" or "retain"), or its
     in-context few-shot examples when ``icl``."""
@@ -69,30 +80,35 @@ def load_knowmem(
         raise DataError(f"unknown KnowMem split {split!r}; use 'forget' or 'retain'")
     name = KNOWMEM_SPLITS[split] + ("_icl" if icl else "")
     if source == "hub":
-        rows, where = _hub("knowmem", name.replace("retain2", "retain")), f"{HUB_NAME}/knowmem/{name}"
+        rows, where = (
+            _hub("knowmem", name.replace("retain2", "retain"), hub_repo),
+            f"{HUB_NAME}/knowmem/{name}",
+        )
     else:
         path = _file(data_dir, "knowmem", f"{name}.json")
         rows, where = read_records(path), str(path)
     return check_rows(_limit(rows, limit), {"question": str, "answer": str}, source=where)
 
 
-def load_verbmem(*, source: str = "local", data_dir=None, limit=None) -> list[Row]:
+def load_verbmem(*, source: str = "local", data_dir=None, limit=None, hub_repo=None) -> list[Row]:
     """VerbMem rows ``{prompt, gt}``: the start of a forget article and its true continuation."""
     if source == "hub":
-        rows, where = _hub("verbmem", "forget"), f"{HUB_NAME}/verbmem/forget"
+        rows, where = _hub("verbmem", "forget", hub_repo), f"{HUB_NAME}/verbmem/forget"
     else:
         path = _file(data_dir, "verbmem", "forget.json")
         rows, where = read_records(path), str(path)
     return check_rows(_limit(rows, limit), {"prompt": str, "gt": str}, source=where)
 
 
-def load_privleak(split: str, *, source: str = "local", data_dir=None, limit=None) -> list[Row]:
+def load_privleak(
+    split: str, *, source: str = "local", data_dir=None, limit=None, hub_repo=None
+) -> list[Row]:
     """PrivLeak texts ``{text}`` of ``split``: "forget" (members), "holdout" (non-members), "retain"."""
     if split not in PRIVLEAK_SPLITS:
         raise DataError(f"unknown PrivLeak split {split!r}; use one of {PRIVLEAK_SPLITS}")
     if source == "hub":
         hub_split = "retain" if split == "retain2" else split
-        rows, where = _hub("privleak", hub_split), f"{HUB_NAME}/privleak/{hub_split}"
+        rows, where = _hub("privleak", hub_split, hub_repo), f"{HUB_NAME}/privleak/{hub_split}"
     else:
         local = "retain2" if split == "retain" else split
         path = _file(data_dir, "privleak", f"{local}.json")
@@ -100,12 +116,14 @@ def load_privleak(split: str, *, source: str = "local", data_dir=None, limit=Non
     return strings_to_rows(_limit(rows, limit), source=where)
 
 
-def load_raw(split: str = "forget", *, source: str = "local", data_dir=None, limit=None) -> list[Row]:
+def load_raw(
+    split: str = "forget", *, source: str = "local", data_dir=None, limit=None, hub_repo=None
+) -> list[Row]:
     """A raw MUSE-News corpus ``{text}`` (the forget corpus by default)."""
     if split not in RAW_SPLITS:
         raise DataError(f"unknown raw split {split!r}; use one of {RAW_SPLITS}")
     if source == "hub":
-        rows, where = _hub("raw", split), f"{HUB_NAME}/raw/{split}"
+        rows, where = _hub("raw", split, hub_repo), f"{HUB_NAME}/raw/{split}"
     else:
         path = _file(data_dir, "raw", f"{split}.json")
         rows, where = read_records(path), str(path)

@@ -63,15 +63,20 @@ def _read_idk(path: Path) -> list[Row]:
     return strings_to_rows(lines, source=str(path))
 
 
-def _load_hub(config: str) -> list[Row]:  # pragma: no cover - needs a network
+def _load_hub(config: str, repo: str | None = None) -> list[Row]:
+    """``datasets.load_dataset(repo, config, split="train")``; ``repo``: the hub id (default
+    :data:`HUB_NAME`) or a local folder holding a copy of that dataset repository."""
+    repo = repo or HUB_NAME
     try:
         import datasets
     except ImportError as e:
         raise DataError(f"source='hub' needs the `datasets` package: {e}") from None
     try:
-        ds = datasets.load_dataset(HUB_NAME, config, split="train")
+        ds = datasets.load_dataset(repo, config, split="train")
     except Exception as e:
-        raise DataError(f"cannot load {HUB_NAME} config {config!r} from the hub: {e}") from None
+        raise DataError(
+            f"cannot load {repo} config {config!r} with datasets: {' '.join(str(e).split())}"
+        ) from None
     rows = [dict(r) for r in ds]
     if config == "idontknow" and rows and "text" not in rows[0]:
         key = next(iter(rows[0]))
@@ -85,25 +90,26 @@ def load_tofu(
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
+    hub_repo: str | None = None,
 ) -> list[Row]:
     """Rows of one TOFU config (see module docstring), checked: every row has the config's keys
     (``perturbed_answer`` with 5 items, 3 for real authors / world facts).
 
-    ``source``: ``"local"`` (default; ``data_dir`` or ``$SGA_JAX_DATA_DIR/tofu``) or ``"hub"``.
+    ``source``: ``"local"`` (default; ``data_dir`` or ``$SGA_JAX_DATA_DIR/tofu``) or ``"hub"``
+    (``datasets.load_dataset(hub_repo or "locuslab/TOFU", config)``).
     ``limit``: keep the first ``limit`` rows (TOFU's evaluation uses the first 300 of forget10 and of
     retain_perturbed).
     """
     if config == "full":
-        rows = load_tofu("retain90", source=source, data_dir=data_dir) + load_tofu(
-            "forget10", source=source, data_dir=data_dir
-        )
+        kw: dict[str, Any] = dict(source=source, data_dir=data_dir, hub_repo=hub_repo)
+        rows = load_tofu("retain90", **kw) + load_tofu("forget10", **kw)
         return rows[:limit] if limit is not None else rows
     if config not in CONFIGS:
         raise DataError(f"unknown TOFU config {config!r}; choose one of {', '.join(ALL_CONFIGS)}")
     filename, required, n_perturbed = CONFIGS[config]
     if source == "hub":
-        rows = _load_hub(config)
-        where = f"{HUB_NAME}/{config}"
+        rows = _load_hub(config, hub_repo)
+        where = f"{hub_repo or HUB_NAME}/{config}"
     elif source == "local":
         path = _local_dir(data_dir) / filename
         if not path.is_file():
