@@ -1,4 +1,6 @@
-"""The README's composition snippet runs as written and unlearns (the forget NLL rises)."""
+"""The README's library example runs as written, on the real SmolLM2-135M-Instruct: three SGA steps
+raise the forget sentence's NLL much more than the normal sentence's, with the rate r = -0.8 read
+back from the optimizer state."""
 
 from __future__ import annotations
 
@@ -12,13 +14,14 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
+# Appended to the snippet: the snippet's own names, measured once more after its loop.
 CHECK = """
 import json
-w0 = 0.1 * jax.random.normal(kw, (16, 4))
+_, params0, _ = nnx.split(sga_jax.load_model(gguf, scan_layers=True), nnx.Param, ...)
 print("RESULT", json.dumps({
-    "forget_before": float(nll(w0, x_f, y_f).mean()), "forget_after": float(nll(w, x_f, y_f).mean()),
-    "normal_before": float(nll(w0, x_n, y_n).mean()), "normal_after": float(nll(w, x_n, y_n).mean()),
-    "r": float(state[0].r),
+    "forget_before": float(nll(params0, forget)[0]), "forget_after": float(nll(params, forget)[0]),
+    "normal_before": float(nll(params0, normal)[0]), "normal_after": float(nll(params, normal)[0]),
+    "r": float(optax.tree_utils.tree_get(opt_state, "r")),
 }))
 """
 
@@ -34,15 +37,20 @@ def snippet() -> str:
 
 def test_readme_snippet_runs_and_unlearns(tmp_path):
     code = snippet()
-    assert "sga_loss" in code and "sga(" in code and "sga_jax.train" not in code
-    assert 15 <= len(code.strip().splitlines()) <= 40
+    for used in ("sga_jax.load_model(", "nnx.split(", "nnx.merge(", "sequence_nll", "sga(", "optax.adamw("):
+        assert used in code, used
     script = tmp_path / "snippet.py"
     script.write_text(code + CHECK)
     # A fresh interpreter, as a user would run it (and with no test fixture in the way).
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("forget NLL "), proc.stdout
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert result["forget_after"] > result["forget_before"] + 1.0, result
+    rise_f = result["forget_after"] - result["forget_before"]
+    rise_n = result["normal_after"] - result["normal_before"]
+    # measured: forget 2.67 -> 5.34 nats/token, normal 2.49 -> 2.77
+    assert rise_f > 1.0, result  # the forget sentence is unlearned
+    assert rise_n < 0.25 * rise_f, result  # r < 0 descends the normal sample: it moves far less
     assert result["r"] == pytest.approx(-0.8, rel=1e-6)  # float32 state
-    # r < 0 descends the normal samples while the forget sample is ascended.
-    assert result["normal_after"] < result["forget_after"], result
