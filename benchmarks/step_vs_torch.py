@@ -6,7 +6,7 @@ side by side on the same machine. Every child does: build the model, warm up, th
 steps and report the median.
 
 The step (both frameworks): B forget rows, each with K-1 normal rows (B*K rows of T tokens), the
-per-row token-mean NLL, the SGA loss of DESIGN.md (r = -0.8, K = 4), its gradient and an AdamW update.
+per-row token-mean NLL, the SGA loss of docs/design.md (r = -0.8, K = 4), its gradient and an AdamW update.
 
     python benchmarks/step_vs_torch.py --quick     # SmolLM2 shape, 4 layers, no torch.compile: < 1 min on CPU
     python benchmarks/step_vs_torch.py             # SmolLM2-135M (real weights), B=2 x K=4 x T=128, all four

@@ -1,6 +1,6 @@
 """sga_jax: LLM unlearning in JAX/Flax.
 
-The stable public API (see DESIGN.md)::
+The stable public API (docs/design.md)::
 
     import sga_jax
     model = sga_jax.load_model(path, dtype="float32")   # HF dir (llama / opt / phi) or a .gguf file

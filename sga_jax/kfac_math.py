@@ -9,7 +9,7 @@ bias: ``W̃ = [W; b]``, ``[in+1, out]``) and ``g`` the gradient w.r.t. the layer
 
     (A ⊗ G + λI)⁻¹ V = Q_A [(Q_Aᵀ V Q_G) ⊘ (λ_A λ_Gᵀ + λ)] Q_Gᵀ
 
-which is DESIGN.md's ``Q_G[(Q_Gᵀ ∇W Q_A) ⊘ (λ_G λ_Aᵀ + λ)]Q_Aᵀ`` written for the transposed
+which is docs/design.md's ``Q_G[(Q_Gᵀ ∇W Q_A) ⊘ (λ_G λ_Aᵀ + λ)]Q_Aᵀ`` written for the transposed
 ``[in, out]`` kernel. EK-FAC (George et al. 2018, arXiv 1806.03884, eq. 10) replaces the Kronecker
 eigenvalues ``λ_A λ_Gᵀ`` by ``S = E[(Q_Aᵀ ∇W Q_G)²]`` re-estimated in the same eigenbasis.
 

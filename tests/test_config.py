@@ -42,7 +42,7 @@ def test_group_choice_replaces_the_method_section():
 
 
 def test_sga_weights_from_the_paper_are_representable():
-    # r = -0.8, K = 4 -> forget weight 1.6, normal weight 0.2 (DESIGN.md); r = 1 is the upper end.
+    # r = -0.8, K = 4 -> forget weight 1.6, normal weight 0.2 (docs/design.md); r = 1 is the upper end.
     m = C.compose([], ["method.r=1", "method.k=4"]).method
     assert m.r == 1.0
 

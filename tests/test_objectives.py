@@ -1,4 +1,4 @@
-"""sga_jax.objectives against the formulas of DESIGN.md written out in numpy / scipy."""
+"""sga_jax.objectives against the formulas of docs/design.md written out in numpy / scipy."""
 
 from __future__ import annotations
 
