@@ -138,3 +138,26 @@ def test_convert_refuses_a_source_without_tokenizer(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no tokenizer" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_command_without_torch_writes_the_tokenizer_quietly(smollm2_gguf, tmp_path, reference):
+    """`sga-jax convert model.gguf OUT` in a torch-less interpreter: exit 0, a complete directory
+    (weights, config, tokenizer), and no "PyTorch was not found" notice from transformers."""
+    out = tmp_path / "smol"
+    child = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from sga_jax.cli import main\n"
+        "rc = main(['convert', sys.argv[1], sys.argv[2]])\n"
+        "assert sys.modules['torch'] is None\n"
+        "sys.exit(rc)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", child, str(smollm2_gguf), str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "PyTorch was not found" not in proc.stderr, proc.stderr
+    assert hf.missing_files(out) == []
+    text = TEXTS[1]
+    assert hf.load_tokenizer(out)(text)["input_ids"] == reference(text)["input_ids"]
