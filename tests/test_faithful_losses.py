@@ -136,14 +136,21 @@ def test_npo_runner_matches_open_unlearning(models):
     assert abs(wrong - ref) > 1e-3
 
 
-@pytest.mark.parametrize("margin", [0.0, 0.7])
+@pytest.mark.parametrize("margin", ["zero", "near_nll"])
 def test_simnpo_runner_matches_open_unlearning_defaults(models, margin):
     s = models
-    cfg = C.compose([], ["method=simnpo", f"method.gamma={margin}"]).method
+    with torch.no_grad():
+        n = torch.as_tensor(s["batch"]["forget"]["loss_mask"][:, 1:].sum(-1), dtype=torch.float32)
+        mean_nll = float((ou_batch_nll(s["torch_cur"], s["batch"]["forget"]) / n).mean())
+    # "near_nll": a margin where σ(β·(l̄ - γ)) is far from saturated, so the forget term matters.
+    gamma = 0.0 if margin == "zero" else round(mean_nll, 3)
+    cfg = C.compose([], ["method=simnpo", f"method.gamma={gamma}"]).method
     assert (cfg.beta, cfg.forget_weight, cfg.retain_weight) == (4.5, 0.125, 1.0)  # SimNPO.yaml
     ours = _runner_loss(cfg, s["jax_cur"], s["batch"])
     with torch.no_grad():
-        ref = float(ou_simnpo(s["torch_cur"], s["batch"], delta=margin))  # our gamma = its delta
+        ref = float(ou_simnpo(s["torch_cur"], s["batch"], delta=gamma))  # our gamma = its delta
+        if margin == "near_nll":  # the old mapping (weight 1 on the forget term) is far off here
+            assert abs(float(ou_simnpo(s["torch_cur"], s["batch"], delta=gamma, gamma=1.0)) - ref) > 1e-2
     assert ours == pytest.approx(ref, rel=2e-5)
 
 
