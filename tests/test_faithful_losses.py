@@ -131,7 +131,8 @@ def test_npo_runner_matches_open_unlearning(models):
         per_tok = ou_batch_nll(s["torch_cur"], s["batch"]["forget"]) / n
         per_tok_ref = ou_batch_nll(s["torch_ref"], s["batch"]["forget"]) / n
         wrong = float(
-            -2 / 0.1 * F.logsigmoid(0.1 * (per_tok - per_tok_ref)).mean() + hf_loss(s["torch_cur"], s["batch"]["retain"])
+            -2 / 0.1 * F.logsigmoid(0.1 * (per_tok - per_tok_ref)).mean()
+            + hf_loss(s["torch_cur"], s["batch"]["retain"])
         )
     assert abs(wrong - ref) > 1e-3
 
@@ -158,7 +159,8 @@ def test_ga_and_graddiff_token_reduction_is_hf_loss(models):
     s = models
     b = s["batch"]
     with torch.no_grad():
-        f_tok, r_tok = float(hf_loss(s["torch_cur"], b["forget"])), float(hf_loss(s["torch_cur"], b["retain"]))
+        f_tok = float(hf_loss(s["torch_cur"], b["forget"]))
+        r_tok = float(hf_loss(s["torch_cur"], b["retain"]))
         # "sequence": the mean over rows of per-row token means
         n = torch.as_tensor(b["forget"]["loss_mask"][:, 1:].sum(-1), dtype=torch.float32)
         f_seq = float((ou_batch_nll(s["torch_cur"], b["forget"]) / n).mean())

@@ -69,7 +69,8 @@ def test_min_norm_is_positive_in_practice_and_default_clip_is_minus8_0():
 
 
 def test_optimal_is_refused_naming_both():
-    for make in (lambda: sga(K=K, rate="optimal"), lambda: C.compose([], ["method=sga", "method.rate=optimal"])):
+    makers = (lambda: sga(K=K, rate="optimal"), lambda: C.compose([], ["method=sga", "method.rate=optimal"]))
+    for make in makers:
         with pytest.raises(ConfigError, match="paper.*min_norm"):
             make()
     assert C.compose([], ["method=sga_paper_r"]).method.rate == "paper"
@@ -116,7 +117,8 @@ def test_flat_default_is_total_variation_as_official():
     p_f, p_e = float(np.exp(logp_f).mean()), float(np.exp(logp_e).mean())
     official = -np.tanh(p_e) / 2 - (-np.tanh(p_f) / 2)
     assert float(O.flat_loss(logp_f, mask_f, logp_e, mask_e)) == pytest.approx(official, rel=1e-5)
-    assert float(O.flat_loss(logp_f, mask_f, logp_e, mask_e, divergence="tv")) == pytest.approx(official, rel=1e-5)
+    tv = O.flat_loss(logp_f, mask_f, logp_e, mask_e, divergence="tv")
+    assert float(tv) == pytest.approx(official, rel=1e-5)
 
 
 def _ids_batch(rows, t=4):
@@ -178,8 +180,9 @@ def test_normal_file_rows_and_errors(tmp_path):
 def test_retrieval_never_returns_a_forget_row(tmp_path):
     """A retain pool that holds copies of the forget rows: embedding retrieval would pick each
     copy first (cosine 1); the runner passes their ids, so none is returned."""
-    import sga_jax
     from tiny_models import write_tiny_hf
+
+    import sga_jax
 
     path, _ = write_tiny_hf("llama", tmp_path / "m", seed=0)
     model = sga_jax.load_model(path)
@@ -201,9 +204,10 @@ def test_retrieval_never_returns_a_forget_row(tmp_path):
 def test_kfade_keeps_the_last_partial_batch(tmp_path):
     """The uphill gradient is of the mean forget NLL over *every* row: batches of 4 + 1 rows give
     the same update as one batch of 5."""
+    from tiny_models import write_tiny_hf
+
     import sga_jax
     from sga_jax import curvature as CV
-    from tiny_models import write_tiny_hf
 
     path, _ = write_tiny_hf("llama", tmp_path / "m", seed=1)
     model = sga_jax.load_model(path)
