@@ -4,8 +4,8 @@ The same tiny random HF Llama checkpoint is loaded by ``sga_jax.load_model`` and
 The torch side computes per-token log-probs from the full logits and writes SGA / NPO / GradDiff /
 FLAT out from their papers' formulas (NPO as open-unlearning's ``compute_dpo_loss`` on the *summed*
 answer NLL of ``compute_batch_nll``, src/trainer/utils.py l. 34-67); the JAX side goes through the
-chunked log-prob kernel (``sga_jax.logprobs``, a chunk size that does not divide V) and ``sga_jax.objectives``. Every
-parameter's gradient must agree to 1e-4 relative error.
+chunked log-prob kernel (``sga_jax.logprobs``, a chunk size that does not divide V) and
+``sga_jax.objectives``. Every parameter's gradient must agree to 1e-4 relative error.
 """
 
 from __future__ import annotations
