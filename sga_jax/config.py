@@ -86,16 +86,29 @@ class ModelConfig:
 # ---------------------------------------------------------------------------------------- methods
 
 
+LOSS_REDUCTIONS = ("token", "sequence")
+
+
 @dataclass
 class MethodConfig:
     """Fields every method has. ``retain_weight``: weight of a plain NLL term on the retain set
-    added to the unlearning loss (GradDiff's α; 0 disables it)."""
+    added to the unlearning loss (GradDiff's α; 0 disables it). ``loss_reduction``: how the plain
+    NLL terms (GA's / GradDiff's forget term, every retain term) average over a batch: ``token``
+    (over all answer tokens of the batch, open-unlearning's / HF's ``outputs.loss``; the baselines'
+    default) or ``sequence`` (the mean over rows of per-row token means). NPO's and SimNPO's forget
+    terms, SGA and FLAT have their own per-row forms and are averaged over rows."""
 
     name: str = "sga"
     retain_weight: float = 0.0
+    loss_reduction: str = "token"
 
     def __post_init__(self) -> None:
         _check(self.retain_weight >= 0, "method.retain_weight", f"must be >= 0, got {self.retain_weight}")
+        _check(
+            self.loss_reduction in LOSS_REDUCTIONS,
+            "method.loss_reduction",
+            f"must be token or sequence, got {self.loss_reduction!r}",
+        )
 
 
 @dataclass
@@ -115,8 +128,9 @@ class GradDiffConfig(MethodConfig):
 
 @dataclass
 class NPOConfig(MethodConfig):
-    """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868, eq. 3), β = 0.1;
-    the reference NLLs are the starting model's."""
+    """Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868, eq. 3), β = 0.1, on
+    the *summed* answer NLL (open-unlearning's ``compute_batch_nll``); the reference NLLs are the
+    starting model's. ``retain_weight`` is open-unlearning's ``alpha`` (1.0)."""
 
     name: str = "npo"
     beta: float = 0.1
@@ -129,61 +143,89 @@ class NPOConfig(MethodConfig):
 
 @dataclass
 class SimNPOConfig(MethodConfig):
-    """SimNPO (Fan et al. 2024, arXiv 2410.07163, eq. 5): reference-free, length-normalised NPO with
-    margin γ. Defaults as open-unlearning's TOFU config (β = 4.5, γ = 0.125... δ = 0)."""
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163): reference-free, length-normalised NPO,
+    ``forget_weight·(-(2/β) log σ(β(l̄_f - γ))) + retain_weight·l_r``. Defaults and key mapping
+    from open-unlearning's ``configs/trainer/SimNPO.yaml``: ``beta`` = its ``beta`` (4.5);
+    ``gamma`` (the margin) = its ``delta`` (0.0); ``forget_weight`` = its ``gamma`` (0.125);
+    ``retain_weight`` = its ``alpha`` (1.0)."""
 
     name: str = "simnpo"
     beta: float = 4.5
-    gamma: float = 0.125
-    delta: float = 0.0
+    gamma: float = 0.0
+    forget_weight: float = 0.125
     retain_weight: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.beta > 0, "method.beta", f"must be > 0, got {self.beta}")
+        _check(self.forget_weight >= 0, "method.forget_weight", f"must be >= 0, got {self.forget_weight}")
 
 
 @dataclass
 class SGAConfig(MethodConfig):
-    """Smoothed Gradient Ascent (arXiv 2510.22376, eq. 6): 1 forget + K−1 normal samples with
-    smoothing rate ``r <= 1``. ``rate``: ``fixed`` uses ``r``; ``optimal`` uses the per-step
-    step-norm-minimising r* clipped to ``[r_min, r_max]``. ``normal_samples``: how the K−1 normal
-    samples of each forget row are drawn from the retain set (``embedding`` nearest neighbours or
-    ``random``)."""
+    """Smoothed Gradient Ascent (arXiv 2510.22376): 1 forget + K−1 normal samples with smoothing
+    rate ``r <= 1``. ``rate``: ``fixed`` uses ``r``; ``paper`` the paper's printed per-step
+    ``r* = +<g_f,u>/||u||^2``; ``min_norm`` the step-norm minimiser ``-<g_f,u>/||u||^2`` (both
+    clipped to ``[r_min, r_max]``, default ``[-8, 0]``). ``normal_samples``: the K−1 normal samples
+    of each forget row: ``embedding`` (nearest retain rows), ``random`` (random retain rows) or
+    ``file`` (``normal_file``: a JSONL file, one line per forget row, ``{"texts": [K−1 strings]}``,
+    as the paper's generated normal data). ``loss_reduction`` defaults to ``sequence`` (the
+    paper's choice is not stated)."""
 
     name: str = "sga"
     r: float = -0.8
     k: int = 4
     rate: str = "fixed"
     r_min: float = -8.0
-    r_max: float = 1.0
+    r_max: float = 0.0
     normal_samples: str = "embedding"
+    normal_file: str | None = None
+    loss_reduction: str = "sequence"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.r <= 1, "method.r", f"the smoothing rate must be <= 1 (arXiv 2510.22376), got {self.r}")
         _check(self.k >= 1, "method.k", f"K (1 forget + K-1 normal samples) must be >= 1, got {self.k}")
         _check(
-            self.rate in ("fixed", "optimal"), "method.rate", f"must be fixed or optimal, got {self.rate!r}"
+            self.rate != "optimal",
+            "method.rate",
+            "'optimal' is ambiguous and no longer accepted: use paper (r* = +<g_f,u>/||u||^2, the "
+            "paper's printed formula) or min_norm (r* = -<g_f,u>/||u||^2, the step-norm minimiser)",
+        )
+        _check(
+            self.rate in ("fixed", "paper", "min_norm"),
+            "method.rate",
+            f"must be fixed, paper or min_norm, got {self.rate!r}",
         )
         _check(self.r_max <= 1, "method.r_max", f"must be <= 1, got {self.r_max}")
         _check(self.r_min <= self.r_max, "method.r_min", f"must be <= method.r_max, got {self.r_min}")
         _check(
-            self.normal_samples in ("embedding", "random"),
+            self.normal_samples in ("embedding", "random", "file"),
             "method.normal_samples",
-            f"must be embedding or random, got {self.normal_samples!r}",
+            f"must be embedding, random or file, got {self.normal_samples!r}",
+        )
+        _check(
+            (self.normal_samples == "file") == bool(self.normal_file),
+            "method.normal_file",
+            "is required with method.normal_samples=file (and only then): a JSONL file with "
+            '{"texts": [K-1 strings]} per forget row',
         )
 
 
 @dataclass
 class FLATConfig(MethodConfig):
-    """FLAT (arXiv 2410.11143, eq. 6): f-divergence between a template answer and the forget
-    answer; forget data only. ``template``: a file of template answers (one a line; default
-    TOFU's idontknow.jsonl) or null for the built-in refusal."""
+    """FLAT (arXiv 2410.11143): f-divergence between a template answer and the forget answer;
+    forget data only. ``divergence`` defaults to total variation, the official code's default.
+    ``template``: a file of template answers (one a line; default TOFU's idontknow.jsonl) or null
+    for the built-in refusal. ``template_sampling``: ``epoch`` draws a new template for every row
+    each epoch (the official code draws one per ``__getitem__``) or ``fixed`` (one per row for the
+    whole run)."""
 
     name: str = "flat"
-    divergence: str = "kl"
+    divergence: str = "tv"
     template: str | None = None
+    template_sampling: str = "epoch"
+    loss_reduction: str = "sequence"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -192,15 +234,22 @@ class FLATConfig(MethodConfig):
             "method.divergence",
             f"unknown f-divergence {self.divergence!r}; choose one of {', '.join(FLAT_DIVERGENCES)}",
         )
+        _check(
+            self.template_sampling in ("epoch", "fixed"),
+            "method.template_sampling",
+            f"must be epoch or fixed, got {self.template_sampling!r}",
+        )
 
 
 @dataclass
 class KFADEConfig(MethodConfig):
     """K-FADE (arXiv 2602.10568): ``steps`` uphill Gauss-Newton steps on the forget NLL,
     preconditioned by the K-FAC curvature of the retain set (``(F + λI)⁻¹``, λ = ``damping``), each
-    step's size set by a trust region on the quadratic model (``trust_region``; ``max_step_size``
-    caps it). ``fisher``: ``sampled`` (true Fisher) or ``empirical``. ``curvature_batches``: how many
-    retain batches of ``train.batch_size`` rows estimate the curvature. The update Δθ is saved as
+    step's size set by a trust region on the quadratic model (``trust_region``: δ in
+    ``½ Δθᵀ(F + λI)Δθ ≤ δ``, with F the Fisher averaged over every attended (non-padding) retain
+    token, prompt included: a KL budget of about δ per attended token; ``max_step_size`` caps it).
+    ``fisher``: ``sampled`` (true Fisher) or ``empirical``. ``curvature_batches``: how many retain
+    batches of ``train.batch_size`` rows estimate the curvature. The update Δθ is saved as
     ``delta.safetensors`` for ``sga-jax reapply``."""
 
     name: str = "kfade"

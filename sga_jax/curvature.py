@@ -25,8 +25,10 @@ by ``nnx.scan`` and so are the factors. One jitted step per batch (shape) accumu
 
 K-FADE (McKinney et al. 2026, "Gauss-Newton Unlearning for the LLM Era", arXiv 2602.10568):
 ``θ ← θ + η (F_retain + λI)⁻¹ ∇L_forget`` for a few steps, with ``η`` from a trust region on the
-retain outputs (``½ ΔθᵀFΔθ ≤ δ``, i.e. a KL budget ≈ δ per token): ``η = min(η_max,
-√(2δ / gᵀ(F + λI)⁻¹g))``.
+retain outputs (``½ ΔθᵀFΔθ ≤ δ``): ``η = min(η_max, √(2δ / gᵀ(F + λI)⁻¹g))``. Because A and G
+are each divided by M, the number of *attended* (non-padding) tokens — prompt tokens included, not
+only the answer tokens the loss scores — ``½ ΔθᵀFΔθ`` approximates the retain outputs' KL change
+summed over answer tokens and divided by M: a budget of about δ per attended token.
 """
 
 from __future__ import annotations
@@ -461,7 +463,12 @@ def estimate_ekfac(
 ) -> dict[str, KronEigen]:
     """EK-FAC (George et al. 2018, arXiv 1806.03884): re-estimate the diagonal in the Kronecker
     eigenbasis, ``S = (1/M) Σ_t (Q_Aᵀ a_t)² (Q_Gᵀ g_t)ᵀ²``, from a second pass over the batches.
-    Returns ``eigen`` with ``s`` filled in."""
+    Returns ``eigen`` with ``s`` filled in.
+
+    The diagonal is accumulated per *token* (each attended token's rank-one term, M = attended
+    tokens). kronfluence (github.com/pomonam/kronfluence, its EK-FAC "lambda" matrices) squares
+    the per-*sequence* gradient ``Σ_t (Q_Aᵀ a_t)(Q_Gᵀ g_t)ᵀ`` instead, which keeps the cross-token
+    terms; the two agree for one token per sequence and differ otherwise."""
     key = jax.random.key(key) if isinstance(key, int) else key
     eigen = {k: e._replace(s=None) for k, e in eigen.items()}
     layers = {k: m for k, m in dense_layers(model, include_lm_head=True).items() if k in eigen}
@@ -630,13 +637,15 @@ def kfade_unlearn(
         updates, state = tx.update(grads, state, params)
         return jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates), state
 
+    # Each batch's gradient is of its mean over rows: weight by rows so that a last, smaller batch
+    # counts as many rows as it holds (the gradient is of the mean over every forget row).
+    rows = [int(jnp.shape(b["input_ids"])[0]) for b in forget_batches]
     new = params
     for _ in range(int(steps)):
         grads = None
-        for b in forget_batches:
-            g = grad_fn(new, b)
+        for b, n in zip(forget_batches, rows):
+            g = jax.tree.map(lambda x, n=n: x * (n / sum(rows)), grad_fn(new, b))
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-        grads = jax.tree.map(lambda x: x / len(forget_batches), grads)
         new, state = apply(new, grads, state)
     delta = jax.tree.map(lambda n, o: n - o, new, params)
     return nnx.merge(graphdef, new, rest), delta

@@ -55,9 +55,20 @@ def sequence_nll(
     model,
     batch: Mapping[str, jax.Array],
     implementation: str = "chunked",
+    *,
+    reduction: str = "mean",
     **kernel_kwargs,
 ) -> jax.Array:
-    """``[B]`` token-mean negative log-likelihood over each row's target tokens (0 for empty rows)."""
+    """``[B]`` negative log-likelihood over each row's target tokens (0 for empty rows):
+    the token mean (``reduction="mean"``) or the sum ``-log π(y|x)`` (``reduction="sum"``, NPO's)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     logp, mask = token_logprobs(model, batch, implementation, **kernel_kwargs)
     m = mask.astype(jnp.float32)
-    return -jnp.sum(logp * m, axis=-1) / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+    total = -jnp.sum(logp * m, axis=-1)
+    return total if reduction == "sum" else total / jnp.maximum(jnp.sum(m, axis=-1), 1.0)
+
+
+def num_targets(batch: Mapping[str, jax.Array]) -> jax.Array:
+    """``[B]`` float32: how many target (answer) tokens each row has (``loss_mask[:, 1:]``)."""
+    return jnp.sum(jnp.asarray(batch["loss_mask"])[:, 1:].astype(jnp.float32), axis=-1)

@@ -1,9 +1,16 @@
 """Unlearning objectives as pure functions (all *minimised*).
 
-Inputs are per-sequence token-mean negative log-likelihoods ``l = -(1/|y|) Σ_t log p(y_t | ...)``
-(``[B]`` arrays from :func:`sga_jax.logprobs.sequence_nll`) or, for FLAT, per-token log-probs with
-their masks (:func:`sga_jax.logprobs.token_logprobs`). Sign conventions follow DESIGN.md; each
-function cites its paper. Batch reduction is the mean over examples.
+Inputs are per-sequence negative log-likelihoods (``[B]`` arrays from
+:func:`sga_jax.logprobs.sequence_nll`): token-mean ``l̄ = -(1/|y|) Σ_t log p(y_t | ...)`` for every
+objective except NPO, which takes the *summed* ``l = -Σ_t log p(y_t | ...) = -log π(y|x)`` as its
+paper and open-unlearning do; FLAT takes per-token log-probs with their masks
+(:func:`sga_jax.logprobs.token_logprobs`). Sign conventions follow docs/design.md; each function
+cites its paper and the official code it matches.
+
+Batch reduction: the mean over examples, or — when ``num_tokens`` (answer tokens per row) is given
+to :func:`nll_loss`, :func:`ga_loss` or :func:`graddiff_loss` — the mean over all answer tokens of
+the batch, ``Σ_b n_b·l̄_b / Σ_b n_b``, which is what open-unlearning's GA / GradDiff compute
+(HF ``outputs.loss``: token-average cross-entropy over the batch).
 
 Argument problems a user can cause (r > 1, K < 1, mismatched shapes, empty masks, an unknown
 divergence) raise :class:`sga_jax.errors.ConfigError`. Checks on values run only where the value
@@ -82,30 +89,60 @@ def sequence_nll_from_logprobs(logp: Array, mask: Array) -> Array:
 # ----------------------------------------------------------------------------------- baselines
 
 
-def nll_loss(nll: Array) -> Array:
-    """Plain NLL (fine-tuning, retain terms): ``L = mean_b l_b``."""
+def reduce_nll(nll: Array, num_tokens: Array | None = None) -> Array:
+    """The batch NLL from per-row token-mean NLLs ``[B]``: ``mean_b l̄_b`` (``num_tokens=None``,
+    "sequence" reduction) or ``Σ_b n_b·l̄_b / Σ_b n_b`` over all answer tokens ("token" reduction,
+    open-unlearning's / HF's ``outputs.loss``)."""
     _check_1d("nll", nll)
-    return jnp.mean(nll)
+    if num_tokens is None:
+        return jnp.mean(nll)
+    _check_same(("nll", "num_tokens"), nll, num_tokens)
+    n = jnp.asarray(num_tokens, jnp.float32)
+    return jnp.sum(nll * n) / jnp.maximum(jnp.sum(n), 1.0)
 
 
-def ga_loss(nll_forget: Array) -> Array:
-    """Gradient ascent on the forget set: ``L = -mean_b l_f`` (Jang et al. 2022, arXiv 2210.01504)."""
-    _check_1d("nll_forget", nll_forget)
-    return -jnp.mean(nll_forget)
+def nll_loss(nll: Array, num_tokens: Array | None = None) -> Array:
+    """Plain NLL (fine-tuning, retain terms): ``L = reduce_nll(l)`` (see :func:`reduce_nll`)."""
+    return reduce_nll(nll, num_tokens)
 
 
-def graddiff_loss(nll_forget: Array, nll_retain: Array, *, alpha: float = 1.0, gamma: float = 1.0) -> Array:
+def ga_loss(nll_forget: Array, num_tokens: Array | None = None) -> Array:
+    """Gradient ascent on the forget set (Jang et al. 2023, arXiv 2210.01504): ``L = -reduce_nll(l_f)``.
+
+    open-unlearning (``src/trainer/unlearn/grad_ascent.py`` l. 12-13: ``loss = -outputs.loss``)
+    averages over all answer tokens of the batch: pass ``num_tokens`` for that."""
+    return -reduce_nll(nll_forget, num_tokens)
+
+
+def graddiff_loss(
+    nll_forget: Array,
+    nll_retain: Array,
+    *,
+    alpha: float = 1.0,
+    gamma: float = 1.0,
+    num_tokens_forget: Array | None = None,
+    num_tokens_retain: Array | None = None,
+) -> Array:
     """Gradient difference (Liu et al. 2022, arXiv 2203.12817; TOFU's GradDiff, arXiv 2401.06121):
-    ``L = -γ·mean l_f + α·mean l_r`` (open-unlearning's ``gamma``, ``alpha``)."""
-    _check_1d("nll_forget", nll_forget)
+    ``L = -γ·reduce_nll(l_f) + α·reduce_nll(l_r)`` with open-unlearning's ``gamma``, ``alpha``
+    (``src/trainer/unlearn/grad_diff.py`` l. 49-60: token-averaged ``outputs.loss`` on both sets;
+    pass ``num_tokens_*`` for that)."""
     _check_1d("nll_retain", nll_retain)
-    return -gamma * jnp.mean(nll_forget) + alpha * jnp.mean(nll_retain)
+    return -gamma * reduce_nll(nll_forget, num_tokens_forget) + alpha * reduce_nll(
+        nll_retain, num_tokens_retain
+    )
 
 
 def npo_loss(nll_forget: Array, nll_forget_ref: Array, *, beta: float = 0.1) -> Array:
     """Negative Preference Optimisation (Zhang et al. 2024, arXiv 2404.05868, eq. 3):
-    ``L = -(2/β)·mean_b log σ(β·(l_f - l_f,ref))`` with ``l_f,ref`` the NLL under the frozen reference
-    model (a constant here: pass it precomputed or under ``stop_gradient``)."""
+    ``L = -(2/β)·mean_b log σ(β·(l_f - l_f,ref))``.
+
+    ``l_f`` must be the **summed** answer NLL ``-log π(y|x) = -Σ_t log p(y_t | ...)`` (not the
+    token mean: a mean makes σ's argument |y| times smaller and NPO all but GA), as the paper's
+    ``log π_θ(y|x)`` and open-unlearning's ``compute_dpo_loss`` (``src/trainer/utils.py`` l. 34-44
+    ``compute_batch_nll`` sums over tokens; l. 61-66 the loss) have it. ``l_f,ref`` is the summed
+    NLL of the same rows under the frozen reference (starting) model — a constant here: pass it
+    precomputed or under ``stop_gradient``. Batch mean over rows, as open-unlearning's ``.mean()``."""
     _check_1d("nll_forget", nll_forget)
     _check_same(("nll_forget", "nll_forget_ref"), nll_forget, nll_forget_ref)
     if beta <= 0:
@@ -114,17 +151,26 @@ def npo_loss(nll_forget: Array, nll_forget_ref: Array, *, beta: float = 0.1) -> 
     return -(2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(beta * ratio))
 
 
-def simnpo_loss(nll_forget: Array, *, beta: float = 2.5, gamma: float = 0.0, delta: float = 0.0) -> Array:
-    """SimNPO (Fan et al. 2024, arXiv 2410.07163, eq. 5): reference-free, length-normalised NPO.
+def simnpo_loss(
+    nll_forget: Array, *, beta: float = 4.5, gamma: float = 0.0, forget_weight: float = 0.125
+) -> Array:
+    """SimNPO (Fan et al. 2024, arXiv 2410.07163): reference-free, length-normalised NPO,
+    ``L = w·(-(2/β)·mean_b log σ(β·(l̄_f - γ)))`` on the token-mean NLL ``l̄_f``.
 
-    The paper's loss ``-(2/β) log σ(-(β/|y|) log π(y|x) - γ)`` on the token-mean NLL ``l_f`` is
-    ``L = -(2/β)·mean_b log σ(β·(l_f - δ) - γ)``: ``γ`` the paper's reward margin; ``δ`` the same
-    margin in NLL units as open-unlearning parametrises it (``γ = β·δ``). Both default to 0.
+    Names and defaults as open-unlearning's TOFU config (``configs/trainer/SimNPO.yaml`` l. 5-9)
+    and its loss (``src/trainer/unlearn/simnpo.py`` l. 18-20, 30):
+
+    * ``beta`` = β (its ``beta``, 4.5);
+    * ``gamma`` = γ, the reward margin, in NLL units inside β(·) (its ``delta``, 0.0; the SimNPO
+      authors' code calls it ``gamma``). The paper writes the margin outside β, ``σ(β·l̄ - γ')``,
+      i.e. ``γ' = β·γ``; equal at the default 0;
+    * ``forget_weight`` = w, the weight of this forget term (its ``gamma``, 0.125; the authors'
+      ``npo_coeff``). The retain weight (its ``alpha``, 1.0) is the runner's ``retain_weight``.
     """
     _check_1d("nll_forget", nll_forget)
     if beta <= 0:
         raise ConfigError(f"SimNPO beta must be > 0, got {beta}")
-    return -(2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(beta * (nll_forget - delta) - gamma))
+    return -forget_weight * (2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(beta * (nll_forget - gamma)))
 
 
 # -------------------------------------------------------------------------------------------- SGA
@@ -133,7 +179,7 @@ def simnpo_loss(nll_forget: Array, *, beta: float = 2.5, gamma: float = 0.0, del
 def sga_direction_weights(r, K: int) -> tuple:
     """Coefficients ``(c_f, c_n)`` of the SGA loss ``L = -c_f·l_f - c_n·Σ_i l_i``.
 
-    ``c_f = 1 - r(K-1)/K`` and ``c_n = r/K`` (arXiv 2510.22376, eq. 6): generalised label smoothing
+    ``c_f = 1 - r(K-1)/K`` and ``c_n = r/K`` (arXiv 2510.22376, its SGA loss): generalised label smoothing
     of the forget sample's "label" over 1 forget + K-1 normal samples. r = -0.8, K = 4 gives
     (1.6, -0.2): the forget sample is ascended with weight 1.6 and each normal sample descended with
     weight 0.2.
@@ -145,12 +191,15 @@ def sga_direction_weights(r, K: int) -> tuple:
 
 
 def sga_loss(nll_forget: Array, nll_normal: Array, r) -> Array:
-    """Smoothed Gradient Ascent (Smoothed Gradient Ascent for LLM unlearning, arXiv 2510.22376, eq. 6).
+    """Smoothed Gradient Ascent ("Label Smoothing Improves Gradient Ascent in LLM Unlearning",
+    arXiv 2510.22376; no official code is public).
 
     ``L = mean_b[-(1 - r(K-1)/K)·l_f - (r/K)·Σ_{i<K} l_i]`` with ``K = nll_normal.shape[1] + 1``
     and smoothing rate ``r <= 1``. r = 0 is exactly gradient ascent; r < 0 ascends the forget
     sample harder and descends the normal samples. Its gradient is ``-g_f - r·u`` with
     ``u = ḡ_n - (1 - 1/K)·g_f``, ``ḡ_n = (1/K)·Σ_i g_i`` (see :func:`sga_jax.transforms.sga`).
+    Each l is a per-row token-mean NLL and the batch reduction is the mean over forget rows: the
+    paper does not state its reduction (unknown), so this is our choice.
 
     Args:
       nll_forget: ``[B]`` token-mean NLL of each forget example.
@@ -172,11 +221,16 @@ def sga_loss(nll_forget: Array, nll_normal: Array, r) -> Array:
 
 # The variational representation of f-divergences, D_f(P‖Q) >= sup_V E_P[g(V)] - E_Q[f*(g(V))]
 # (Nguyen et al. 2010; f-GAN, Nowozin et al. 2016, arXiv 1606.00709, Table 2), which FLAT
-# (arXiv 2410.11143, eq. 6) applies with V = the mean token probability. Each entry is
+# (arXiv 2410.11143) applies with V = the mean token probability. Each entry is
 # (activation g, conjugate composed with it f*∘g); both are increasing in v, so minimising
-# -g(P_e) + f*(g(P_f)) raises P_e and lowers P_f for every divergence. (FLAT's code flips v -> -v
-# in the reverse-KL / squared-Hellinger / Neyman activations, which reverses those objectives, and
-# replaces Jeffrey's Lambert-W conjugate by its cubic Taylor series; we keep f-GAN's table.)
+# -g(P_e) + f*(g(P_f)) raises P_e and lowers P_f for every divergence.
+# FLAT's official code (UCSC-REAL/FLAT, dataloader.py l. 806-860, get_contrastive_loss) computes
+# activation(P_e) - conjugate(P_f) with its own table. KL, Pearson, JS and Total Variation (its
+# default, l. 806 and config/forget.yaml l. 22) agree with ours. Elsewhere it differs: its
+# reverse-KL and squared-Hellinger activations use e^{+v} where f-GAN has e^{-v}, so they lower P_e
+# and raise P_f (the objective reversed); its Neyman pairs that flipped activation with the bare
+# conjugate f*(v) = 2 - 2·sqrt(1 - v) (not f*∘g), so it lowers *both* P_e and P_f; its Jeffrey
+# replaces the Lambert-W conjugate by a cubic Taylor series. We keep f-GAN's table.
 _LOG2 = float(np.log(2.0))
 
 
@@ -239,10 +293,10 @@ def flat_loss(
     logp_template: Array,
     mask_template: Array,
     *,
-    divergence: str = "kl",
+    divergence: str = "total_variation",
 ) -> Array:
     """FLAT (Wang et al. 2025, "LLM Unlearning via Loss Adjustment with Only Forget Data",
-    arXiv 2410.11143, eq. 6): ``L = mean_b[-g(P_e) + f*(g(P_f))]``.
+    arXiv 2410.11143): ``L = mean_b[-g(P_e) + f*(g(P_f))]``.
 
     ``P_f`` and ``P_e`` are the mean token probabilities (:func:`mean_token_prob`) of the forget
     answer and of the template answer ("I don't know") for the same question; minimising L raises
@@ -253,7 +307,8 @@ def flat_loss(
       logp_forget, mask_forget: ``[B, T]`` per-token log-probs of the forget answers and their mask.
       logp_template, mask_template: ``[B, T']`` the same for the template answers.
       divergence: one of ``kl, js, pearson, total_variation, reverse_kl, jeffrey,
-        squared_hellinger, neyman``.
+        squared_hellinger, neyman``; default total variation, as the official code
+        (``get_contrastive_loss(..., div='Total-Variation')``, config/forget.yaml ``variants``).
 
     Unlike FLAT's reference code, which averages P over the batch *and* the padding positions
     before applying g, each example's P is the mean over its own answer tokens and the loss is

@@ -1,7 +1,8 @@
 """Save an unlearning update Δθ and re-apply it to a later (e.g. fine-tuned) model.
 
-K-FADE (arXiv 2602.10568) observes that its unlearning update can be added again after the model
-has been trained further, keeping the unlearning in place cheaply. ``save_delta`` writes Δθ as
+K-FADE (arXiv 2602.10568) reports that its unlearning can be re-applied cheaply after the model has
+been trained further. That adding the *identical* saved Δθ is how to do so is our inference from
+the paper's abstract, not a procedure we found specified there. ``save_delta`` writes Δθ as
 safetensors under the model's *Hugging Face* tensor names and layout (``[out, in]`` kernels), so a
 delta is independent of our module layout (scanned or unrolled layers) and can be added to any HF
 checkpoint of the same architecture; parameters that did not move (all-zero deltas) are left out.

@@ -54,8 +54,11 @@ class TrainData:
 
     ``forget``: the rows to unlearn (or to learn, in finetune mode). ``retain``: the retain pool
     (retain NLL terms, GRU, SGA's normal samples). ``normal_index [N, K-1]``: for each forget row the
-    retain rows that are its SGA normal samples. ``template``: one FLAT template-answer row per
-    forget row. ``ref_nll [N]``: the starting model's forget NLLs (NPO), filled in by the runner.
+    rows of ``normal`` (when given: SGA normal samples read from a file) or else of ``retain`` that
+    are its SGA normal samples. ``template``: FLAT template-answer rows, ``template_epochs`` blocks
+    of one row per forget row (block ``e mod template_epochs`` serves epoch e: a new template per
+    row per epoch, or one block for a fixed template). ``ref_nll [N]``: the starting model's
+    *summed* forget NLLs (NPO), filled in by the runner.
     """
 
     forget: Batch
@@ -63,6 +66,8 @@ class TrainData:
     normal_index: np.ndarray | None = None
     template: Batch | None = None
     ref_nll: np.ndarray | None = None
+    normal: Batch | None = None
+    template_epochs: int = 1
 
     @property
     def num_forget(self) -> int:
@@ -76,7 +81,7 @@ def _rows(batch: Batch, index: np.ndarray) -> Batch:
 def _stream(seed: int, salt: int, n: int, start: int, count: int) -> np.ndarray:
     """Items ``start .. start+count`` of an endless stream of per-epoch permutations of ``range(n)``;
     epoch ``e`` is permuted by ``np.random.default_rng((seed, salt, e))`` (a function of the step
-    alone, which is what makes resumption exact)."""
+    alone, which is what makes resumption exact). The epoch of item i is ``(start + i) // n``."""
     out = np.empty(count, dtype=np.int64)
     pos = np.arange(start, start + count)
     for e in np.unique(pos // n):
@@ -86,19 +91,26 @@ def _stream(seed: int, salt: int, n: int, start: int, count: int) -> np.ndarray:
     return out
 
 
+def _epochs(n: int, start: int, count: int) -> np.ndarray:
+    """The epoch of each item ``start .. start+count`` of :func:`_stream`."""
+    return np.arange(start, start + count) // n
+
+
 def step_batch(data: TrainData, step: int, batch_size: int, grad_accum: int, seed: int) -> dict[str, Any]:
     """The host batch of optimizer step ``step``: every array shaped ``[grad_accum, micro, ...]``."""
     idx = _stream(seed, 0, data.num_forget, step * batch_size, batch_size)
     out: dict[str, Any] = {"forget": _rows(data.forget, idx)}
     if data.normal_index is not None:
-        assert data.retain is not None
+        pool = data.normal if data.normal is not None else data.retain
+        assert pool is not None
         normal = data.normal_index[idx].reshape(-1)  # [B*(K-1)], grouped by forget row
-        out["normal"] = _rows(data.retain, normal)
+        out["normal"] = _rows(pool, normal)
     if data.retain is not None:
         m = data.retain["input_ids"].shape[0]
         out["retain"] = _rows(data.retain, _stream(seed, 1, m, step * batch_size, batch_size))
     if data.template is not None:
-        out["template"] = _rows(data.template, idx)
+        epoch = _epochs(data.num_forget, step * batch_size, batch_size) % data.template_epochs
+        out["template"] = _rows(data.template, epoch * data.num_forget + idx)
     if data.ref_nll is not None:
         out["ref_nll"] = data.ref_nll[idx].astype(np.float32)
 
@@ -125,22 +137,34 @@ class Method:
     transform: optax.GradientTransformation | None = None
     extra: dict[str, Callable[[Any, dict], jax.Array]] = dataclasses.field(default_factory=dict)
     needs: frozenset[str] = frozenset()
-    report_loss: bool = True  # False when ``loss`` is not the method's objective (SGA's optimal r)
+    report_loss: bool = True  # False when ``loss`` is not the method's objective (SGA's per-step r)
 
 
-def _nll(model, batch) -> jax.Array:
-    """Token-mean NLL per row (``sga_jax.logprobs.sequence_nll``: chunked LM head, no full logits)."""
+def _nll(model, batch, reduction: str = "mean") -> jax.Array:
+    """NLL per row (``sga_jax.logprobs.sequence_nll``: chunked LM head, no full logits): the token
+    mean, or the sum over the row's answer tokens (``reduction="sum"``, NPO's ``-log π(y|x)``)."""
     from sga_jax.logprobs import sequence_nll
 
-    return sequence_nll(model, batch)
+    return sequence_nll(model, batch, reduction=reduction)
+
+
+def _plain_nll(m: C.MethodConfig, model, batch) -> jax.Array:
+    """The batch NLL of a plain NLL term under ``method.loss_reduction``: ``token`` averages over all
+    answer tokens of the (micro-)batch, as open-unlearning's HF ``outputs.loss``; ``sequence``
+    averages the per-row token means."""
+    from sga_jax import objectives as O  # noqa: N812
+    from sga_jax.logprobs import num_targets
+
+    nll = _nll(model, batch)
+    return O.reduce_nll(nll, num_targets(batch) if m.loss_reduction == "token" else None)
 
 
 def _retain_term(m: C.MethodConfig, model, batch, aux: dict) -> jax.Array:
     if m.retain_weight == 0:
         return jnp.float32(0.0)
-    nll_r = _nll(model, batch["retain"])
-    aux["retain_nll"] = jnp.mean(nll_r)
-    return m.retain_weight * jnp.mean(nll_r)
+    nll_r = _plain_nll(m, model, batch["retain"])
+    aux["retain_nll"] = nll_r
+    return m.retain_weight * nll_r
 
 
 def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
@@ -164,36 +188,42 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
     transform = None
 
     if name == "ga":
-
+        # open-unlearning src/trainer/unlearn/grad_ascent.py l. 12-13 (token average by default).
         def base_loss(model, batch):
-            nll = _nll(model, batch["forget"])
-            aux = {"forget_nll": jnp.mean(nll)}
-            return O.ga_loss(nll) + _retain_term(m, model, batch, aux), aux
+            nll_f = _plain_nll(m, model, batch["forget"])
+            aux = {"forget_nll": nll_f}
+            return O.ga_loss(nll_f[None]) + _retain_term(m, model, batch, aux), aux
 
     elif name == "graddiff":
-
+        # open-unlearning src/trainer/unlearn/grad_diff.py l. 49-60: -forget loss + alpha * retain loss.
         def base_loss(model, batch):
-            nll_f = _nll(model, batch["forget"])
-            nll_r = _nll(model, batch["retain"])
-            aux = {"forget_nll": jnp.mean(nll_f), "retain_nll": jnp.mean(nll_r)}
-            return O.graddiff_loss(nll_f, nll_r, alpha=m.retain_weight), aux
+            nll_f = _plain_nll(m, model, batch["forget"])
+            nll_r = _plain_nll(m, model, batch["retain"])
+            aux = {"forget_nll": nll_f, "retain_nll": nll_r}
+            return O.graddiff_loss(nll_f[None], nll_r[None], alpha=m.retain_weight), aux
 
         needs.add("retain")
     elif name == "npo":
-
+        # open-unlearning src/trainer/unlearn/npo.py l. 15-31 with utils.py compute_dpo_loss: the
+        # *summed* answer NLL against the reference (starting) model's summed NLL.
         def base_loss(model, batch):
-            nll = _nll(model, batch["forget"])
-            aux = {"forget_nll": jnp.mean(nll)}
+            nll = _nll(model, batch["forget"], reduction="sum")
+            aux = {"forget_nll": jnp.mean(_nll(model, batch["forget"]))}
             loss = O.npo_loss(nll, batch["ref_nll"], beta=m.beta)  # type: ignore[attr-defined]
             return loss + _retain_term(m, model, batch, aux), aux
 
         needs.add("ref_nll")
     elif name == "simnpo":
-
+        # open-unlearning src/trainer/unlearn/simnpo.py l. 18-30 (token-mean NLL, margin delta).
         def base_loss(model, batch):
             nll = _nll(model, batch["forget"])
             aux = {"forget_nll": jnp.mean(nll)}
-            loss = O.simnpo_loss(nll, beta=m.beta, gamma=m.gamma, delta=m.delta)  # type: ignore[attr-defined]
+            loss = O.simnpo_loss(
+                nll,
+                beta=m.beta,  # type: ignore[attr-defined]
+                gamma=m.gamma,  # type: ignore[attr-defined]
+                forget_weight=m.forget_weight,  # type: ignore[attr-defined]
+            )
             return loss + _retain_term(m, model, batch, aux), aux
 
     elif name == "flat":
@@ -217,7 +247,9 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
 
         k = m.k  # type: ignore[attr-defined]
         if k > 1:
-            needs |= {"retain", "normal"}
+            needs.add("normal")
+            if m.normal_samples != "file":  # type: ignore[attr-defined]
+                needs.add("retain")
         if m.rate == "fixed":  # type: ignore[attr-defined]
             # With a fixed r the SGA direction is exactly jax.grad of the SGA loss (eq. 6).
             def base_loss(model, batch):
@@ -232,14 +264,15 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
                 return loss + _retain_term(m, model, batch, aux), aux
 
         else:
-            # Per-step optimal r*: the transform takes g_f (the gradient of the mean forget NLL, and
-            # nothing else) as its updates and the normal-sample gradient as an extra arg; a retain
-            # term is added to its output afterwards (``add_grads``), never mixed into g_f.
+            # Per-step r* ("paper" or "min_norm"): the transform takes g_f (the gradient of the
+            # mean forget NLL, and nothing else) as its updates and the normal-sample gradient as
+            # an extra arg; a retain term is added to its output afterwards (``add_grads``), never
+            # mixed into g_f.
             def base_loss(model, batch):
                 nll_f = _nll(model, batch["forget"])
                 aux = {"forget_nll": jnp.mean(nll_f)}
                 if m.retain_weight:
-                    aux["retain_nll"] = jnp.mean(_nll(model, batch["retain"]))
+                    aux["retain_nll"] = _plain_nll(m, model, batch["retain"])
                 return jnp.mean(nll_f), aux
 
             if k > 1:
@@ -248,11 +281,11 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
                     return jnp.mean(_nll(model, batch["normal"]))
 
                 extra["normal_grads"] = normal_loss
-            parts = [T.sga(r=m.r, K=k, rate="optimal", r_min=m.r_min, r_max=m.r_max)]  # type: ignore[attr-defined]
+            parts = [T.sga(r=m.r, K=k, rate=m.rate, r_min=m.r_min, r_max=m.r_max)]  # type: ignore[attr-defined]
             if m.retain_weight:
 
                 def retain_term(model, batch):
-                    return m.retain_weight * jnp.mean(_nll(model, batch["retain"]))
+                    return m.retain_weight * _plain_nll(m, model, batch["retain"])
 
                 extra["added_grads"] = retain_term
                 parts.append(add_grads())
@@ -265,7 +298,7 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
         from sga_jax import transforms as T
 
         def retain_loss(model, batch):
-            return jnp.mean(_nll(model, batch["retain"]))
+            return _plain_nll(m, model, batch["retain"])
 
         extra["retain_grads"] = retain_loss
         gru = T.gru(m=m.momentum, clip=m.clip)  # type: ignore[attr-defined]
@@ -276,7 +309,7 @@ def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
 
 def add_grads() -> optax.GradientTransformationExtraArgs:
     """Adds the extra arg ``added_grads`` (a gradient pytree) to the incoming updates: a loss term
-    that must stay out of the updates of an earlier transform in the chain (SGA's optimal r)."""
+    that must stay out of the updates of an earlier transform in the chain (SGA's per-step r)."""
 
     def init_fn(params):
         del params
@@ -444,7 +477,7 @@ def _cached_step(graphdef, rest, method: Method, tx, cfg: C.RunConfig, steps: in
 
 
 def _current_r(opt_state) -> jax.Array | None:
-    """The smoothing rate an ``sga`` transform state recorded this step (optimal-r mode)."""
+    """The smoothing rate an ``sga`` transform state recorded this step (per-step-r mode)."""
     found = []
 
     def visit(x):
@@ -783,11 +816,14 @@ def _data_file(path: str, key: str) -> Path:
     return p
 
 
-def encode(rows: Sequence[dict], formatter, *, source: str, length: int | None = None) -> Batch:
-    """Rows -> a fixed-shape batch ``[len(rows), T]`` (T: the longest row rounded up to 16)."""
+def encode(
+    rows: Sequence[dict], formatter, *, source: str, length: int | None = None, strict: bool = False
+) -> Batch:
+    """Rows -> a fixed-shape batch ``[len(rows), T]`` (T: the longest row rounded up to 16).
+    ``strict``: an unusable row is an error instead of being dropped (rows aligned to others)."""
     from sga_jax.data.batching import bucket_length, collate
 
-    encoded, _ = formatter.encode_rows(rows, source=source)
+    encoded, _ = formatter.encode_rows(rows, source=source, strict=strict)
     kept = [e for e in encoded if e is not None]
     t = length or bucket_length(max(len(e) for e in kept), 16, cap=formatter.max_length)
     return collate(kept, pad_id=formatter.pad_token_id, length=t)
@@ -857,14 +893,29 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     fmt = PromptFormatter(tokenizer, cfg.data.prompt_format, cfg.data.max_length)
     forget = encode(forget_rows, fmt, source=f"data.forget ({cfg.data.forget})")
     retain = encode(retain_rows, fmt, source=f"data.retain ({cfg.data.retain})") if retain_rows else None
-    template = None
+    if unlearn and needs & {"template", "normal"} and forget["input_ids"].shape[0] != len(forget_rows):
+        raise DataError(
+            f"data.forget: {len(forget_rows) - forget['input_ids'].shape[0]} rows could not be encoded; "
+            "FLAT templates / SGA normal-sample files are aligned to every row: fix or drop those rows"
+        )
+    template, template_epochs = None, 1
     if unlearn and "template" in needs:
-        rng = np.random.default_rng(cfg.train.seed)
-        picks = rng.integers(0, len(templates), size=len(forget_rows))
-        rows = [
-            {"question": r.get("question", ""), "answer": templates[j]} for r, j in zip(forget_rows, picks)
-        ]
-        template = encode(rows, fmt, source="FLAT templates")
+        template_epochs, rows = template_rows(
+            forget_rows,
+            templates,
+            per_epoch=cfg.method.template_sampling == "epoch",
+            epochs=math.ceil(
+                total_steps(cfg.train, len(forget_rows)) * cfg.train.batch_size / len(forget_rows)
+            ),
+            seed=cfg.train.seed,
+        )
+        template = encode(rows, fmt, source="FLAT templates", strict=True)
+    normal = None
+    if unlearn and "normal" in needs and cfg.method.normal_samples == "file":
+        normal_rows = load_normal_file(cfg.method.normal_file, len(forget_rows), cfg.method.k - 1)
+        normal = encode(
+            normal_rows, fmt, source=f"method.normal_file ({cfg.method.normal_file})", strict=True
+        )
     model = hf.load_model(
         path,
         cfg.model.dtype,
@@ -873,36 +924,107 @@ def prepare(cfg: C.RunConfig) -> Prepared:
         scan_layers=cfg.model.scan_layers,
         remat=cfg.model.remat,
     )
-    data = TrainData(forget=forget, retain=retain, template=template)
+    data = TrainData(
+        forget=forget, retain=retain, template=template, normal=normal, template_epochs=template_epochs
+    )
     pairing = None
     if unlearn and "normal" in needs:
         data.normal_index = normal_index(model, data, cfg.method, seed=cfg.train.seed)
         pairing = data.normal_index.tolist()
     if unlearn and "ref_nll" in needs:
-        data.ref_nll = batched_nll(model, forget)
+        # NPO's reference: the *summed* answer NLL under the starting model (open-unlearning's
+        # compute_dpo_loss with the frozen ref_model, src/trainer/utils.py l. 61-64).
+        data.ref_nll = batched_nll(model, forget, reduction="sum")
     return Prepared(cfg, model, tokenizer, data, forget_rows, retain_rows, mesh, pairing)
 
 
+def template_rows(
+    forget_rows: Sequence[dict], templates: Sequence[str], *, per_epoch: bool, epochs: int, seed: int
+) -> tuple[int, list[dict]]:
+    """FLAT's template rows: ``(E, rows)`` with ``E`` blocks of one ``{"question", "answer"}`` row per
+    forget row. ``per_epoch``: block e draws a new template for every row (``default_rng((seed, 2,
+    e))``), as the official dataset draws ``torch.randint`` in each ``__getitem__`` (UCSC-REAL/FLAT
+    data_module.py l. 623-625); otherwise one block, one template per row for the whole run."""
+    n_blocks = max(1, int(epochs)) if per_epoch else 1
+    rows = []
+    for e in range(n_blocks):
+        picks = np.random.default_rng((seed, 2, e)).integers(0, len(templates), size=len(forget_rows))
+        rows += [
+            {"question": r.get("question", ""), "answer": templates[j]} for r, j in zip(forget_rows, picks)
+        ]
+    return n_blocks, rows
+
+
+def load_normal_file(path: str, num_forget: int, k_minus_1: int) -> list[dict]:
+    """SGA normal samples from a JSONL file: line i is ``{"texts": [K-1 strings]}`` for forget row i
+    (the paper generated MUSE / Harry Potter normal data with an external model). Returns the
+    ``N·(K-1)`` ``{"text"}`` rows grouped by forget row; one clear error for a malformed file."""
+    from sga_jax.data.jsonl import read_records
+
+    p = _data_file(path, "method.normal_file")
+    records = read_records(p)
+    if len(records) != num_forget:
+        raise DataError(
+            f"method.normal_file: {p} has {len(records)} lines; need one per forget row ({num_forget})"
+        )
+    rows = []
+    for i, rec in enumerate(records):
+        texts = rec.get("texts") if isinstance(rec, dict) else None
+        if not (
+            isinstance(texts, list)
+            and len(texts) == k_minus_1
+            and all(isinstance(t, str) and t for t in texts)
+        ):
+            raise DataError(
+                f"method.normal_file: {p} line {i + 1} must be "
+                f'{{"texts": [{k_minus_1} non-empty strings]}} (K-1 = {k_minus_1})'
+            )
+        rows += [{"text": t} for t in texts]
+    return rows
+
+
+def forget_rows_in_pool(forget: Batch, pool: Batch) -> list[int]:
+    """Pool rows whose tokens (and answer mask) equal a forget row's: never to be normal samples."""
+
+    def keys(b: Batch) -> list[bytes]:
+        out = []
+        for ids, attn, loss in zip(b["input_ids"], b["attention_mask"], b["loss_mask"]):
+            on = attn.astype(bool)
+            out.append(ids[on].astype(np.int64).tobytes() + b"|" + loss[on].astype(np.int8).tobytes())
+        return out
+
+    forget_keys = set(keys(forget))
+    return [j for j, key in enumerate(keys(pool)) if key in forget_keys]
+
+
 def normal_index(model, data: TrainData, m: C.MethodConfig, *, seed: int) -> np.ndarray:
-    """``[N, K-1]`` retain-row indices: each forget row's SGA normal samples."""
+    """``[N, K-1]`` row indices of each forget row's SGA normal samples: into ``data.normal`` (the
+    rows of ``method.normal_file``, in order) or into the retain pool, where retrieval and random
+    pairing are told which pool rows are forget rows so that they never return one."""
     k = m.k  # type: ignore[attr-defined]
-    assert data.retain is not None
     from sga_jax.data import normal_samples as NS  # noqa: N812
 
+    if m.normal_samples == "file":  # type: ignore[attr-defined]
+        return np.arange(data.num_forget * (k - 1), dtype=np.int64).reshape(data.num_forget, k - 1)
+    assert data.retain is not None
+    banned = forget_rows_in_pool(data.forget, data.retain)
     if m.normal_samples == "random":  # type: ignore[attr-defined]
-        idx = NS.random_pairing(data.num_forget, data.retain["input_ids"].shape[0], k - 1, seed=seed)
+        idx = NS.random_pairing(
+            data.num_forget, data.retain["input_ids"].shape[0], k - 1, forget_ids_in_pool=banned, seed=seed
+        )
     else:
-        idx = NS.retrieve(model, data.forget, data.retain, k - 1, seed=seed)
+        idx = NS.retrieve(model, data.forget, data.retain, k - 1, forget_ids_in_pool=banned, seed=seed)
     return np.asarray(idx, dtype=np.int64).reshape(data.num_forget, k - 1)
 
 
-def batched_nll(model, batch: Batch, batch_size: int = 16) -> np.ndarray:
-    """Token-mean NLL of every row of ``batch`` (jitted, fixed micro-batch shape)."""
+def batched_nll(model, batch: Batch, batch_size: int = 16, *, reduction: str = "mean") -> np.ndarray:
+    """NLL of every row of ``batch`` (jitted, fixed micro-batch shape): the token mean, or the sum
+    over the row's answer tokens (``reduction="sum"``)."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def f(state, b):
-        return _nll(nnx.merge(graphdef, state), b)
+        return _nll(nnx.merge(graphdef, state), b, reduction)
 
     n = batch["input_ids"].shape[0]
     out = []
@@ -1006,9 +1128,12 @@ def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
     prepared = prepare(dataclasses.replace(cfg, method=C.GradDiffConfig(), mode="unlearn"))
     data, bs = prepared.data, cfg.train.batch_size
 
-    def batches(b: Batch, limit: int | None = None) -> list[Batch]:
+    def batches(b: Batch, limit: int | None = None, *, keep_last: bool = False) -> list[Batch]:
+        # Curvature batches share one shape (one compilation; a partial batch adds little); the
+        # uphill gradient keeps every forget row (the last, smaller batch too).
         n = b["input_ids"].shape[0]
-        out_ = [{k: b[k][i : i + bs] for k in _KEYS} for i in range(0, n - n % bs or n, bs)]
+        stop = n if keep_last else (n - n % bs or n)
+        out_ = [{k: b[k][i : i + bs] for k in _KEYS} for i in range(0, stop, bs)]
         return out_[:limit] if limit else out_
 
     out.mkdir(parents=True, exist_ok=True)
@@ -1016,7 +1141,7 @@ def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
     before = float(np.mean(batched_nll(prepared.model, data.forget)))
     model, delta = kfade_unlearn(
         prepared.model,
-        batches(data.forget),
+        batches(data.forget, keep_last=True),
         batches(data.retain, m.curvature_batches),  # type: ignore[arg-type, attr-defined]
         steps=m.steps,  # type: ignore[attr-defined]
         damping=m.damping,  # type: ignore[attr-defined]

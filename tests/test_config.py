@@ -38,7 +38,8 @@ def test_group_choice_replaces_the_method_section():
     gru = C.compose([], ["method=gru_sga", "method.momentum=0.5", "method.r=-4"])
     assert gru.method.name == "gru" and gru.method.base == "sga"
     assert (gru.method.momentum, gru.method.r) == (0.5, -4.0)
-    assert C.compose([], ["method=sga_optimal_r"]).method.rate == "optimal"
+    assert C.compose([], ["method=sga_paper_r"]).method.rate == "paper"
+    assert C.compose([], ["method=sga_min_norm_r"]).method.rate == "min_norm"
 
 
 def test_sga_weights_from_the_paper_are_representable():

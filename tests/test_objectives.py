@@ -50,9 +50,12 @@ def test_npo_and_simnpo_formulas():
     np.testing.assert_allclose(O.npo_loss(NLL_F, ref, beta=beta), expected, rtol=1e-5)
     # The reference NLL is a constant: no gradient flows into it.
     assert float(jnp.abs(jax.grad(lambda r: O.npo_loss(NLL_F, r))(jnp.asarray(ref))).sum()) == 0.0
-    b, g, d = 4.5, 0.3, 0.1
-    expected = -(2 / b) * np.mean(np.log(expit(b * (NLL_F - d) - g)))
-    np.testing.assert_allclose(O.simnpo_loss(NLL_F, beta=b, gamma=g, delta=d), expected, rtol=1e-5)
+    # SimNPO as open-unlearning's simnpo.py: gamma_OU·(-(2/β)·mean log σ(β·(l̄ - delta_OU))); here
+    # our gamma = its delta (the margin) and our forget_weight = its gamma.
+    b, margin, w = 4.5, 0.3, 0.125
+    expected = w * -(2 / b) * np.mean(np.log(expit(b * (NLL_F - margin))))
+    ours = O.simnpo_loss(NLL_F, beta=b, gamma=margin, forget_weight=w)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
     with pytest.raises(ConfigError, match="same shape"):
         O.npo_loss(NLL_F, ref[:3])
 

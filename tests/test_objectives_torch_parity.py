@@ -2,9 +2,10 @@
 
 The same tiny random HF Llama checkpoint is loaded by ``sga_jax.load_model`` and by transformers.
 The torch side computes per-token log-probs from the full logits and writes SGA / NPO / GradDiff /
-FLAT out from their papers' formulas; the JAX side goes through the chunked log-prob kernel
-(``sga_jax.logprobs``, a chunk size that does not divide V) and ``sga_jax.objectives``. Every
-parameter's gradient must agree to 1e-4 relative error.
+FLAT out from their papers' formulas (NPO as open-unlearning's ``compute_dpo_loss`` on the *summed*
+answer NLL of ``compute_batch_nll``, src/trainer/utils.py l. 34-67); the JAX side goes through the
+chunked log-prob kernel (``sga_jax.logprobs``, a chunk size that does not divide V) and
+``sga_jax.objectives``. Every parameter's gradient must agree to 1e-4 relative error.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ def setup(tmp_path_factory):
         "retain": _batch(rng, B),
         "template": _batch(rng, B, prompt=5),
     }
-    ref_nll = rng.uniform(1.0, 4.0, size=B).astype(np.float32)
 
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
@@ -60,6 +60,7 @@ def setup(tmp_path_factory):
         out = {
             k: logprobs.sequence_nll(m, batches[k], chunk_size=CHUNK) for k in ("forget", "normal", "retain")
         }
+        out["forget_sum"] = logprobs.sequence_nll(m, batches["forget"], chunk_size=CHUNK, reduction="sum")
         for k in ("forget", "template"):
             out[f"logp_{k}"], _ = logprobs.token_logprobs(m, batches[k], chunk_size=CHUNK)
         return out
@@ -78,7 +79,6 @@ def setup(tmp_path_factory):
     return dict(
         torch=torch_model,
         batches=batches,
-        ref_nll=ref_nll,
         vjp=vjp,
         values=values,
         masks=masks,
@@ -116,8 +116,16 @@ def _torch_sga(model, b, r):
 
 
 def _torch_npo(model, b, ref, beta=0.1):
-    l_f = _torch_nll(model, b["forget"])
-    return -(2 / beta) * F.logsigmoid(beta * (l_f - torch.as_tensor(ref))).mean()
+    """open-unlearning compute_dpo_loss (no winner): lose_log_ratio = -(nll - ref_nll) with the
+    summed per-sequence cross-entropy (ignore_index=-100) of compute_batch_nll."""
+    ids = torch.as_tensor(b["forget"]["input_ids"], dtype=torch.long)
+    labels = ids.clone()
+    labels[torch.as_tensor(b["forget"]["loss_mask"]) == 0] = -100
+    logits = model(ids, attention_mask=torch.as_tensor(b["forget"]["attention_mask"])).logits
+    ce = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="none")
+    nll = ce(logits[..., :-1, :].transpose(-1, -2), labels[..., 1:]).sum(dim=-1)
+    lose_log_ratio = -(nll - torch.as_tensor(ref))
+    return -2 / beta * F.logsigmoid(beta * (0.0 - lose_log_ratio)).mean()
 
 
 def _torch_graddiff(model, b, alpha=0.7):
@@ -189,8 +197,10 @@ def test_sga_transform_on_model_gradients_matches_torch(setup):
 
 def test_npo_gradient_parity(setup):
     s = setup
-    g = jax_grads(s, lambda o: O.npo_loss(o["forget"], s["ref_nll"], beta=0.1))
-    compare(s, g, torch_grads(s["torch"], lambda m: _torch_npo(m, s["batches"], s["ref_nll"])))
+    # A reference model a little off the current one: summed NLL minus a few nats per row.
+    ref = np.asarray(s["values"]["forget_sum"]) - np.array([3.0, -2.0])[:B].astype(np.float32)
+    g = jax_grads(s, lambda o: O.npo_loss(o["forget_sum"], ref, beta=0.1))
+    compare(s, g, torch_grads(s["torch"], lambda m: _torch_npo(m, s["batches"], ref)))
 
 
 def test_graddiff_gradient_parity(setup):

@@ -76,12 +76,12 @@ def _direction(g_f, g_n, r):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_optimal_rate_is_closed_form_and_minimises_step_norm(seed):
+def test_min_norm_rate_is_closed_form_and_minimises_step_norm(seed):
     rng = np.random.default_rng(seed)
     p = _params(seed)
     g_f = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=np.shape(x)).astype(np.float32)), p)
     g_n = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=np.shape(x)).astype(np.float32)), p)
-    tx = sga(r=-0.8, K=K, rate="optimal", r_min=-50.0, r_max=1.0)
+    tx = sga(r=-0.8, K=K, rate="min_norm", r_min=-50.0, r_max=1.0)
     d, state = jax.jit(tx.update)(g_f, tx.init(p), p, normal_grads=g_n)
 
     gf, gn = _flat(g_f), _flat(g_n)
@@ -95,15 +95,15 @@ def test_optimal_rate_is_closed_form_and_minimises_step_norm(seed):
     assert abs(grid[int(np.argmin(norms))] - r_star) <= grid[1] - grid[0]
 
 
-def test_optimal_rate_is_clipped():
+@pytest.mark.parametrize("rate", ["paper", "min_norm"])
+def test_per_step_rate_is_clipped(rate):
     p = _params()
     g_f = jax.tree.map(jnp.ones_like, p)
-    # u = ((K-1)/K)·g_n - (1-1/K)·g_f = -g_f when g_n = 0, so r* = ‖g_f‖²/‖g_f‖² = 1 ... use -g_f:
-    # with g_n = -2·g_f, u = -1.5·(1-1/K)... just check the clip bounds hold.
+    # g_n = -3·g_f: u = -(9/4 + 3/4)·g_f = -3·g_f, so paper r* = -1/3 and min_norm r* = +1/3.
     g_n = jax.tree.map(lambda x: -3.0 * x, g_f)
-    tx = sga(K=K, rate="optimal", r_min=-0.5, r_max=0.25)
+    tx = sga(K=K, rate=rate, r_min=-0.25, r_max=0.25)
     _, state = tx.update(g_f, tx.init(p), p, normal_grads=g_n)
-    assert -0.5 <= float(state.r) <= 0.25
+    assert float(state.r) == pytest.approx(-0.25 if rate == "paper" else 0.25)
 
 
 def test_schedule_rate_and_logging():
@@ -149,7 +149,7 @@ def test_gru_rectifies_conflicts_and_leaves_agreement_alone():
         g, g_r = _random_tree(p, rng), _random_tree(p, rng)
         state = tx.init(p)
         out, state = update(g, state, p, retain_grads=g_r)
-        a, r_ = _flat(out), _flat(g_r)  # first step: EMA = retain grad
+        a, r_ = _flat(out), _flat(g_r)  # first step: EMA = 0.8·retain grad (same direction)
         if _flat(g) @ r_ < 0:
             conflicts += 1
             assert bool(state.rectified)
@@ -173,7 +173,8 @@ def test_gru_ema_and_clip():
     _, state = tx.update(g, state, p, retain_grads=g1)
     out, state = tx.update(g, state, p, retain_grads=g2)
     assert isinstance(state, GRUState) and int(state.count) == 2
-    np.testing.assert_allclose(_flat(state.retain_ema), 0.8 * _flat(g2) + 0.2 * _flat(g1), rtol=1e-6)
+    # The EMA starts at 0 (official GRU): 0.8·g1, then 0.8·g2 + 0.2·(0.8·g1).
+    np.testing.assert_allclose(_flat(state.retain_ema), 0.8 * _flat(g2) + 0.2 * 0.8 * _flat(g1), rtol=1e-6)
     assert np.linalg.norm(_flat(out)) <= 0.5 + 1e-5
     with pytest.raises(ConfigError, match="momentum"):
         gru(m=0.0)

@@ -4,12 +4,20 @@ GRU keeps the unlearning update from fighting retention: with g_u the unlearning
 (whatever base objective produced it: GA, NPO, SGA, ...) and g_r an exponential moving average of
 retain-set gradients,
 
-    g_r ← m·g_r,now + (1 - m)·g_r,prev                      (m = 0.8, eq. 7)
-    g_u ← g_u - ⟨g_u, g_r⟩/‖g_r‖²·g_r   if ⟨g_u, g_r⟩ < 0      (eq. 5)
+    g_r ← m·g_r,now + (1 - m)·g_r,prev     (m = 0.8, g_r,prev = 0 before the first step)
+    g_u ← g_u - ⟨g_u, g_r⟩/‖g_r‖²·g_r   if ⟨g_u, g_r⟩ < 0
 
 i.e. the component of g_u that would increase the retain loss (for a descent direction g_u,
 ⟨g_u, g_r⟩ < 0 means stepping along -g_u raises the retain loss) is projected away. Inner products
 are over all parameters.
+
+Follows the official code (tmlr-group/GRU, ``dataloader_faster_refactor1.py``): the EMA starts at
+0 (l. 178 ``flattened_memory_old = 0.0``), so step 1 uses ``m·g_r,1`` and step t
+``m·g_r,t + (1 - m)·ema`` (l. 516-517); the projection applies only when the inner product is
+negative (``pipeline``, l. 438-451, ``orthogonal_component_precise``). The official runs do not
+clip gradients (``configs/forget_llama.yaml`` l. 6 ``gradient_norm: false`` →
+``TrainingArguments(max_grad_norm=False)`` in ``forget_auto_tofu.py`` l. 155), so neither do our
+GRU configs (``train.max_grad_norm: null``) and ``clip`` defaults to None.
 """
 
 from __future__ import annotations
@@ -47,8 +55,9 @@ def gru(
 
     ``updates`` is the unlearning direction g_u (a descent direction, e.g. the gradient of the
     unlearning loss). The keyword-only extra arg ``retain_grads`` is the gradient of the retain
-    loss (mean retain NLL) at the current parameters. On the first step the EMA starts at the
-    first retain gradient; afterwards ``g_r ← m·retain_grads + (1 - m)·g_r``.
+    loss (mean retain NLL) at the current parameters. The EMA starts at 0, as the official code's
+    ``flattened_memory_old = 0.0``: every step, the first included,
+    ``g_r ← m·retain_grads + (1 - m)·g_r`` (so step 1 projects against ``m·retain_grads``).
 
     Args:
       m: weight of the current retain gradient in the EMA, in ``(0, 1]``.
@@ -75,13 +84,8 @@ def gru(
         del params, extra_args
         if retain_grads is None:
             raise ConfigError("gru needs the retain-set gradient as the extra arg retain_grads")
-        first = state.count == 0
         ema = jax.tree.map(
-            lambda now, prev: jnp.where(
-                first, now.astype(jnp.float32), m * now.astype(jnp.float32) + (1 - m) * prev
-            ),
-            retain_grads,
-            state.retain_ema,
+            lambda now, prev: m * now.astype(jnp.float32) + (1 - m) * prev, retain_grads, state.retain_ema
         )
         dot = _vdot(updates, ema)
         rr = _vdot(ema, ema)

@@ -4,7 +4,8 @@ K-FADE (McKinney et al. 2026, "Gauss-Newton Unlearning for the LLM Era", arXiv 2
 the weights *up* the forget objective along ``(F_retain + λI)⁻¹ ∇L_forget``, where ``F_retain`` is
 the K-FAC (or EK-FAC) Gauss-Newton matrix of the retain set: directions the retain outputs are
 sensitive to are damped, so the forget set is suppressed while the retain outputs move little. The
-step length comes from a trust region on the retain outputs (a KL budget δ per token)::
+step length comes from a trust region on the retain outputs (a KL budget δ per *attended* retain
+token: the curvature's A and G are averaged over every non-padding token, prompt included)::
 
     Δθ = η (F + λI)⁻¹ g,    η = min(η_max, √(2δ / gᵀ(F + λI)⁻¹g))    ⇒ ½ Δθᵀ(F + λI)Δθ ≤ δ
 

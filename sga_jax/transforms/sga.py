@@ -6,12 +6,23 @@ samples is ``L = -(1 - r(K-1)/K)·l_f - (r/K)·Σ_i l_i``; its gradient is
     d = ∇L = -g_f - r·u,    u = ḡ_n - (1 - 1/K)·g_f,    ḡ_n = (1/K)·Σ_i g_i,
 
 with g_f = ∇l_f and g_i = ∇l_i. Given g_f and the normal-sample gradient apart, the transform can
-also pick, per step, the smoothing rate that minimises the step norm ‖d(r)‖:
+also pick r per step (inner products over all parameters). Two per-step rates exist and both are
+offered, named for what they are:
 
-    r* = -⟨g_f, u⟩ / ‖u‖²          (inner products over all parameters)
+* ``rate="min_norm"``: ``r* = -⟨g_f, u⟩ / ‖u‖²``, the minimiser of ‖d(r)‖² = ‖g_f‖² + 2r⟨g_f, u⟩
+  + r²‖u‖² for the gradient d above. In practice ⟨g_f, u⟩ < 0 (u holds -(1 - 1/K)·g_f), so this
+  r* is *positive*: it ascends the normal samples.
+* ``rate="paper"``: the paper's printed ``r* = +⟨g_f, u⟩ / ‖u‖²`` (arXiv 2510.22376, the "optimal
+  smoothing rate" paragraph), derived there by minimising ‖d(r)‖ for its printed direction
+  ``d(r) = -g_f + r·u``. That d is not the gradient of the paper's own loss (the sign of the
+  r·u term differs from the ``-r·u`` above — a slip its reviewers also flagged), so which sign the
+  authors meant is uncertain. Negative in practice, like the fixed rates the paper reports
+  (r = -0.8, -2, -4, -8).
 
-clipped to ``[r_min, r_max]`` (the paper's "optimal smoothing rate"; it trains with a fixed r and
-leaves the per-step r* open, so both are offered).
+Both are clipped to ``[r_min, r_max]``, default ``[-8, 0]``: a positive r ascends the normal
+samples, so it is allowed only when asked for (``r_max > 0``). The paper itself trains with a
+fixed r. The former ``rate="optimal"`` (our min-norm rate under an ambiguous name) is refused
+with an error naming the two.
 """
 
 from __future__ import annotations
@@ -41,13 +52,29 @@ def _vdot(a: Any, b: Any) -> jax.Array:
     return sum(leaves, jnp.float32(0.0))
 
 
+PER_STEP_RATES = ("paper", "min_norm")
+
+
+def check_rate(rate) -> None:
+    """Refuse a rate that is not ``fixed``, ``paper``, ``min_norm`` or a schedule (one line)."""
+    if rate == "optimal":
+        raise ConfigError(
+            "SGA rate 'optimal' is ambiguous and no longer accepted: use 'paper' (r* = +<g_f,u>/||u||^2, "
+            "the paper's printed formula) or 'min_norm' (r* = -<g_f,u>/||u||^2, the step-norm minimiser)"
+        )
+    if isinstance(rate, str) and rate not in ("fixed", *PER_STEP_RATES):
+        raise ConfigError(f"SGA rate must be 'fixed', 'paper', 'min_norm' or an optax schedule, got {rate!r}")
+    if not isinstance(rate, str) and not callable(rate):
+        raise ConfigError(f"SGA rate must be 'fixed', 'paper', 'min_norm' or an optax schedule, got {rate!r}")
+
+
 def sga(
     r: float = -0.8,
     K: int = 4,
     *,
     rate: str | optax.Schedule = "fixed",
     r_min: float = -8.0,
-    r_max: float = 1.0,
+    r_max: float = 0.0,
     eps: float = 1e-30,
 ) -> optax.GradientTransformationExtraArgs:
     """The SGA descent direction from the forget gradient and the normal-sample gradient.
@@ -63,9 +90,11 @@ def sga(
     Args:
       r: smoothing rate ``<= 1`` (fixed mode; the initial / fallback value otherwise).
       K: 1 forget + K-1 normal samples per forget example (``K >= 1``).
-      rate: ``"fixed"``; ``"optimal"`` (per-step r*, clipped to ``[r_min, r_max]``); or an optax
-        schedule ``count -> r`` (also clipped to ``[r_min, r_max]``).
-      r_min, r_max: clipping range of r (``r_max <= 1``).
+      rate: ``"fixed"``; ``"paper"`` (per-step ``r* = +⟨g_f, u⟩/‖u‖²``, the paper's printed
+        formula) or ``"min_norm"`` (per-step ``r* = -⟨g_f, u⟩/‖u‖²``, the step-norm minimiser),
+        both clipped to ``[r_min, r_max]``; or an optax schedule ``count -> r`` (also clipped).
+      r_min, r_max: clipping range of the per-step / scheduled r (``r_max <= 1``; default
+        ``[-8, 0]``: set ``r_max > 0`` to allow ascending the normal samples).
       eps: ``‖u‖²`` below this leaves r* at 0 (``u`` vanishes, every r gives the same step).
 
     Returns:
@@ -81,10 +110,7 @@ def sga(
         raise ConfigError(f"SGA r_max must be <= 1, got {r_max}")
     if r_min > r_max:
         raise ConfigError(f"SGA r_min ({r_min}) must be <= r_max ({r_max})")
-    if isinstance(rate, str) and rate not in ("fixed", "optimal"):
-        raise ConfigError(f"SGA rate must be 'fixed', 'optimal' or an optax schedule, got {rate!r}")
-    if not isinstance(rate, str) and not callable(rate):
-        raise ConfigError(f"SGA rate must be 'fixed', 'optimal' or an optax schedule, got {rate!r}")
+    check_rate(rate)
     K = int(K)
     shrink = 1.0 - 1.0 / K
 
@@ -105,9 +131,10 @@ def sga(
 
         if rate == "fixed":
             r_t = jnp.asarray(r, jnp.float32)
-        elif rate == "optimal":
+        elif rate in PER_STEP_RATES:
             uu = _vdot(u, u)
-            r_star = -_vdot(g_f, u) / jnp.where(uu > eps, uu, 1.0)
+            sign = 1.0 if rate == "paper" else -1.0
+            r_star = sign * _vdot(g_f, u) / jnp.where(uu > eps, uu, 1.0)
             r_t = jnp.clip(jnp.where(uu > eps, r_star, 0.0), r_min, r_max)
         else:
             r_t = jnp.clip(jnp.asarray(rate(state.count), jnp.float32), r_min, r_max)
