@@ -1,7 +1,7 @@
 """Unlearning happens on a real model, in the default suite: 3 SGA steps (arXiv 2510.22376, eq. 6;
 K = 4, fixed r = -0.8) on SmolLM2-135M-Instruct make it forget 3 facts it knows (each answer's
 probability falls below a tenth of its start; measured: ≤ 0.011) while 3 unrelated held-out facts,
-never trained on, keep at least 0.75 of theirs (measured: 0.93-1.12). About 40 s on a 2-core CPU.
+never trained on, keep at least 0.75 of theirs (measured: 0.98-1.12). About 40 s on a 2-core CPU.
 
 The normal samples are given explicitly (every forget fact with the same 3 retain facts), and the
 probabilities are computed here from the full logits, not with the library's log-prob kernel.
