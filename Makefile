@@ -39,3 +39,9 @@ bench: $(VENV)/.test
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Mutation check (tests/mutations.py): small realistic bugs, one at a time, in a temporary copy of the
+# repository; lists the ones the suite lets through (exit 1 if any). Not part of `make test`.
+.PHONY: mutants
+mutants: $(VENV)/.test
+	$(PY) tests/mutations.py

@@ -1,6 +1,9 @@
 """Test set-up in the style of equinox's tests.
 
 * 8 simulated CPU devices, so multi-device (mesh / sharding) code is tested on CPU.
+* Offline: the Hugging Face libraries are put in offline mode (forced, not defaulted: a test must
+  never reach the network, whatever the user's shell says), and ``SGA_JAX_CACHE_DIR`` points at a
+  temporary folder for the whole session, so no test writes converted models into the user's home.
 * Strict dtype promotion, so silent float32 <-> bfloat16 / int <-> float mixing is an error, for
   our own code (models, kernels, objectives) through the ``strict_dtypes`` fixture. It is not global
   because optax's own Adam bias correction mixes an int32 count with floats and fails under it.
@@ -10,6 +13,7 @@ The device count must be configured before JAX initialises its backends.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -17,9 +21,24 @@ import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# Set before transformers / huggingface_hub / datasets are imported (they read these at import).
+OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+for _name in OFFLINE:
+    os.environ[_name] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_dir(tmp_path_factory) -> Iterator[Path]:
+    """``SGA_JAX_CACHE_DIR`` = a fresh temporary folder for the whole session (restored after)."""
+    old = os.environ.get("SGA_JAX_CACHE_DIR")
+    path = tmp_path_factory.mktemp("sga_jax_cache")
+    os.environ["SGA_JAX_CACHE_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SGA_JAX_CACHE_DIR", None)
+    else:
+        os.environ["SGA_JAX_CACHE_DIR"] = old
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tofu_reference
 from tiny_models import write_tiny_llama_for
 
 import sga_jax
@@ -92,9 +93,25 @@ def test_tofu_protocol_end_to_end(tiny_dir, tmp_path, data_dir, smollm2_tokenize
         for f in ("eval_log.json", "eval_log_forget.json", "eval_real_author_wo_options.json",
                   "eval_real_world_wo_options.json"):  # fmt: skip
             assert (tmp_path / f"eval_{name}" / f).is_file()
+    # results.json = TOFU's official aggregation (aggregate_eval_stat.py, re-derived with scipy in
+    # tests/tofu_reference.py) of the logs the command wrote: all 12 components, MU and FQ.
     res = evals["unlearned"]
-    assert 0.0 <= res["forget_quality"] <= 1.0 and 0.0 <= res["model_utility"] <= 1.0
-    assert "forget_quality" in capsys.readouterr().out
+    want = tofu_reference.official_components(tmp_path / "eval_unlearned")
+    for official_name, key in tofu_reference.OUR_KEYS.items():
+        assert res[key] == pytest.approx(want[official_name], rel=1e-9, abs=1e-12), official_name
+    assert res["model_utility"] == pytest.approx(want["Model Utility"], rel=1e-9, abs=1e-12)
+    ev_u, ev_r = tmp_path / "eval_unlearned", tmp_path / "eval_retain"
+    p_value, ks = tofu_reference.official_forget_quality(ev_u, ev_r)
+    assert (res["forget_quality"], res["ks_statistic"]) == pytest.approx((p_value, ks), rel=1e-9)
+    # The retain model against its own logs is indistinguishable from itself: FQ = 1 exactly.
+    from sga_jax.eval.tofu import aggregate
+
+    same = aggregate(ev_r, ev_r)
+    assert same["forget_quality"] == 1.0 and same["ks_statistic"] == 0.0
+    # the forget-set losses in the logs are the unlearned model's, not the retain model's
+    forget_logs = [json.loads((d / "eval_log_forget.json").read_text()) for d in (ev_u, ev_r)]
+    assert forget_logs[0]["gt_loss"] != forget_logs[1]["gt_loss"]
+    assert f"forget_quality: {res['forget_quality']:.6g}" in capsys.readouterr().out
 
     # 4. the exported model loads in transformers and gives the same logits as sga_jax's port.
     import torch

@@ -20,6 +20,21 @@ def test_builtin_facts():
     assert all(f["lead"] and f["answer"] for f in facts["forget"] + facts["retain"])
 
 
+def _answer_probs(model_dir, batch) -> np.ndarray:
+    """P(answer | prompt) per row, from a model loaded afresh and its full logits (not the demo's
+    own evaluator)."""
+    import jax
+    import jax.numpy as jnp
+
+    import sga_jax
+
+    model = sga_jax.load_model(model_dir)
+    ids = jnp.asarray(batch["input_ids"])
+    logits = model(ids, jnp.asarray(batch["attention_mask"]))[:, :-1].astype(jnp.float32)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[:, 1:, None], axis=-1)[..., 0]
+    return np.exp(np.asarray(jnp.sum(logp * batch["loss_mask"][:, 1:], axis=-1), np.float64))
+
+
 def test_demo_pipeline_on_a_tiny_model(tmp_path, smollm2_tokenizer):
     tok = smollm2_tokenizer
     path, _ = write_tiny_llama_for(tok, tmp_path / "tiny")
@@ -28,21 +43,27 @@ def test_demo_pipeline_on_a_tiny_model(tmp_path, smollm2_tokenizer):
     out = tmp_path / "demo"
     report = demo.run_demo(
         out=out, model_path=str(path), facts=facts, steps=2, generate=False, progress=False,
-        overrides=["train.lr=1e-3"],
+        overrides=["train.lr=1e-3"], export=True,
     )  # fmt: skip
     assert report["steps"] == 2
-    assert report["forget_ratio"] == pytest.approx(report["forget_prob_after"] / report["forget_prob_before"])
-    assert report["retain_ratio"] == pytest.approx(report["retain_prob_after"] / report["retain_prob_before"])
+    # the per-fact numbers are the start model's and the exported unlearned model's probabilities
+    batch = demo.encode_facts(facts["forget"] + facts["retain"], tok, 32)
+    per_fact = report["per_fact"]
+    assert [f["set"] for f in per_fact] == ["forget"] * 4 + ["retain"] * 8
+    before, after = _answer_probs(path, batch), _answer_probs(report["model_dir"], batch)
+    np.testing.assert_allclose([f["before"] for f in per_fact], before, rtol=2e-4)
+    np.testing.assert_allclose([f["after"] for f in per_fact], after, rtol=2e-4)
+    assert report["forget_prob_before"] == pytest.approx(before[:4].mean(), rel=2e-4)
+    assert report["forget_prob_after"] == pytest.approx(after[:4].mean(), rel=2e-4)
+    assert report["retain_prob_after"] == pytest.approx(after[4:].mean(), rel=2e-4)
+    # unlearning happened: every forget fact's probability fell (measured: the mean to 0.51x)
+    assert np.all(after[:4] < before[:4]), (before[:4], after[:4])
+    assert report["forget_ratio"] < 0.8
     assert report["forget_target_met"] == (report["forget_ratio"] <= demo.FORGET_TARGET)
     assert (out / "probabilities.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "demo_report.json").read_text())["steps"] == 2
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2]
-    per_fact = report["per_fact"]
-    assert [f["set"] for f in per_fact] == ["forget"] * 4 + ["retain"] * 8
-    before = np.mean([f["before"] for f in per_fact[:4]])
-    assert before == pytest.approx(report["forget_prob_before"], rel=1e-5)
-    assert np.mean([f["after"] for f in per_fact[4:]]) == pytest.approx(report["retain_prob_after"], rel=1e-5)
     text = demo.format_report(report)
     assert "forget facts P(answer)" in text and "retain facts P(answer)" in text
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import tofu_reference
 import torch
 from tiny_models import write_tiny_hf
 
@@ -31,6 +32,23 @@ def test_aggregate_official_phi_logs(data_dir):
     assert retain["model_utility"] == pytest.approx(0.5320, abs=1e-4) and retain["forget_quality"] is None
     components = [k for k in full if k.split("_")[0] in ("retain", "real", "world")]
     assert len(components) == 9
+
+
+@pytest.mark.parametrize("model", ["phi-1.5_full", "phi-1.5_retain90"])
+def test_all_twelve_components_equal_the_official_aggregation(data_dir, model):
+    """Each of the 12 numbers (4 splits x prob / ROUGE-L / truth ratio), Model Utility and Forget
+    Quality against aggregate_eval_stat.py re-derived in tests/tofu_reference.py."""
+    logs = data_dir / "tofu_eval_logs"
+    ours = tofu_eval.aggregate(logs / model, logs / "phi-1.5_retain90")
+    want = tofu_reference.official_components(logs / model)
+    assert len(tofu_reference.OUR_KEYS) == 12
+    for official_name, key in tofu_reference.OUR_KEYS.items():
+        assert ours[key] == pytest.approx(want[official_name], rel=1e-12, abs=1e-15), official_name
+    assert ours["model_utility"] == pytest.approx(want["Model Utility"], rel=1e-12)
+    p, stat = tofu_reference.official_forget_quality(logs / model, logs / "phi-1.5_retain90")
+    assert (ours["forget_quality"], ours["ks_statistic"]) == pytest.approx((p, stat), rel=1e-12)
+    # The components differ between splits and metrics: a mixed-up key would not pass unnoticed.
+    assert len({round(want[k], 6) for k in tofu_reference.OUR_KEYS}) == 12
 
 
 def test_aggregate_missing_file(tmp_path):

@@ -13,7 +13,8 @@ per-token log-probs ``logp_t = log p(x_t | x_<t)`` of a text's target tokens:
   next-token distribution at t.
 
 ``auc(member_scores, nonmember_scores)`` is sklearn's ``roc_auc_score`` with members labelled 1.
-MUSE's PrivLeak uses Min-K% with k = 0.4 on forget (members) vs holdout (non-members).
+MUSE's PrivLeak uses Min-K% with k = 0.4 on the forget and holdout texts, in MUSE's own labelling
+(holdout = 1, forget = 0; see ``sga_jax.eval.muse``).
 """
 
 from __future__ import annotations

@@ -4,9 +4,15 @@
   stemmer) against the ground-truth continuation truncated to 128 tokens; mean × 100.
 * KnowMem: greedy 32-token answer to ``ICL few-shot prompt + "Question: {q}\\nAnswer: "``, cut at the
   first ``"\\n\\n"`` / ``"\\nQuestion"`` / ``"Question:"``; ROUGE-L F1 against the answer; mean × 100.
-* PrivLeak: Min-K% (k = 0.4) scores of the forget texts (members) and holdout texts (non-members);
-  ``AUC`` = their ROC AUC and ``PrivLeak = (AUC_unlearned − AUC_retrain) / AUC_retrain × 100``
-  with ``AUC_retrain`` from a retrained model's run or a given number.
+* PrivLeak: Min-K% (k = 0.4) scores of the forget and holdout texts; ``AUC`` is MUSE's
+  ``forget_holdout_Min-40%`` (``metrics/privleak.py`` lines 81-90: the first split, *forget*, is
+  labelled 0 and the second, *holdout*, 1; a higher Min-K% log-likelihood means label 1), i.e. the
+  probability that a holdout text scores above a forget text. ``PrivLeak = (AUC_unlearned −
+  AUC_retrain) / AUC_retrain × 100`` (``eval.py`` line 78) with ``AUC_retrain`` from a retrained
+  model's run in the same convention, or a given number (the official News retrain model:
+  ``AUC_RETRAIN["news"]["forget_holdout_Min-40%"]`` = 0.4772, ``constants.py`` line 62). A model
+  that still knows the forget set (under-unlearning) has AUC near 0 and PrivLeak near −100, as the
+  paper's target models (Table 3); over-unlearning makes it positive.
 
 Prompts are tokenised with the tokenizer's special tokens and no chat template (as MUSE does);
 generation is batched with left padding (token-identical to one-by-one greedy decoding).
@@ -96,8 +102,8 @@ def knowmem(
     outputs = [_prefix_before(o) for o in _generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
     f1, recall = _rouge_l([r["answer"] for r in rows], outputs)
     logs = [
-        {"question": r["question"], "gt": r["answer"], "output": o, "rougeL_fmeasure": float(f)}
-        for r, o, f in zip(rows, outputs, f1)
+        {"prompt": p, "question": r["question"], "gt": r["answer"], "output": o, "rougeL_fmeasure": float(f)}
+        for p, r, o, f in zip(prompts, rows, outputs, f1)
     ]
     return {
         f"knowmem_{split}": float(100 * f1.mean()),
@@ -118,7 +124,8 @@ def privleak(
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
-    """``{"auc": AUC(forget vs holdout, Min-K%), "privleak": % change vs retrain_auc or None}``."""
+    """``{"auc": MUSE's forget_holdout AUC (Min-K%), "privleak": % change vs retrain_auc or None}``
+    (the convention of the module docstring: a model that knows the forget texts has AUC near 0)."""
     from sga_jax.eval.mia import auc, text_scores
 
     if retrain_auc is not None and not 0.0 < retrain_auc <= 1.0:
@@ -129,7 +136,8 @@ def privleak(
         scores[split] = text_scores(
             model, tokenizer, texts, k=k, max_length=max_length, batch_size=batch_size, which=("min_k",)
         )["min_k"]
-    a = auc(scores["forget"], scores["holdout"])
+    # MUSE labels the holdout texts 1 and the forget texts 0 (privleak.py lines 85-88).
+    a = auc(scores["holdout"], scores["forget"])
     leak = None if retrain_auc is None else float((a - retrain_auc) / retrain_auc * 100)
     return {"auc": a, "privleak": leak, "retrain_auc": retrain_auc, "k": k}
 
