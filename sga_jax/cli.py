@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST even if it holds other files")
 
     p = sub.add_parser("sweep", help="several methods / rates, then a TOFU forget-quality vs utility plot")
     _config_args(p)
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the model to apply it to (HF dir or .gguf)")
     p.add_argument("out", help="output HF directory")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the update by this factor")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT even if it holds other files")
 
     p = sub.add_parser("bench", help="run the benchmarks/ scripts")
     p.add_argument("name", nargs="?", default=None, help="benchmarks/NAME.py (default: all)")
@@ -195,7 +197,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     src = Path(args.src).expanduser()
     if not src.exists():
         raise ModelLoadError(f"convert: source not found: {src}")
-    out = convert(src, args.dst, dtype=args.dtype)
+    out = convert(src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     print(f"converted {src} -> {out}")
     return 0
 
@@ -218,7 +220,7 @@ def cmd_reapply(args: argparse.Namespace) -> int:
         raise DataError(f"reapply: delta file not found: {args.delta}")
     if not Path(args.model).exists():
         raise ModelLoadError(f"reapply: model not found: {args.model}")
-    out = reapply(args.delta, args.model, args.out, scale=args.scale)
+    out = reapply(args.delta, args.model, args.out, scale=args.scale, overwrite=args.overwrite)
     print(f"reapplied {args.delta} to {args.model} -> {out}")
     return 0
 

@@ -19,6 +19,7 @@ checkpoint is deleted and the newest remaining one, whose parameters were measur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -462,17 +463,22 @@ def _all_finite(tree) -> bool:
 # ------------------------------------------------------------------------------------ logging
 
 
+def _logged_step(line: str) -> float:
+    """A metrics line's step; a cut-off (killed mid-write) or foreign line counts as never logged."""
+    try:
+        rec = json.loads(line)
+        return float(rec.get("step", 0)) if isinstance(rec, dict) else math.inf
+    except (ValueError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard when installed."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():  # drop lines a resumed run will write again
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= resume_step]
             path.write_text("".join(x + "\n" for x in kept))
         self._file = open(path, "a")  # noqa: SIM115 - closed in close()
         self._tb = None
@@ -514,7 +520,7 @@ def _resume_key(cfg: C.RunConfig) -> dict[str, Any]:
     d = C.to_dict(cfg)
     for k in _BOOKKEEPING:
         d["train"].pop(k, None)
-    for k in ("eval", "sweep", "distributed"):
+    for k in ("eval", "sweep", "distributed", "output_dir"):  # output_dir: the folder itself, however spelt
         d.pop(k, None)
     return d
 
@@ -627,7 +633,7 @@ def train_loop(
     if stop == steps and export:
         from sga_jax.models.hf import save_model
 
-        model_dir = save_model(model, out / "model", tokenizer=tokenizer)
+        model_dir = save_model(model, out / "model", tokenizer=tokenizer, overwrite=True)
     return RunResult(out, model_dir, stop, history, model)
 
 
@@ -637,7 +643,7 @@ def _postfix(rec: dict[str, Any]) -> dict[str, str]:
 
 
 def _last_good(ckpt) -> str:
-    step = ckpt.latest_step()
+    step = ckpt.last_good()
     if step is None:
         return "no checkpoint was saved before it (set train.checkpoint_every to keep one)"
     return (
@@ -657,10 +663,16 @@ def _guard(metrics: dict[str, float], s: int, t_cfg: C.TrainConfig, ckpt, cfg: C
     if bad is None and cfg.mode == "unlearn" and bound is not None and metrics.get("forget_nll", 0.0) > bound:
         bad = f"forget NLL {metrics['forget_nll']:.4g} > train.max_forget_nll = {bound:g}"
     if bad is None:
+        ckpt.mark_good(s)  # the metrics of step s+1 measured checkpoint s's parameters: good
         return
+    if s == 0:  # measured on the starting model: nothing diverged, the bound is below the start
+        raise DivergenceError(
+            f"the starting model already fails the guard before any update ({bad}); "
+            "raise train.max_forget_nll (or set it to null)"
+        )
     # The metrics of step s were measured on the parameters of checkpoint s: it is not good.
     if s in ckpt.all_steps():
-        ckpt._manager.delete(s)
+        ckpt.delete(s)
     raise DivergenceError(f"training diverged at step {s + 1}: {bad}; " + _last_good(ckpt))
 
 
@@ -680,7 +692,7 @@ def resolve_model_path(path: str) -> str:
         gguf = smollm2_gguf()
         cached = cache_root() / "SmolLM2-135M-Instruct"
         if not (cached / "model.safetensors").is_file():
-            convert(gguf, cached)
+            convert(gguf, cached, overwrite=True)  # our own cache entry
         return str(cached)
     p = Path(path).expanduser()
     if p.exists():
@@ -890,24 +902,59 @@ def batched_nll(model, batch: Batch, batch_size: int = 16) -> np.ndarray:
 # ------------------------------------------------------------------------------------ facade
 
 
-def _output_dir_check(cfg: C.RunConfig) -> Path:
-    """Refuse to resume a run whose config differs (before anything is written)."""
-    out = Path(cfg.output_dir).expanduser()
-    saved = out / "config.yaml"
-    if cfg.train.resume and (out / "checkpoints").is_dir() and saved.is_file():
-        from omegaconf import OmegaConf
+# What a run writes into its output_dir: a folder holding any of these holds a run.
+_RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "delta.safetensors",
+                  "normal_samples.json", "eval")  # fmt: skip
 
-        try:
-            old = C.compose(base=OmegaConf.load(saved))
-        except Exception:
-            old = None
-        if old is not None and _resume_key(old) != _resume_key(cfg):
-            diff = _first_difference(_resume_key(old), _resume_key(cfg))
-            raise ConfigError(
-                f"output_dir {out} holds a run with a different config ({diff}); use another output_dir "
-                "or train.resume=false"
-            )
+
+def _output_dir_check(cfg: C.RunConfig) -> Path:
+    """Refuse, before anything is written, an output_dir that is a file, that holds the model being
+    trained, or that holds another run (a different config, or an unreadable one) unless
+    ``train.resume=false`` asks to start that folder afresh."""
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder")
+    model = Path(cfg.model.path).expanduser()
+    if model.exists() and out.resolve() in (model.resolve(), *model.resolve().parents):
+        raise ConfigError(
+            f"model.path {model} is inside output_dir {out}: the run would overwrite its own input; "
+            "use another output_dir"
+        )
+    found = [a for a in _RUN_ARTEFACTS if (out / a).exists()]
+    if not found:
+        return out
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(
+            f"output_dir {out} holds {found[0]} but no config.yaml (not a run sga_jax can continue); "
+            "use another output_dir"
+        )
+    from omegaconf import OmegaConf
+
+    try:
+        old = C.compose(base=OmegaConf.load(saved))
+    except Exception as e:  # YAML / schema errors: without it we cannot tell whether configs match
+        msg = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            f"output_dir {out}: its config.yaml cannot be read ({msg}); use another output_dir"
+        ) from None
+    if cfg.train.resume and _resume_key(old) != _resume_key(cfg):
+        diff = _first_difference(_resume_key(old), _resume_key(cfg))
+        raise ConfigError(
+            f"output_dir {out} holds a run with a different config ({diff}); use another output_dir "
+            "or train.resume=false"
+        )
     return out
+
+
+def _start_afresh(out: Path) -> None:
+    """``train.resume=false``: remove the previous run's artefacts (checked to be a run of ours)."""
+    for name in _RUN_ARTEFACTS[1:]:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -931,27 +978,37 @@ def run(
     if cfg.method.name == "kfade" and cfg.mode == "unlearn":
         return _run_kfade(cfg, out)
     prepared = prepared or prepare(cfg)
-    if cfg.train.resume is False and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.yaml", C.to_yaml(cfg))
-    if prepared.pairing is not None:
-        _write_text(out / "normal_samples.json", json.dumps({"forget_to_retain_rows": prepared.pairing}))
-    result = train_loop(
-        prepared.model,
-        prepared.data,
-        cfg,
-        out,
-        evaluate=evaluate,
-        eval_every=eval_every,
-        tokenizer=prepared.tokenizer,
-        mesh=prepared.mesh,
-    )
+    with _locked(out):
+        if cfg.train.resume is False:
+            _start_afresh(out)
+        _write_text(out / "config.yaml", C.to_yaml(cfg))
+        if prepared.pairing is not None:
+            _write_text(out / "normal_samples.json", json.dumps({"forget_to_retain_rows": prepared.pairing}))
+        result = train_loop(
+            prepared.model,
+            prepared.data,
+            cfg,
+            out,
+            evaluate=evaluate,
+            eval_every=eval_every,
+            tokenizer=prepared.tokenizer,
+            mesh=prepared.mesh,
+        )
     if result.model_dir is not None and cfg.eval.benchmark != "none":
         from sga_jax.eval.run import evaluate as run_eval
 
         result.eval = run_eval(cfg.eval.benchmark, result.model_dir, out / "eval", **_eval_options(cfg))
     return result
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Create ``out`` and hold its lock while the run writes (two runs would interleave files)."""
+    from sga_jax.fsutil import FolderLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):
+        yield out
 
 
 def _eval_options(cfg: C.RunConfig) -> dict[str, Any]:
@@ -968,20 +1025,26 @@ def _eval_options(cfg: C.RunConfig) -> dict[str, Any]:
 def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
     """K-FADE: retain-set K-FAC curvature, then a few uphill Gauss-Newton steps
     (:func:`sga_jax.curvature.kfade_unlearn`); Δθ is saved for ``sga-jax reapply``."""
-    from sga_jax.curvature import kfade_unlearn
-    from sga_jax.models.hf import save_model
-    from sga_jax.reapply import save_delta
-
-    m = cfg.method
     prepared = prepare(dataclasses.replace(cfg, method=C.GradDiffConfig(), mode="unlearn"))
-    data, bs = prepared.data, cfg.train.batch_size
+    bs = cfg.train.batch_size
 
     def batches(b: Batch, limit: int | None = None) -> list[Batch]:
         n = b["input_ids"].shape[0]
         out_ = [{k: b[k][i : i + bs] for k in _KEYS} for i in range(0, n - n % bs or n, bs)]
         return out_[:limit] if limit else out_
 
-    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        if cfg.train.resume is False:
+            _start_afresh(out)
+        return _kfade_write(cfg, out, prepared, batches)
+
+
+def _kfade_write(cfg: C.RunConfig, out: Path, prepared: Prepared, batches) -> RunResult:
+    from sga_jax.curvature import kfade_unlearn
+    from sga_jax.models.hf import save_model
+    from sga_jax.reapply import save_delta
+
+    m, data = cfg.method, prepared.data
     _write_text(out / "config.yaml", C.to_yaml(cfg))
     before = float(np.mean(batched_nll(prepared.model, data.forget)))
     model, delta = kfade_unlearn(
@@ -997,7 +1060,7 @@ def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
     )
     after = float(np.mean(batched_nll(model, data.forget)))
     save_delta(delta, model, out / "delta.safetensors", metadata={"method": "kfade"})
-    model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer)
+    model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer, overwrite=True)
     history = [{"step": 0, "forget_nll": before}, {"step": m.steps, "forget_nll": after}]  # type: ignore[attr-defined]
     _write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     result = RunResult(out, model_dir, m.steps, history, model)  # type: ignore[attr-defined]
@@ -1011,9 +1074,16 @@ def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
 def _write_text(path: Path, text: str) -> None:
     """Write via a temporary file renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600: an ordinary file of the user's
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def unlearn(
