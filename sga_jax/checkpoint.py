@@ -142,17 +142,24 @@ class Checkpointer:
         steps = sorted(self.all_steps(), reverse=True)
         if not steps:
             raise ConfigError(f"no checkpoint to restore in {self.directory}")
+        damaged: list[int] = []
         for i, step in enumerate(steps):
             problem = None if self.verify(step) else "its files do not match their checksum"
             if problem is None:
                 try:
-                    return self._restore(step, abstract_state)
+                    restored = self._restore(step, abstract_state)
                 except Exception as e:  # a missing / truncated file Orbax cannot read
                     problem = " ".join(str(e).split())[:160]
+                else:
+                    for bad in damaged:  # the run goes on from `step` and will write these again
+                        self.delete(bad)
+                    return restored
+            damaged.append(step)
             older = steps[i + 1] if i + 1 < len(steps) else None
             print(
                 f"sga-jax: warning: checkpoint {self.path(step)} is damaged ({problem}); "
-                + (f"falling back to step {older}" if older is not None else "no older one"),
+                + (f"falling back to step {older}" if older is not None else "no older one")
+                + " (the damaged one is removed when an older one restores)",
                 file=sys.stderr,
             )
         raise ConfigError(
