@@ -292,6 +292,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the safety net for I/O faults: a full disk, a read-only or missing folder
+        from sga_jax.fsutil import describe_os_error
+
+        print(f"{PROG}: error: {' '.join(describe_os_error(e).split())}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print(f"{PROG}: error: an input file is nested too deeply to read", file=sys.stderr)
+        return 2
+    except UnicodeError as e:  # a lone surrogate or undecodable bytes in a data file
+        print(f"{PROG}: error: text that is not valid UTF-8: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

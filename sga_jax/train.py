@@ -860,23 +860,49 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     data = TrainData(forget=forget, retain=retain, template=template)
     pairing = None
     if unlearn and "normal" in needs:
-        data.normal_index = normal_index(model, data, cfg.method, seed=cfg.train.seed)
+        overlap = _overlap(forget_rows, retain_rows or [])
+        data.normal_index = normal_index(model, data, cfg.method, seed=cfg.train.seed, exclude=overlap)
         pairing = data.normal_index.tolist()
     if unlearn and "ref_nll" in needs:
         data.ref_nll = batched_nll(model, forget)
     return Prepared(cfg, model, tokenizer, data, forget_rows, retain_rows, mesh, pairing)
 
 
-def normal_index(model, data: TrainData, m: C.MethodConfig, *, seed: int) -> np.ndarray:
-    """``[N, K-1]`` retain-row indices: each forget row's SGA normal samples."""
+def _overlap(forget_rows: Sequence[dict], retain_rows: Sequence[dict]) -> list[int]:
+    """Retain rows that are also forget rows (warned about: they must never be a normal sample)."""
+    forget = {json.dumps(r, sort_keys=True, default=str) for r in forget_rows}
+    ids = [i for i, r in enumerate(retain_rows) if json.dumps(r, sort_keys=True, default=str) in forget]
+    if ids:
+        import sys
+
+        print(
+            f"sga-jax: warning: {len(ids)} retain rows are also forget rows; they are never used as "
+            "normal samples",
+            file=sys.stderr,
+        )
+    return ids
+
+
+def normal_index(
+    model, data: TrainData, m: C.MethodConfig, *, seed: int, exclude: Sequence[int] = ()
+) -> np.ndarray:
+    """``[N, K-1]`` retain-row indices: each forget row's SGA normal samples (never one of ``exclude``,
+    the retain rows that are forget rows too)."""
     k = m.k  # type: ignore[attr-defined]
     assert data.retain is not None
     from sga_jax.data import normal_samples as NS  # noqa: N812
 
+    n_pool = data.retain["input_ids"].shape[0]
+    if n_pool - len(exclude) < k - 1:
+        raise DataError(
+            f"data.retain: {n_pool - len(exclude)} retain rows that are not forget rows; method.k - 1 = "
+            f"{k - 1} normal samples are needed"
+        )
+    banned = list(exclude) or None
     if m.normal_samples == "random":  # type: ignore[attr-defined]
-        idx = NS.random_pairing(data.num_forget, data.retain["input_ids"].shape[0], k - 1, seed=seed)
+        idx = NS.random_pairing(data.num_forget, n_pool, k - 1, seed=seed, forget_ids_in_pool=banned)
     else:
-        idx = NS.retrieve(model, data.forget, data.retain, k - 1, seed=seed)
+        idx = NS.retrieve(model, data.forget, data.retain, k - 1, seed=seed, forget_ids_in_pool=banned)
     return np.asarray(idx, dtype=np.int64).reshape(data.num_forget, k - 1)
 
 
