@@ -39,7 +39,9 @@ def test_defaults_must_be_a_list(tmp_path):
 def test_output_dir_that_is_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("mine")
-    args = ["unlearn", "benchmark=jsonl", f"data.forget={f}", "model.path=smollm2", f"output_dir={f}"]
+    rows = tmp_path / "forget.jsonl"
+    rows.write_text('{"question": "q?", "answer": "a."}\n')
+    args = ["unlearn", "benchmark=jsonl", f"data.forget={rows}", "model.path=smollm2", f"output_dir={f}"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a folder" in err[0], err

@@ -104,7 +104,7 @@ def test_export_uses_the_umask_and_leaves_no_temporary_folder(tiny, tmp_path):
 # -------------------------------------------------------------------------- 4. index traversal
 
 
-@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../model.safetensors"])
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd"])
 def test_index_names_outside_the_folder_are_refused(copy, shard, deadline):
     m = copy()
     shutil.copy(m / "model.safetensors", m.parent / "outside.safetensors")
