@@ -164,6 +164,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"model not found: {model}")
     options = _parse_options(args.options)
     if args.retain_logs:
+        from sga_jax.eval.tofu import _read_logs
+
+        _read_logs(args.retain_logs)  # checked before the evaluation, not after it
         options["retain_logs"] = args.retain_logs
     from sga_jax.eval.run import BENCHMARKS, evaluate
     from sga_jax.train import benchmark_dir

@@ -86,3 +86,16 @@ def test_forget_rows_in_retain_are_never_normal_samples(tmp_path, smollm2_tokeni
     prep = train.prepare(cfg)
     assert "3 retain rows are also forget rows" in capsys.readouterr().err
     assert set(np.asarray(prep.data.normal_index).ravel()) <= {3, 4, 5}
+
+
+def test_eval_checks_retain_logs_before_evaluating(tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    out = tmp_path / "out"
+    assert (
+        main(["eval", str(model), "-b", "tofu", "--out", str(out), "--retain-logs", str(tmp_path / "no")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval-log folder not found" in err[0], err
+    assert not out.exists()
