@@ -3,12 +3,18 @@
 A checkpoint is written only after the step it records passed the divergence guard, so the newest
 checkpoint is always a good one. Orbax writes each step into a temporary folder and renames it when
 complete, so a run killed mid-save leaves the previous checkpoint intact; :class:`Checkpointer`
-restores the newest complete one. Together with a data order and RNG derived from the step number
-(``sga_jax.train``), a resumed run ends with the same parameters as an uninterrupted one.
+records a SHA-256 per checkpoint and restores the newest one whose bytes still match (falling back,
+with a notice, past a damaged one). Retention keeps the newest ``keep`` plus the newest one the
+divergence guard has measured good, so the guard can never leave a run without one. Together with a
+data order and RNG derived from the step number (``sga_jax.train``), a resumed run ends with the
+same parameters as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sga_jax.errors import ConfigError
+from sga_jax.fsutil import tree_digest
+
+CHECKSUMS = "checksums.json"  # {step: {"sha256": ..., "good": bool}}, beside the step folders
 
 
 class Checkpointer:
@@ -27,13 +36,11 @@ class Checkpointer:
     complete before the guard can call it "last good").
     """
 
-    def __init__(self, directory: str | Path, *, keep: int = 2):
+    def __init__(self, directory: str | Path, *, keep: int | None = 2):
         self.directory = Path(directory).expanduser().resolve()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=True,
-            enable_async_checkpointing=False,
-        )
+        self.keep = keep
+        # Pruning is ours (see ``prune``): Orbax's max_to_keep would delete the last good checkpoint.
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # -- queries ---------------------------------------------------------------------------------
@@ -60,14 +67,108 @@ class Checkpointer:
             force=True,
         )
         self._manager.wait_until_finished()
+        sums = self._sums()
+        sums[str(step)] = {"sha256": tree_digest(self.path(step)), "good": False}
+        self._write_sums(sums)
+        self.prune()
         return self.path(step)
+
+    # -- integrity and retention -----------------------------------------------------------------
+
+    def _sums_path(self) -> Path:
+        return self.directory / CHECKSUMS
+
+    def _sums(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self._sums_path().read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_sums(self, sums: dict[str, Any]) -> None:
+        tmp = self._sums_path().with_suffix(".tmp")
+        tmp.write_text(json.dumps(sums, sort_keys=True))
+        os.replace(tmp, self._sums_path())
+
+    def verify(self, step: int) -> bool:
+        """Whether checkpoint ``step`` still has the bytes it was saved with (True when it was
+        written before checksums were recorded)."""
+        entry = self._sums().get(str(step))
+        if entry is None:
+            return True
+        return self.path(step).is_dir() and tree_digest(self.path(step)) == entry.get("sha256")
+
+    def mark_good(self, step: int) -> None:
+        """The divergence guard measured checkpoint ``step``'s parameters and found them good."""
+        sums = self._sums()
+        if str(step) in sums:
+            sums[str(step)]["good"] = True
+            self._write_sums(sums)
+            self.prune()
+
+    def last_good(self) -> int | None:
+        """The newest checkpoint that verifies (its bytes match its checksum)."""
+        for step in sorted(self.all_steps(), reverse=True):
+            if self.verify(step):
+                return step
+        return None
+
+    def delete(self, step: int) -> None:
+        self._manager.delete(step)
+        sums = self._sums()
+        if sums.pop(str(step), None) is not None:
+            self._write_sums(sums)
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` checkpoints and, beyond them, the newest one the guard found good:
+        the guard may still reject the newest, and a run must never be left with none."""
+        if self.keep is None:
+            return
+        steps = sorted(self.all_steps(), reverse=True)
+        keep = set(steps[: max(self.keep, 1)])
+        sums = self._sums()
+        good = [s for s in steps if sums.get(str(s), {}).get("good")]
+        if good:
+            keep.add(good[0])
+        for step in steps:
+            if step not in keep:
+                self.delete(step)
 
     def restore(self, step: int | None, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """Restore checkpoint ``step`` (newest when None) onto the structure, shapes, dtypes and
         shardings of ``abstract_state`` (e.g. ``jax.eval_shape`` of the live state)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        if step is not None:
+            return self._restore(step, abstract_state)
+        steps = sorted(self.all_steps(), reverse=True)
+        if not steps:
             raise ConfigError(f"no checkpoint to restore in {self.directory}")
+        damaged: list[int] = []
+        for i, step in enumerate(steps):
+            problem = None if self.verify(step) else "its files do not match their checksum"
+            if problem is None:
+                try:
+                    restored = self._restore(step, abstract_state)
+                except Exception as e:  # a missing / truncated file Orbax cannot read
+                    problem = " ".join(str(e).split())[:160]
+                else:
+                    for bad in damaged:  # the run goes on from `step` and will write these again
+                        self.delete(bad)
+                    return restored
+            damaged.append(step)
+            older = steps[i + 1] if i + 1 < len(steps) else None
+            print(
+                f"sga-jax: warning: checkpoint {self.path(step)} is damaged ({problem}); "
+                + (f"falling back to step {older}" if older is not None else "no older one")
+                + " (the damaged one is removed when an older one restores)",
+                file=sys.stderr,
+            )
+        raise ConfigError(
+            f"no intact checkpoint in {self.directory}; use another output_dir or train.resume=false"
+        )
+
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        if not self.verify(step):
+            raise ConfigError(f"checkpoint {self.path(step)} does not match its checksum (damaged)")
         target = jax.tree.map(_abstract, abstract_state)
         restored = self._manager.restore(
             step,
@@ -117,9 +218,11 @@ def load_params(checkpoint_dir: str | Path, abstract_params: Any, step: int | No
     """Only the parameters of a checkpoint (e.g. to export the last good one after a divergence)."""
     ckpt = Checkpointer(checkpoint_dir)
     try:
-        step = ckpt.latest_step() if step is None else step
+        step = ckpt.last_good() if step is None else step
         if step is None:
-            raise ConfigError(f"no checkpoint in {checkpoint_dir}")
+            raise ConfigError(f"no intact checkpoint in {checkpoint_dir}")
+        if not ckpt.verify(step):
+            raise ConfigError(f"checkpoint {ckpt.path(step)} does not match its checksum (damaged)")
         target = jax.tree.map(_abstract, abstract_params)
         restored = ckpt._manager.restore(
             step,

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: the source's)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST even if it holds other files")
 
     p = sub.add_parser("sweep", help="several methods / rates, then a TOFU forget-quality vs utility plot")
     _config_args(p)
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="the model to apply it to (HF dir or .gguf)")
     p.add_argument("out", help="output HF directory")
     p.add_argument("--scale", type=float, default=1.0, help="multiply the update by this factor")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT even if it holds other files")
 
     p = sub.add_parser("bench", help="run the benchmarks/ scripts")
     p.add_argument("name", nargs="?", default=None, help="benchmarks/NAME.py (default: all)")
@@ -181,6 +183,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"model not found: {model}")
     options = _parse_options(args.options)
     if args.retain_logs:
+        from sga_jax.eval.tofu import _read_logs
+
+        _read_logs(args.retain_logs)  # checked before the evaluation, not after it
         options["retain_logs"] = args.retain_logs
     from sga_jax.eval.run import BENCHMARKS, evaluate
     from sga_jax.train import benchmark_dir
@@ -220,7 +225,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
             f"convert: {src} has no tokenizer (tokenizer.json / tokenizer_config.json / vocab.json); "
             "the converted directory would not be usable on its own"
         )
-    out = convert(src, args.dst, dtype=args.dtype)
+    out = convert(src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     print(f"converted {src} -> {out}")
     return 0
 
@@ -243,7 +248,7 @@ def cmd_reapply(args: argparse.Namespace) -> int:
         raise DataError(f"reapply: delta file not found: {args.delta}")
     if not Path(args.model).exists():
         raise ModelLoadError(f"reapply: model not found: {args.model}")
-    out = reapply(args.delta, args.model, args.out, scale=args.scale)
+    out = reapply(args.delta, args.model, args.out, scale=args.scale, overwrite=args.overwrite)
     print(f"reapplied {args.delta} to {args.model} -> {out}")
     return 0
 
@@ -318,6 +323,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the safety net for I/O faults: a full disk, a read-only or missing folder
+        from sga_jax.fsutil import describe_os_error
+
+        print(f"{PROG}: error: {' '.join(describe_os_error(e).split())}", file=sys.stderr)
+        return 2
+    except RecursionError:
+        print(f"{PROG}: error: an input file is nested too deeply to read", file=sys.stderr)
+        return 2
+    except UnicodeError as e:  # a lone surrogate or undecodable bytes in a data file
+        print(f"{PROG}: error: text that is not valid UTF-8: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

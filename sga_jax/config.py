@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from sga_jax.errors import ConfigError
@@ -552,6 +552,8 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: a config file must hold a mapping at the top level")
     defaults = node.pop("defaults", [])
+    if not isinstance(defaults, ListConfig | list):
+        raise ConfigError(f"{path}: defaults must be a list of config names, got {defaults!r}")
     merged = OmegaConf.create({})
     for entry in defaults:
         entry = str(entry)
@@ -659,7 +661,33 @@ def compose(
         raise ConfigError(str(e).splitlines()[0]) from None
     if obj.mode == "finetune":
         obj.method = GAConfig(name="ga")  # unused in finetune mode; keeps the type uniform
+    _check_finite(obj)
     return obj
+
+
+def _check_finite(obj: Any, prefix: str = "") -> None:
+    """Every float of every section must be finite (``method.r=-inf``, ``train.epochs=inf``), plus the
+    ranges no single schema states: Adam's betas, the seed, the freeze patterns."""
+    import dataclasses
+    import re
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), key, f"must be a finite number, got {value}")
+    if prefix == "":
+        t = obj.train
+        for name in ("b1", "b2"):
+            _check(0 <= getattr(t, name) < 1, f"train.{name}", f"must be in [0, 1), got {getattr(t, name)}")
+        _check(t.seed >= 0, "train.seed", f"must be >= 0, got {t.seed}")
+        for pattern in obj.model.freeze:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"model.freeze: {pattern!r} is not a valid regex ({e})") from None
 
 
 def to_yaml(cfg: RunConfig) -> str:

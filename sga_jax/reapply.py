@@ -12,6 +12,7 @@ checkpoint of the same architecture; parameters that did not move (all-zero delt
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -101,7 +102,15 @@ def load_delta(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str
         raise ModelLoadError(
             f"{p} is not an sga_jax delta (format {meta.get('format')!r}, expected {FORMAT!r})"
         )
-    meta["extra"] = json.loads(meta.get("extra") or "{}")
+    try:
+        meta["extra"] = json.loads(meta.get("extra") or "{}")
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{p}: the delta's metadata 'extra' is not JSON: {e}") from None
+    for name, t in tensors.items():  # an integer or NaN delta would write a broken model
+        if t.dtype.kind != "f" and str(t.dtype) != "bfloat16":
+            raise ModelLoadError(f"{p}: delta tensor {name!r} is {t.dtype}; a delta must be floating point")
+        if not np.isfinite(np.asarray(t, np.float32)).all():
+            raise ModelLoadError(f"{p}: delta tensor {name!r} holds NaN or inf")
     return tensors, meta
 
 
@@ -149,11 +158,17 @@ def reapply(
     *,
     scale: float = 1.0,
     dtype: str = "float32",
+    overwrite: bool = False,
 ) -> Path:
     """Load ``model_dir`` (HF dir or .gguf), add the delta at ``delta_path`` and save an HF
-    directory to ``out_dir`` (temporary directory renamed into place). Returns ``out_dir``."""
+    directory to ``out_dir`` (temporary directory renamed into place). Returns ``out_dir``.
+    ``out_dir`` must be new, empty or a previous export unless ``overwrite``; never the model's folder."""
+    from sga_jax.fsutil import check_destination
     from sga_jax.models import hf
 
+    if not math.isfinite(scale):
+        raise ModelLoadError(f"reapply: --scale must be a finite number, got {scale}")
+    check_destination(out_dir, sources=(model_dir, delta_path), overwrite=overwrite)
     tensors, meta = load_delta(delta_path)
     model = hf.load_model(model_dir, dtype=dtype)
     if meta.get("model_type") and meta["model_type"] != model.config.model_type:
@@ -161,7 +176,7 @@ def reapply(
             f"the delta is for a {meta['model_type']} model, {model_dir} is {model.config.model_type}"
         )
     apply_delta(model, tensors, scale=scale)
-    return hf.save_model(model, out_dir)
+    return hf.save_model(model, out_dir, overwrite=overwrite)
 
 
 __all__ = ["apply_delta", "delta_tensors", "load_delta", "reapply", "save_delta"]

@@ -19,6 +19,7 @@ checkpoint is deleted and the newest remaining one, whose parameters were measur
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -496,17 +497,22 @@ def _all_finite(tree) -> bool:
 # ------------------------------------------------------------------------------------ logging
 
 
+def _logged_step(line: str) -> float:
+    """A metrics line's step; a cut-off (killed mid-write) or foreign line counts as never logged."""
+    try:
+        rec = json.loads(line)
+        return float(rec.get("step", 0)) if isinstance(rec, dict) else math.inf
+    except (ValueError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard when installed."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():  # drop lines a resumed run will write again
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
+            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= resume_step]
             path.write_text("".join(x + "\n" for x in kept))
         self._file = open(path, "a")  # noqa: SIM115 - closed in close()
         self._tb = None
@@ -548,7 +554,7 @@ def _resume_key(cfg: C.RunConfig) -> dict[str, Any]:
     d = C.to_dict(cfg)
     for k in _BOOKKEEPING:
         d["train"].pop(k, None)
-    for k in ("eval", "sweep", "distributed"):
+    for k in ("eval", "sweep", "distributed", "output_dir"):  # output_dir: the folder itself, however spelt
         d.pop(k, None)
     return d
 
@@ -662,24 +668,24 @@ def train_loop(
     if stop == steps and export:
         from sga_jax.models.hf import save_model
 
-        model_dir = save_model(model, out / "model", tokenizer=tokenizer)
+        model_dir = save_model(model, out / "model", tokenizer=tokenizer, overwrite=True)
         # The run ended well and its result is exported: the checkpoints only served resuming.
         prune_checkpoints(out / "checkpoints", t_cfg.keep_checkpoints)
     return RunResult(out, model_dir, stop, history, model)
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Keep the ``keep`` newest step folders of an Orbax checkpoint directory (none: remove it)."""
+    """After a run ended well: keep the ``keep`` newest checkpoints (and checksums.json in step with
+    them, through the Checkpointer), or remove the folder when ``keep`` is 0."""
     if not directory.is_dir():
         return
     if keep == 0:
         shutil.rmtree(directory)
         return
-    steps = sorted(
-        (p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)
-    )
-    for p in steps[: max(len(steps) - keep, 0)]:
-        shutil.rmtree(p)
+    from sga_jax.checkpoint import Checkpointer
+
+    with Checkpointer(directory, keep=keep) as ckpt:
+        ckpt.prune()
 
 
 def _postfix(rec: dict[str, Any]) -> dict[str, str]:
@@ -688,7 +694,7 @@ def _postfix(rec: dict[str, Any]) -> dict[str, str]:
 
 
 def _last_good(ckpt) -> str:
-    step = ckpt.latest_step()
+    step = ckpt.last_good()
     if step is None:
         return "no checkpoint was saved before it (set train.checkpoint_every to keep one)"
     return (
@@ -708,10 +714,16 @@ def _guard(metrics: dict[str, float], s: int, t_cfg: C.TrainConfig, ckpt, cfg: C
     if bad is None and cfg.mode == "unlearn" and bound is not None and metrics.get("forget_nll", 0.0) > bound:
         bad = f"forget NLL {metrics['forget_nll']:.4g} > train.max_forget_nll = {bound:g}"
     if bad is None:
+        ckpt.mark_good(s)  # the metrics of step s+1 measured checkpoint s's parameters: good
         return
+    if s == 0:  # measured on the starting model: nothing diverged, the bound is below the start
+        raise DivergenceError(
+            f"the starting model already fails the guard before any update ({bad}); "
+            "raise train.max_forget_nll (or set it to null)"
+        )
     # The metrics of step s were measured on the parameters of checkpoint s: it is not good.
     if s in ckpt.all_steps():
-        ckpt._manager.delete(s)
+        ckpt.delete(s)
     raise DivergenceError(f"training diverged at step {s + 1}: {bad}; " + _last_good(ckpt))
 
 
@@ -739,7 +751,7 @@ def resolve_model_path(path: str) -> str:
                     f"sga-jax: cached conversion {cached} lacks {', '.join(missing)}; rebuilding it",
                     file=sys.stderr,
                 )
-            convert(gguf, cached)
+            convert(gguf, cached, overwrite=True)  # our own cache entry
         return str(cached)
     p = Path(path).expanduser()
     if p.exists():
@@ -1007,11 +1019,21 @@ def normal_index(model, data: TrainData, m: C.MethodConfig, *, seed: int) -> np.
     if m.normal_samples == "file":  # type: ignore[attr-defined]
         return np.arange(data.num_forget * (k - 1), dtype=np.int64).reshape(data.num_forget, k - 1)
     assert data.retain is not None
+    n_pool = data.retain["input_ids"].shape[0]
     banned = forget_rows_in_pool(data.forget, data.retain)
-    if m.normal_samples == "random":  # type: ignore[attr-defined]
-        idx = NS.random_pairing(
-            data.num_forget, data.retain["input_ids"].shape[0], k - 1, forget_ids_in_pool=banned, seed=seed
+    if banned:
+        print(
+            f"sga-jax: warning: {len(banned)} retain rows are also forget rows; they are never used as "
+            "normal samples",
+            file=sys.stderr,
         )
+    if n_pool - len(banned) < k - 1:
+        raise DataError(
+            f"data.retain: {n_pool - len(banned)} retain rows that are not forget rows; method.k - 1 = "
+            f"{k - 1} normal samples are needed"
+        )
+    if m.normal_samples == "random":  # type: ignore[attr-defined]
+        idx = NS.random_pairing(data.num_forget, n_pool, k - 1, forget_ids_in_pool=banned, seed=seed)
     else:
         idx = NS.retrieve(model, data.forget, data.retain, k - 1, forget_ids_in_pool=banned, seed=seed)
     return np.asarray(idx, dtype=np.int64).reshape(data.num_forget, k - 1)
@@ -1040,24 +1062,59 @@ def batched_nll(model, batch: Batch, batch_size: int = 16, *, reduction: str = "
 # ------------------------------------------------------------------------------------ facade
 
 
-def _output_dir_check(cfg: C.RunConfig) -> Path:
-    """Refuse to resume a run whose config differs (before anything is written)."""
-    out = Path(cfg.output_dir).expanduser()
-    saved = out / "config.yaml"
-    if cfg.train.resume and (out / "checkpoints").is_dir() and saved.is_file():
-        from omegaconf import OmegaConf
+# What a run writes into its output_dir: a folder holding any of these holds a run.
+_RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "delta.safetensors",
+                  "normal_samples.json", "eval")  # fmt: skip
 
-        try:
-            old = C.compose(base=OmegaConf.load(saved))
-        except Exception:
-            old = None
-        if old is not None and _resume_key(old) != _resume_key(cfg):
-            diff = _first_difference(_resume_key(old), _resume_key(cfg))
-            raise ConfigError(
-                f"output_dir {out} holds a run with a different config ({diff}); use another output_dir "
-                "or train.resume=false"
-            )
+
+def _output_dir_check(cfg: C.RunConfig) -> Path:
+    """Refuse, before anything is written, an output_dir that is a file, that holds the model being
+    trained, or that holds another run (a different config, or an unreadable one) unless
+    ``train.resume=false`` asks to start that folder afresh."""
+    out = Path(cfg.output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} exists and is not a folder")
+    model = Path(cfg.model.path).expanduser()
+    if model.exists() and out.resolve() in (model.resolve(), *model.resolve().parents):
+        raise ConfigError(
+            f"model.path {model} is inside output_dir {out}: the run would overwrite its own input; "
+            "use another output_dir"
+        )
+    found = [a for a in _RUN_ARTEFACTS if (out / a).exists()]
+    if not found:
+        return out
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(
+            f"output_dir {out} holds {found[0]} but no config.yaml (not a run sga_jax can continue); "
+            "use another output_dir"
+        )
+    from omegaconf import OmegaConf
+
+    try:
+        old = C.compose(base=OmegaConf.load(saved))
+    except Exception as e:  # YAML / schema errors: without it we cannot tell whether configs match
+        msg = " ".join(str(e).split())[:200]
+        raise ConfigError(
+            f"output_dir {out}: its config.yaml cannot be read ({msg}); use another output_dir"
+        ) from None
+    if cfg.train.resume and _resume_key(old) != _resume_key(cfg):
+        diff = _first_difference(_resume_key(old), _resume_key(cfg))
+        raise ConfigError(
+            f"output_dir {out} holds a run with a different config ({diff}); use another output_dir "
+            "or train.resume=false"
+        )
     return out
+
+
+def _start_afresh(out: Path) -> None:
+    """``train.resume=false``: remove the previous run's artefacts (checked to be a run of ours)."""
+    for name in _RUN_ARTEFACTS[1:]:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
@@ -1081,27 +1138,37 @@ def run(
     if cfg.method.name == "kfade" and cfg.mode == "unlearn":
         return _run_kfade(cfg, out)
     prepared = prepared or prepare(cfg)
-    if cfg.train.resume is False and (out / "checkpoints").exists():
-        shutil.rmtree(out / "checkpoints")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / "config.yaml", C.to_yaml(cfg))
-    if prepared.pairing is not None:
-        _write_text(out / "normal_samples.json", json.dumps({"forget_to_retain_rows": prepared.pairing}))
-    result = train_loop(
-        prepared.model,
-        prepared.data,
-        cfg,
-        out,
-        evaluate=evaluate,
-        eval_every=eval_every,
-        tokenizer=prepared.tokenizer,
-        mesh=prepared.mesh,
-    )
+    with _locked(out):
+        if cfg.train.resume is False:
+            _start_afresh(out)
+        _write_text(out / "config.yaml", C.to_yaml(cfg))
+        if prepared.pairing is not None:
+            _write_text(out / "normal_samples.json", json.dumps({"forget_to_retain_rows": prepared.pairing}))
+        result = train_loop(
+            prepared.model,
+            prepared.data,
+            cfg,
+            out,
+            evaluate=evaluate,
+            eval_every=eval_every,
+            tokenizer=prepared.tokenizer,
+            mesh=prepared.mesh,
+        )
     if result.model_dir is not None and cfg.eval.benchmark != "none":
         from sga_jax.eval.run import evaluate as run_eval
 
         result.eval = run_eval(cfg.eval.benchmark, result.model_dir, out / "eval", **_eval_options(cfg))
     return result
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Create ``out`` and hold its lock while the run writes (two runs would interleave files)."""
+    from sga_jax.fsutil import FolderLock
+
+    out.mkdir(parents=True, exist_ok=True)
+    with FolderLock(out):
+        yield out
 
 
 def _eval_options(cfg: C.RunConfig) -> dict[str, Any]:
@@ -1120,13 +1187,8 @@ def _eval_options(cfg: C.RunConfig) -> dict[str, Any]:
 def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
     """K-FADE: retain-set K-FAC curvature, then a few uphill Gauss-Newton steps
     (:func:`sga_jax.curvature.kfade_unlearn`); Δθ is saved for ``sga-jax reapply``."""
-    from sga_jax.curvature import kfade_unlearn
-    from sga_jax.models.hf import save_model
-    from sga_jax.reapply import save_delta
-
-    m = cfg.method
     prepared = prepare(dataclasses.replace(cfg, method=C.GradDiffConfig(), mode="unlearn"))
-    data, bs = prepared.data, cfg.train.batch_size
+    bs = cfg.train.batch_size
 
     def batches(b: Batch, limit: int | None = None, *, keep_last: bool = False) -> list[Batch]:
         # Curvature batches share one shape (one compilation; a partial batch adds little); the
@@ -1136,7 +1198,18 @@ def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
         out_ = [{k: b[k][i : i + bs] for k in _KEYS} for i in range(0, stop, bs)]
         return out_[:limit] if limit else out_
 
-    out.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        if cfg.train.resume is False:
+            _start_afresh(out)
+        return _kfade_write(cfg, out, prepared, batches)
+
+
+def _kfade_write(cfg: C.RunConfig, out: Path, prepared: Prepared, batches) -> RunResult:
+    from sga_jax.curvature import kfade_unlearn
+    from sga_jax.models.hf import save_model
+    from sga_jax.reapply import save_delta
+
+    m, data = cfg.method, prepared.data
     _write_text(out / "config.yaml", C.to_yaml(cfg))
     before = float(np.mean(batched_nll(prepared.model, data.forget)))
     model, delta = kfade_unlearn(
@@ -1152,7 +1225,7 @@ def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
     )
     after = float(np.mean(batched_nll(model, data.forget)))
     save_delta(delta, model, out / "delta.safetensors", metadata={"method": "kfade"})
-    model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer)
+    model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer, overwrite=True)
     history = [{"step": 0, "forget_nll": before}, {"step": m.steps, "forget_nll": after}]  # type: ignore[attr-defined]
     _write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     result = RunResult(out, model_dir, m.steps, history, model)  # type: ignore[attr-defined]
@@ -1166,9 +1239,16 @@ def _run_kfade(cfg: C.RunConfig, out: Path) -> RunResult:
 def _write_text(path: Path, text: str) -> None:
     """Write via a temporary file renamed into place."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600: an ordinary file of the user's
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def unlearn(

@@ -40,7 +40,7 @@ def test_round_trip_through_transformers(tmp_path, model_type, overrides, scan):
     src, _ = write_tiny_hf(model_type, tmp_path / "src", **overrides)
     model = sga_jax.load_model(src, scan_layers=scan)
     out = sga_jax.save_model(model, tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".sga_jax_export", "config.json", "model.safetensors"]
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = _ids()
     np.testing.assert_allclose(_torch(reloaded, ids), np.asarray(model(ids)), atol=1e-4)

@@ -297,6 +297,13 @@ def aggregate(unlearned_dir: str | os.PathLike, retain_dir: str | os.PathLike | 
     out["forget_quality"] = out["ks_statistic"] = None
     if retain_dir is not None:
         retain = _read_logs(retain_dir)
+        ours, theirs = logs["eval_log_forget.json"], retain["eval_log_forget.json"]
+        if set(ours.get("avg_gt_loss", {})) != set(theirs.get("avg_gt_loss", {})):
+            raise DataError(
+                f"retain logs {retain_dir} cover {len(theirs.get('avg_gt_loss', {}))} forget questions, this "
+                f"evaluation {len(ours.get('avg_gt_loss', {}))}: Forget Quality needs the same forget split "
+                "and limit on both sides"
+            )
         test = ks_2samp(
             truth_ratios(logs["eval_log_forget.json"], "unlearned eval_log_forget.json"),
             truth_ratios(retain["eval_log_forget.json"], "retain eval_log_forget.json"),

@@ -43,13 +43,40 @@ def resolve(hf_config: Any) -> tuple[Any, type]:
         raise ModelLoadError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
+    _check_sizes(hf)
     module, config_cls, model_cls = _REGISTRY[model_type]
     mod = importlib.import_module(module)
     try:
         config = getattr(mod, config_cls).from_hf(hf)
     except KeyError as e:
         raise ModelLoadError(f"{model_type} config is missing the field {e.args[0]!r}") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise ModelLoadError(f"{model_type} config has a malformed field: {e}") from None
+    from sga_jax.models.layers import activation
+
+    activation(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "silu"))
+    if config.hidden_size % config.num_attention_heads and not hf.get("head_dim"):
+        raise ModelLoadError(
+            f"hidden_size {config.hidden_size} is not a multiple of "
+            f"num_attention_heads {config.num_attention_heads}"
+        )
     return config, getattr(mod, model_cls)
+
+
+# Integer sizes a config.json may give; each must be a whole number >= 1 when present.
+_SIZE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "word_embed_proj_dim",
+)  # fmt: skip
+
+
+def _check_sizes(hf: dict[str, Any]) -> None:
+    for key in _SIZE_FIELDS:
+        v = hf.get(key)
+        if v is None and key in ("num_key_value_heads", "head_dim", "word_embed_proj_dim"):
+            continue  # optional: derived from the others
+        if key in hf and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ModelLoadError(f"config.json: {key} must be a whole number >= 1, got {v!r}")
 
 
 def from_config(

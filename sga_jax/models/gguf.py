@@ -113,9 +113,17 @@ def open_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFSource]:
             raise ModelLoadError(f"GGUF file {path} lacks the metadata field llama.{key}")
         return value
 
-    hidden = int(need("embedding_length"))
-    n_head = int(need("attention.head_count"))
-    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    try:
+        hidden = int(need("embedding_length"))
+        n_head = int(need("attention.head_count"))
+        n_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
+    except (TypeError, ValueError) as e:
+        raise ModelLoadError(f"GGUF file {path}: a size field is not an integer: {e}") from None
+    if min(hidden, n_head, n_kv) < 1:
+        raise ModelLoadError(
+            f"GGUF file {path}: embedding_length / head_count / head_count_kv must be >= 1, "
+            f"got {hidden} / {n_head} / {n_kv}"
+        )
     tokens = _field(reader, "tokenizer.ggml.tokens")
     vocab = int(_field(reader, "llama.vocab_size", len(tokens) if tokens is not None else 0))
     names = {t.name for t in reader.tensors}

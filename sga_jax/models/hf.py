@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -24,6 +25,7 @@ import numpy as np
 from flax import nnx
 
 from sga_jax.errors import ModelLoadError
+from sga_jax.fsutil import check_destination, regular_file, write_marker
 from sga_jax.models import layers as L
 from sga_jax.models import resolve
 
@@ -89,15 +91,8 @@ def _safetensors_weight_map(directory: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from None
-        missing = sorted({f for f in weight_map.values() if not (directory / f).is_file()})
-        if missing:
-            raise ModelLoadError(f"{index} names shard files that are missing: {missing}")
-        return {name: directory / f for name, f in weight_map.items()}
+    if index.exists():
+        return _index_weight_map(directory, index)
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
@@ -111,6 +106,7 @@ def _safetensors_weight_map(directory: Path) -> dict[str, Path]:
         raise ModelLoadError(f"no model.safetensors (or safetensors index) in {directory}")
     weight_map: dict[str, Path] = {}
     for f in files:
+        regular_file(f, "safetensors file")  # a FIFO would block safe_open forever
         try:
             with safe_open(str(f), framework="numpy") as h:
                 for name in h.keys():
@@ -120,13 +116,38 @@ def _safetensors_weight_map(directory: Path) -> dict[str, Path]:
     return weight_map
 
 
+def _index_weight_map(directory: Path, index: Path) -> dict[str, Path]:
+    """The weight map of a sharded checkpoint's index. Shard names must be plain file names of
+    regular files inside ``directory``: an absolute or ``../`` name would read outside the model."""
+    regular_file(index, "safetensors index")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
+        raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ModelLoadError(f"{index}: weight_map must map tensor names to shard file names (strings)")
+    root = directory.resolve()
+    for f in sorted(set(weight_map.values())):
+        if not f or Path(f).name != f or f in (".", ".."):
+            raise ModelLoadError(f"{index} names shard {f!r}: only plain file names inside {directory}")
+        if not (directory / f).exists():
+            raise ModelLoadError(f"{index} names a shard file that is missing: {f}")
+        if (directory / f).resolve().parent != root:
+            raise ModelLoadError(f"{index} names shard {f!r}, which resolves outside {directory}")
+        regular_file(directory / f, "safetensors shard")
+    return {name: directory / f for name, f in weight_map.items()}
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     cfg = directory / "config.json"
-    if not cfg.is_file():
+    if not cfg.exists():
         raise ModelLoadError(f"no config.json in {directory}")
+    regular_file(cfg, "config")
     try:
         hf = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise ModelLoadError(f"{cfg} is not valid JSON: {e}") from None
     if not isinstance(hf, dict):
         raise ModelLoadError(f"{cfg} must hold a JSON object")
@@ -136,7 +157,8 @@ def read_config(directory: Path) -> dict[str, Any]:
 def _open(path: str | os.PathLike) -> tuple[dict[str, Any], TensorSource, Path]:
     """(HF config dict, tensor source, resolved path) for an HF dir, a .gguf file or a hub name."""
     p = Path(path).expanduser()
-    if p.is_file():
+    if p.exists() and not p.is_dir():
+        regular_file(p, "model file")
         if p.suffix.lower() == ".gguf":
             from sga_jax.models import gguf
 
@@ -185,10 +207,20 @@ def _hf_entry(table: dict[str, tuple[str, bool]], tmpl: str) -> tuple[str, bool]
     return table[tmpl]
 
 
+_FLOAT_DTYPES = (
+    np.dtype(np.float16),
+    np.dtype(np.float32),
+    np.dtype(np.float64),
+    np.dtype(ml_dtypes.bfloat16),
+)
+
+
 def _fetch(source: TensorSource, name: str, transpose: bool, shape: tuple, dtype) -> np.ndarray:
     if name not in source.names():
         raise ModelLoadError(f"missing tensor {name!r} in the checkpoint")
     t = source.get(name)
+    if np.dtype(t.dtype) not in _FLOAT_DTYPES:  # an integer header on float weights: garbage if cast
+        raise ModelLoadError(f"tensor {name!r} is stored as {t.dtype}; model weights must be floating point")
     if transpose:
         t = t.T
     if tuple(t.shape) != tuple(shape):
@@ -197,6 +229,37 @@ def _fetch(source: TensorSource, name: str, transpose: bool, shape: tuple, dtype
             f"tensor {name!r} has shape {tuple(t.T.shape if transpose else t.shape)}, expected {want}"
         )
     return np.asarray(t, dtype=dtype)
+
+
+def _check_layer_count(config, table: dict[str, tuple[str, bool]], names: set[str], path: Path) -> None:
+    """The config's layer count against the layers the checkpoint holds, before anything is built
+    (building 10,000 abstract layers would take hours; fewer than stored would drop layers)."""
+    layered = [hf_name for tmpl, (hf_name, _) in table.items() if "{i}" in tmpl]
+    if not layered:
+        return
+    pattern = re.compile(re.escape(layered[0]).replace(re.escape("{i}"), r"(\d+)") + "$")
+    present = {int(m.group(1)) for n in names if (m := pattern.match(n))}
+    stored = max(present) + 1 if present else 0
+    if config.num_layers != stored:
+        raise ModelLoadError(
+            f"{path}: the config asks for {config.num_layers} layers but the checkpoint holds {stored}"
+        )
+
+
+_IGNORED_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")  # a cached buffer old checkpoints carry
+
+
+def _check_unused(unused: set[str], config, path: Path) -> None:
+    """Tensors the model does not use mean the config does not describe the checkpoint."""
+    unused = {n for n in unused if not _IGNORED_TENSORS.match(n)}
+    if getattr(config, "tie_word_embeddings", False):
+        unused.discard("lm_head.weight")  # tied: the embedding is the head; a stored copy is redundant
+    if unused:
+        first = sorted(unused)[0]
+        raise ModelLoadError(
+            f"{path}: the checkpoint holds {len(unused)} tensors this model does not use (e.g. {first!r}); "
+            "does config.json describe these weights?"
+        )
 
 
 def load_model(
@@ -221,6 +284,8 @@ def load_model(
     config, cls = resolve(hf)
     pdtype = L.as_dtype(param_dtype if param_dtype is not None else dtype)
     with source:
+        _check_layer_count(config, cls.HF_NAMES, source.names(), resolved)
+        used: set[str] = set()
         abstract = nnx.eval_shape(
             lambda: cls(
                 config,
@@ -241,15 +306,18 @@ def load_model(
                 host = np.empty(shape, dtype=pdtype)
                 for i in range(shape[0]):
                     host[i] = _fetch(source, hf_name.format(i=i), transpose, shape[1:], pdtype)
+                    used.add(hf_name.format(i=i))
             else:
                 name = hf_name.format(i=index) if index is not None else hf_name
                 host = _fetch(source, name, transpose, shape, pdtype)
+                used.add(name)
             if mesh is not None:
                 value = jax.device_put(host, S.sharding_for(key, shape, mesh, config.model_type))
             else:
                 value = jax.device_put(host)
             del host
             var.set_value(value)
+        _check_unused(source.names() - used, config, resolved)
     model = nnx.merge(graphdef, state)
     config.hf["_name_or_path"] = str(resolved)
     return model
@@ -339,33 +407,49 @@ def missing_files(directory: Path) -> list[str]:
     return [f for f in REQUIRED_FILES if not (directory / f).is_file()]
 
 
-def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+def _replaceable(out: Path, model, overwrite: bool) -> Path:
+    """The export's destination check: never replace the user's folder or the model's own source."""
+    return check_destination(out, sources=(model.config.hf.get("_name_or_path"),), overwrite=overwrite)
+
+
+def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer when known) to ``out_dir``, via
     a temporary directory renamed into place, so ``out_dir`` is complete or absent.
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads the result and gives the same logits.
+    An existing ``out_dir`` is replaced only when it is empty, a previous export (marker file) or
+    ``overwrite``; never when it holds the model's source.
 
     Without ``tokenizer``, the one beside the model's source (a GGUF's metadata, an HF directory's
     tokenizer files) is copied; a source that has one that cannot be loaded is an error, not a
     silently tokenizer-less output. A source without any tokenizer gives weights and config only."""
-    out = Path(out_dir).expanduser()
+    out = _replaceable(Path(out_dir).expanduser(), model, overwrite)
     if tokenizer is None:
         source = model.config.hf.get("_name_or_path")
         if source and has_tokenizer(Path(source)):
             tokenizer = load_tokenizer(source)  # raises ModelLoadError naming the problem
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export is an ordinary folder
     try:
+        write_marker(tmp)
         (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
         _write_safetensors(model, tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if out.exists():
+            _replaceable(out, model, overwrite)
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # --------------------------------------------------------------------------------- tokenizer etc.
@@ -389,9 +473,13 @@ def load_tokenizer(path: str | os.PathLike):
         raise ModelLoadError(f"cannot load a tokenizer from {p}: {' '.join(str(e).split())}") from None
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None) -> Path:
-    """A GGUF file or HF directory -> an HF safetensors directory (weights, config, tokenizer)."""
+def convert(
+    src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None, *, overwrite: bool = False
+) -> Path:
+    """A GGUF file or HF directory -> an HF safetensors directory (weights, config, tokenizer).
+    ``dst`` must be new, empty or a previous export unless ``overwrite``; never the source's folder."""
     src_p = Path(src).expanduser()
+    check_destination(dst, sources=(src_p,), overwrite=overwrite)
     hf, source, _ = _open(src)
     source.close()
     if dtype is None:
@@ -401,4 +489,4 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: Any = None) -
             else hf.get("torch_dtype") or hf.get("dtype") or "float32"
         )
     model = load_model(src, dtype=dtype)
-    return save_model(model, dst)
+    return save_model(model, dst, overwrite=overwrite)

@@ -1,0 +1,101 @@
+"""User mistakes and I/O faults at the command line (issue 11): one line naming the problem, exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from tiny_models import write_tiny_llama_for
+
+from sga_jax import config, train
+from sga_jax.cli import main
+from sga_jax.errors import ConfigError, DataError
+from sga_jax.eval import tofu
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("method.r=-inf", "method.r"),
+        ("train.b1=5", "train.b1"),
+        ("train.epochs=inf", "train.epochs"),
+        ("train.seed=-1", "train.seed"),
+        ('model.freeze=["("]', "model.freeze"),
+    ],
+)
+def test_non_finite_and_out_of_range_values(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config.compose([], ["method=sga", override])
+
+
+def test_defaults_must_be_a_list(tmp_path):
+    (tmp_path / "c.yaml").write_text("defaults: 5\n")
+    with pytest.raises(ConfigError, match="defaults must be a list"):
+        config.compose([tmp_path / "c.yaml"])
+
+
+def test_output_dir_that_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("mine")
+    rows = tmp_path / "forget.jsonl"
+    rows.write_text('{"question": "q?", "answer": "a."}\n')
+    args = ["unlearn", "benchmark=jsonl", f"data.forget={rows}", "model.path=smollm2", f"output_dir={f}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a folder" in err[0], err
+    assert f.read_text() == "mine"
+
+
+def test_eval_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    f = tmp_path / "out"
+    f.write_text("mine")
+    model = tmp_path / "m"
+    model.mkdir()
+    assert main(["eval", str(model), "--benchmark", "ppl", "--out", str(f)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sga-jax: error: ") and str(f) in err[0], err
+    assert f.read_text() == "mine"
+
+
+def test_forget_quality_needs_the_same_questions(data_dir, tmp_path):
+    retain = data_dir / "tofu_eval_logs" / "phi-1.5_retain90"
+    ours = tmp_path / "ours"
+    shutil.copytree(retain, ours)
+    log = json.loads((ours / "eval_log_forget.json").read_text())
+    cut = {k: ({i: v[i] for i in list(v)[:200]} if isinstance(v, dict) else v) for k, v in log.items()}
+    (ours / "eval_log_forget.json").write_text(json.dumps(cut))
+    with pytest.raises(DataError, match="300 forget questions, this evaluation 200"):
+        tofu.aggregate(ours, retain)
+
+
+def test_forget_rows_in_retain_are_never_normal_samples(tmp_path, smollm2_tokenizer, capsys):
+    path, _ = write_tiny_llama_for(smollm2_tokenizer, tmp_path / "tiny")
+    rows = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is {i * 7}."} for i in range(6)]
+    (tmp_path / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    (tmp_path / "retain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config.compose(
+        [],
+        [
+            "benchmark=jsonl", f"data.forget={tmp_path / 'forget.jsonl'}",
+            f"data.retain={tmp_path / 'retain.jsonl'}", f"model.path={path}", "method=sga", "method.k=3",
+            "method.normal_samples=random", f"output_dir={tmp_path / 'run'}",
+        ],
+    )  # fmt: skip
+    prep = train.prepare(cfg)
+    assert "3 retain rows are also forget rows" in capsys.readouterr().err
+    assert set(np.asarray(prep.data.normal_index).ravel()) <= {3, 4, 5}
+
+
+def test_eval_checks_retain_logs_before_evaluating(tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    out = tmp_path / "out"
+    assert (
+        main(["eval", str(model), "-b", "tofu", "--out", str(out), "--retain-logs", str(tmp_path / "no")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "eval-log folder not found" in err[0], err
+    assert not out.exists()
