@@ -684,8 +684,11 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
         return
     from sga_jax.checkpoint import Checkpointer
 
+    # The run ended well, so the newest checkpoints are good: the guard's extra "last good" one
+    # (kept beyond ``keep`` while the run was in progress) is no longer needed.
     with Checkpointer(directory, keep=keep) as ckpt:
-        ckpt.prune()
+        for step in sorted(ckpt.all_steps(), reverse=True)[keep:]:
+            ckpt.delete(step)
 
 
 def _postfix(rec: dict[str, Any]) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
-from tiny_models import write_tiny_hf
+from tiny_models import write_tiny_llama_for
 
 import sga_jax
 from sga_jax.cli import main
@@ -22,8 +22,9 @@ from sga_jax.reapply import FORMAT
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    path, _ = write_tiny_hf("llama", tmp_path_factory.mktemp("hostile") / "tiny")
+def tiny(tmp_path_factory, smollm2_tokenizer) -> Path:
+    # With a tokenizer beside it: convert refuses a source it could not turn into a usable directory.
+    path, _ = write_tiny_llama_for(smollm2_tokenizer, tmp_path_factory.mktemp("hostile") / "tiny")
     return path
 
 
