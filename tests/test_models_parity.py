@@ -47,6 +47,9 @@ VARIANTS = {
         dict(tie_word_embeddings=False, enable_bias=False, layer_norm_elementwise_affine=False),
     ),
     "phi": ("phi", {}),
+    # Qwen2.5's small sizes: q/k/v bias only, tied embeddings, theta 1e6 (tiny_models._BASE).
+    "qwen2": ("qwen2", {}),
+    "qwen2_untied_mha": ("qwen2", dict(tie_word_embeddings=False, num_key_value_heads=4)),
     "phi_qk_ln_rot75_gqa": (
         "phi",
         dict(qk_layernorm=True, partial_rotary_factor=0.75, num_key_value_heads=2),
@@ -122,6 +125,8 @@ DECODE_CASES = [
     ("opt_pre_ln", True),
     ("opt_proj_350m", False),
     ("phi_qk_ln_rot75_gqa", True),
+    ("qwen2", True),
+    ("qwen2_untied_mha", False),
 ]
 
 
@@ -219,7 +224,7 @@ def test_from_config_random_init_runs():
 
     from sga_jax.models import from_config
 
-    for model_type in ("llama", "opt", "phi"):
+    for model_type in ("llama", "opt", "phi", "qwen2"):
         model = from_config(tiny_config(model_type), rngs=nnx.Rngs(1))
         ids, mask = _batch()
         out = model(ids, mask)
@@ -257,3 +262,25 @@ def test_kfac_taps_sow_inputs_and_perturb_outputs(tmp_path):
     g = nnx.grad(loss, argnums=1)(model, perturbations)
     (gp,) = jax.tree.leaves(g)
     assert gp.shape == (B, T, 32) and float(jnp.abs(gp).max()) > 0
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides,key",
+    [
+        ("qwen2", dict(use_sliding_window=True), "use_sliding_window"),
+        ("qwen2", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+        ("qwen2", dict(attention_dropout=0.1), "attention_dropout"),
+        ("llama", dict(hidden_act="gelu_10"), "hidden_act"),
+    ],
+)
+def test_unsupported_config_key_is_one_line_error(model_type, overrides, key):
+    """A config key whose value we do not implement is refused naming the key, never ignored."""
+    from tiny_models import _BASE
+
+    from sga_jax.errors import ModelLoadError
+    from sga_jax.models import resolve
+
+    hf = {**_BASE[model_type], "model_type": model_type, **overrides}
+    with pytest.raises(ModelLoadError, match=key) as e:
+        resolve(hf)
+    assert "\n" not in str(e.value)

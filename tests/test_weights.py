@@ -31,7 +31,12 @@ def _torch(tm, ids):
 
 @pytest.mark.parametrize(
     "model_type,overrides",
-    [("llama", {}), ("opt", dict(word_embed_proj_dim=16)), ("phi", dict(qk_layernorm=True))],
+    [
+        ("llama", {}),
+        ("opt", dict(word_embed_proj_dim=16)),
+        ("phi", dict(qk_layernorm=True)),
+        ("qwen2", {}),
+    ],
 )
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 def test_round_trip_through_transformers(tmp_path, model_type, overrides, scan):
@@ -57,6 +62,15 @@ def test_sharded_safetensors_index(tmp_path, tiny_llama):
     model = sga_jax.load_model(tmp_path / "sharded")
     ids = _ids()
     assert np.abs(np.asarray(model(ids)) - _torch(tm, ids)).max() <= 1e-4
+
+
+def test_sharded_qwen2_index(tmp_path):
+    """A sharded Qwen2 checkpoint (tied, q/k/v biases) loads through its index like Llama's."""
+    _, tm = write_tiny_hf("qwen2", tmp_path / "src")
+    tm.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    ids = _ids()
+    assert np.abs(np.asarray(sga_jax.load_model(tmp_path / "sharded")(ids)) - _torch(tm, ids)).max() <= 1e-4
 
 
 def test_bfloat16_save_round_trip(tmp_path, tiny_llama):
