@@ -36,6 +36,19 @@ def _torch(tm, ids):
         ("opt", dict(word_embed_proj_dim=16)),
         ("phi", dict(qk_layernorm=True)),
         ("qwen2", {}),
+        # fused qkv / gate_up written back from our split modules; longrope config exported
+        (
+            "phi3",
+            dict(
+                rope_scaling={
+                    "rope_type": "longrope",
+                    "short_factor": [1.0, 1.2, 1.4, 1.6],
+                    "long_factor": [2.0] * 4,
+                },
+                original_max_position_embeddings=4,
+                max_position_embeddings=64,
+            ),
+        ),
     ],
 )
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
