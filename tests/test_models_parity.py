@@ -35,6 +35,16 @@ VARIANTS = {
     "llama_rope_theta": ("llama", dict(rope_theta=500000.0)),
     "llama_rope_linear": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "llama_rope_llama3": ("llama", dict(rope_scaling=dict(LLAMA3))),
+    # Llama-3.2-1B/3B's shape: llama3 rope (factor 32, theta 5e5), tied embeddings, GQA 4:1 is
+    # scaled down to 4 query / 2 KV heads; original length 8 < T so every band is exercised.
+    "llama32_tied_llama3": (
+        "llama",
+        dict(
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={**LLAMA3, "factor": 32.0},
+        ),
+    ),
     "llama_rope_dynamic": (
         "llama",
         dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=8),
@@ -148,6 +158,7 @@ DECODE_CASES = [
     ("llama", True),
     ("llama", False),
     ("llama_rope_llama3", True),
+    ("llama32_tied_llama3", False),
     ("llama_bias_tied_headdim", False),
     ("opt_pre_ln", True),
     ("opt_proj_350m", False),

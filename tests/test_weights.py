@@ -33,6 +33,19 @@ def _torch(tm, ids):
     "model_type,overrides",
     [
         ("llama", {}),
+        (  # Llama-3.2's shape: tied, llama3 rope
+            "llama",
+            dict(
+                tie_word_embeddings=True,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 32.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8,
+                },
+            ),
+        ),
         ("opt", dict(word_embed_proj_dim=16)),
         ("phi", dict(qk_layernorm=True)),
         ("qwen2", {}),
