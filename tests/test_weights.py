@@ -215,3 +215,15 @@ def test_missing_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         sga_jax.load_model(tmp_path / "empty")
+
+
+def test_fused_tensor_with_wrong_rows_is_one_line_error(tmp_path):
+    """A Phi-3 checkpoint whose fused qkv_proj does not hold the q + k + v rows its config implies
+    is refused naming the fused tensor, not sliced into a wrong model."""
+    path, _ = write_tiny_hf("phi3", tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_key_value_heads"] = 2  # expects 32 + 16 + 16 rows; the file has 32 + 32 + 32
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"qkv_proj.weight' has 96 rows, expected 64") as e:
+        sga_jax.load_model(path)
+    assert "\n" not in str(e.value)
