@@ -35,6 +35,16 @@ VARIANTS = {
     "llama_rope_theta": ("llama", dict(rope_theta=500000.0)),
     "llama_rope_linear": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 2.0})),
     "llama_rope_llama3": ("llama", dict(rope_scaling=dict(LLAMA3))),
+    # Llama-3.2-1B/3B's shape: llama3 rope (factor 32, theta 5e5), tied embeddings, GQA 4:1 is
+    # scaled down to 4 query / 2 KV heads; original length 8 < T so every band is exercised.
+    "llama32_tied_llama3": (
+        "llama",
+        dict(
+            tie_word_embeddings=True,
+            rope_theta=500000.0,
+            rope_scaling={**LLAMA3, "factor": 32.0},
+        ),
+    ),
     "llama_rope_dynamic": (
         "llama",
         dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=8),
@@ -47,11 +57,41 @@ VARIANTS = {
         dict(tie_word_embeddings=False, enable_bias=False, layer_norm_elementwise_affine=False),
     ),
     "phi": ("phi", {}),
+    # Qwen2.5's small sizes: q/k/v bias only, tied embeddings, theta 1e6 (tiny_models._BASE).
+    "qwen2": ("qwen2", {}),
+    "qwen2_untied_mha": ("qwen2", dict(tie_word_embeddings=False, num_key_value_heads=4)),
     "phi_qk_ln_rot75_gqa": (
         "phi",
         dict(qk_layernorm=True, partial_rotary_factor=0.75, num_key_value_heads=2),
     ),
 }
+
+
+def _longrope(original: int) -> dict:
+    """Phi-3.5's rope_scaling on the tiny shape (rotary dim 8: 4 factors per set), max positions 64."""
+    rope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0, 1.1, 1.25, 1.4],
+        "long_factor": [1.5, 2.0, 3.0, 4.5],
+    }
+    return dict(rope_scaling=rope, original_max_position_embeddings=original, max_position_embeddings=64)
+
+
+VARIANTS.update(
+    {
+        "phi3": ("phi3", {}),
+        "phi3_rot50_gqa_tied_window": (
+            "phi3",
+            dict(
+                partial_rotary_factor=0.5, num_key_value_heads=2, tie_word_embeddings=True, sliding_window=32
+            ),
+        ),
+        # T = 12 > 8: the long factors; attention factor sqrt(1 + ln 8 / ln 8).
+        "phi3_longrope_long": ("phi3", _longrope(8)),
+        # T = 12 <= 16: the short factors; attention factor sqrt(1 + ln 4 / ln 16).
+        "phi3_longrope_short": ("phi3", _longrope(16)),
+    }
+)
 
 B, T = 3, 12
 BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16: 8-bit significand (7 stored + the implicit bit)
@@ -118,10 +158,15 @@ DECODE_CASES = [
     ("llama", True),
     ("llama", False),
     ("llama_rope_llama3", True),
+    ("llama32_tied_llama3", False),
     ("llama_bias_tied_headdim", False),
     ("opt_pre_ln", True),
     ("opt_proj_350m", False),
     ("phi_qk_ln_rot75_gqa", True),
+    ("qwen2", True),
+    ("qwen2_untied_mha", False),
+    ("phi3_rot50_gqa_tied_window", True),
+    ("phi3_longrope_short", False),  # (not _long: like dynamic, HF switches factors as it grows)
 ]
 
 
@@ -157,7 +202,9 @@ def test_kv_cache_decode_matches_full_forward(case, tmp_path):
     assert np.abs(out - ref)[mask.astype(bool)].max() <= 1e-4, name
 
 
-@pytest.mark.parametrize("name", ["llama_bias_tied_headdim", "opt_proj_350m", "phi_qk_ln_rot75_gqa"])
+@pytest.mark.parametrize(
+    "name", ["llama_bias_tied_headdim", "opt_proj_350m", "phi_qk_ln_rot75_gqa", "qwen2", "phi3"]
+)
 def test_bfloat16_smoke(name, tmp_path):
     model_type, overrides = VARIANTS[name]
     path, tm = write_tiny_hf(model_type, tmp_path / name, **overrides)
@@ -219,7 +266,7 @@ def test_from_config_random_init_runs():
 
     from sga_jax.models import from_config
 
-    for model_type in ("llama", "opt", "phi"):
+    for model_type in ("llama", "opt", "phi", "qwen2", "phi3"):
         model = from_config(tiny_config(model_type), rngs=nnx.Rngs(1))
         ids, mask = _batch()
         out = model(ids, mask)
@@ -257,3 +304,82 @@ def test_kfac_taps_sow_inputs_and_perturb_outputs(tmp_path):
     g = nnx.grad(loss, argnums=1)(model, perturbations)
     (gp,) = jax.tree.leaves(g)
     assert gp.shape == (B, T, 32) and float(jnp.abs(gp).max()) > 0
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides,key",
+    [
+        ("qwen2", dict(use_sliding_window=True), "use_sliding_window"),
+        ("qwen2", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+        ("qwen2", dict(attention_dropout=0.1), "attention_dropout"),
+        ("llama", dict(hidden_act="gelu_10"), "hidden_act"),
+        ("phi3", dict(resid_pdrop=0.1), "resid_pdrop"),
+        ("phi3", dict(rope_scaling={"rope_type": "yarn_v2", "factor": 2.0}), "rope_type"),
+        (
+            "phi3",
+            dict(
+                _longrope(8),
+                rope_scaling={"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0] * 4},
+            ),
+            "short_factor",
+        ),
+    ],
+)
+def test_unsupported_config_key_is_one_line_error(model_type, overrides, key):
+    """A config key whose value we do not implement is refused naming the key, never ignored."""
+    from tiny_models import _BASE
+
+    from sga_jax.errors import ModelLoadError
+    from sga_jax.models import resolve
+
+    hf = {**_BASE[model_type], "model_type": model_type, **overrides}
+    with pytest.raises(ModelLoadError, match=key) as e:
+        resolve(hf)
+    assert "\n" not in str(e.value)
+
+
+def test_longrope_switches_factors_past_original_length(tmp_path):
+    """LongRoPE below and above original_max_position_embeddings (8): HF's logits of the same 6-token
+    prefix differ between a 6-token and a 12-token forward (the factor set switches), and ours match
+    HF's in both."""
+    path, tm = write_tiny_hf("phi3", tmp_path / "m", **_longrope(8))
+    model = sga_jax.load_model(path)
+    ids, _ = _batch(5)
+    short_ref = _torch_logits(tm, ids[:, :6])
+    long_ref = _torch_logits(tm, ids)
+    assert np.abs(long_ref[:, :6] - short_ref).max() > 1e-2  # the test has power
+    assert np.abs(np.asarray(model(ids[:, :6])) - short_ref).max() <= 1e-4
+    assert np.abs(np.asarray(model(ids)) - long_ref).max() <= 1e-4
+
+
+def test_phi35_config_json_rope_scaling_aliases():
+    """Phi-3.5's config.json form (rope_scaling with "type", top-level original_max_position_embeddings)
+    and the old "su" name give the same rope as transformers 5's rope_parameters form."""
+    from tiny_models import _BASE
+
+    from sga_jax.models import resolve
+
+    rope = _longrope(8)
+    new = {**_BASE["phi3"], "model_type": "phi3", **rope}
+    want = resolve(new)[0].rope
+    assert want.rope_type == "longrope" and want.original_max_position_embeddings == 8
+    assert want.attention_factor == pytest.approx(np.sqrt(2.0))
+    for name in ("longrope", "su"):
+        old_scaling = {"type": name, **{k: v for k, v in rope["rope_scaling"].items() if k != "rope_type"}}
+        old = {**new, "rope_scaling": old_scaling}
+        assert resolve(old)[0].rope == want, name
+
+
+def test_sliding_window_longer_sequences_refused(tmp_path):
+    """Phi-3's sliding_window is honoured only where it changes nothing: a sequence (or cache)
+    longer than the window is one ConfigError naming it, not a silently different model."""
+    from sga_jax.errors import ConfigError
+
+    path, tm = write_tiny_hf("phi3", tmp_path / "m", sliding_window=8)
+    model = sga_jax.load_model(path)
+    ids, _ = _batch(6)
+    assert np.abs(np.asarray(model(ids[:, :8])) - _torch_logits(tm, ids[:, :8])).max() <= 1e-4
+    with pytest.raises(ConfigError, match="sliding_window 8"):
+        model(ids)
+    with pytest.raises(ConfigError, match="sliding_window 8"):
+        model.init_cache(B, 9)

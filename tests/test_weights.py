@@ -31,7 +31,38 @@ def _torch(tm, ids):
 
 @pytest.mark.parametrize(
     "model_type,overrides",
-    [("llama", {}), ("opt", dict(word_embed_proj_dim=16)), ("phi", dict(qk_layernorm=True))],
+    [
+        ("llama", {}),
+        (  # Llama-3.2's shape: tied, llama3 rope
+            "llama",
+            dict(
+                tie_word_embeddings=True,
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 32.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8,
+                },
+            ),
+        ),
+        ("opt", dict(word_embed_proj_dim=16)),
+        ("phi", dict(qk_layernorm=True)),
+        ("qwen2", {}),
+        # fused qkv / gate_up written back from our split modules; longrope config exported
+        (
+            "phi3",
+            dict(
+                rope_scaling={
+                    "rope_type": "longrope",
+                    "short_factor": [1.0, 1.2, 1.4, 1.6],
+                    "long_factor": [2.0] * 4,
+                },
+                original_max_position_embeddings=4,
+                max_position_embeddings=64,
+            ),
+        ),
+    ],
 )
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 def test_round_trip_through_transformers(tmp_path, model_type, overrides, scan):
@@ -57,6 +88,15 @@ def test_sharded_safetensors_index(tmp_path, tiny_llama):
     model = sga_jax.load_model(tmp_path / "sharded")
     ids = _ids()
     assert np.abs(np.asarray(model(ids)) - _torch(tm, ids)).max() <= 1e-4
+
+
+def test_sharded_qwen2_index(tmp_path):
+    """A sharded Qwen2 checkpoint (tied, q/k/v biases) loads through its index like Llama's."""
+    _, tm = write_tiny_hf("qwen2", tmp_path / "src")
+    tm.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    ids = _ids()
+    assert np.abs(np.asarray(sga_jax.load_model(tmp_path / "sharded")(ids)) - _torch(tm, ids)).max() <= 1e-4
 
 
 def test_bfloat16_save_round_trip(tmp_path, tiny_llama):
@@ -175,3 +215,15 @@ def test_missing_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="config.json"):
         sga_jax.load_model(tmp_path / "empty")
+
+
+def test_fused_tensor_with_wrong_rows_is_one_line_error(tmp_path):
+    """A Phi-3 checkpoint whose fused qkv_proj does not hold the q + k + v rows its config implies
+    is refused naming the fused tensor, not sliced into a wrong model."""
+    path, _ = write_tiny_hf("phi3", tmp_path / "m")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["num_key_value_heads"] = 2  # expects 32 + 16 + 16 rows; the file has 32 + 32 + 32
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"qkv_proj.weight' has 96 rows, expected 64") as e:
+        sga_jax.load_model(path)
+    assert "\n" not in str(e.value)

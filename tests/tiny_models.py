@@ -61,11 +61,50 @@ _BASE: dict[str, dict[str, Any]] = {
         embd_pdrop=0.0,
         attention_dropout=0.0,
     ),
+    # Qwen2.5's small-size shape: tied embeddings, rope theta 1e6, q/k/v biases, GQA.
+    "qwen2": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        sliding_window=64,
+        max_window_layers=1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attention_dropout=0.0,
+    ),
+    # Phi-3-mini's shape: fused qkv / gate_up in HF, untied, no biases.
+    "phi3": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attention_dropout=0.0,
+    ),
 }
 
 
 def tiny_config(model_type: str, **overrides: Any):
-    """A small transformers config of ``model_type`` ("llama", "opt", "phi") with overrides applied."""
+    """A small transformers config of ``model_type`` (a key of ``_BASE``) with overrides applied."""
     import transformers
 
     kwargs = {**_BASE[model_type], **overrides}

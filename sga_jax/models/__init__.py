@@ -1,4 +1,4 @@
-"""Flax NNX ports of the causal LMs sga_jax supports (Llama, OPT, Phi) and their HF loaders.
+"""Flax NNX ports of the causal LMs sga_jax supports (Llama, Qwen2, OPT, Phi, Phi-3) and their HF loaders.
 
 ``from_config(hf_config, rngs=..., dtype=...)`` builds a randomly initialised model from a
 transformers config (object or ``config.json`` dict); ``sga_jax.models.hf.load_model`` loads weights.
@@ -18,6 +18,8 @@ _REGISTRY: dict[str, tuple[str, str, str]] = {
     "llama": ("sga_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "opt": ("sga_jax.models.opt", "OPTConfig", "OPTForCausalLM"),
     "phi": ("sga_jax.models.phi", "PhiConfig", "PhiForCausalLM"),
+    "phi3": ("sga_jax.models.phi3", "Phi3Config", "Phi3ForCausalLM"),
+    "qwen2": ("sga_jax.models.qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(_REGISTRY))
 

@@ -3,8 +3,10 @@
 Loading builds the module abstractly (``nnx.eval_shape``: no memory), then streams one tensor at a
 time from safetensors (``safe_open``) or GGUF (memory-mapped) into its place — sharded when a mesh is
 given — so the model is never held twice in host memory. Each architecture has one name table
-(``<arch>.HF_NAMES``: module path -> HF name, transpose). Pickled ``.bin`` weights are refused: no
-pickle is ever unpickled.
+(``<arch>.HF_NAMES``: module path -> HF name, transpose). Where HF fuses several of our tensors
+into one (Phi-3's ``qkv_proj``, ``gate_up_proj``), ``<arch>.HF_FUSED`` names the fused tensor and
+its parts, stacked along HF's first axis in order: split on load, concatenated on save. Pickled
+``.bin`` weights are refused: no pickle is ever unpickled.
 """
 
 from __future__ import annotations
@@ -85,6 +87,59 @@ class SafetensorsSource(TensorSource):
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _template_regex(tmpl: str) -> re.Pattern:
+    return re.compile(re.escape(tmpl).replace(r"\{i\}", r"(\d+)"))
+
+
+def _fused_parts(fused: dict[str, tuple[str, ...]], names) -> dict[str, tuple[str, list[str]]]:
+    """Each name of ``names`` that is a part of a fused tensor -> (fused name, its part names in order)."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for fused_tmpl, parts in fused.items():
+        regexes = [_template_regex(p) for p in parts]
+        for name in names:
+            for rx in regexes:
+                m = rx.fullmatch(name)
+                if m:
+                    fmt = {"i": m.group(1)} if m.groups() else {}
+                    out[name] = (fused_tmpl.format(**fmt), [p.format(**fmt) for p in parts])
+    return out
+
+
+class FusedSource(TensorSource):
+    """``source`` with each fused tensor also readable as its parts: part k is HF rows
+    ``[sum(rows[:k]), sum(rows[:k + 1]))`` of the fused tensor, ``rows`` the parts' first dims."""
+
+    def __init__(self, source: TensorSource, fused: dict[str, tuple[str, ...]], rows: dict[str, int]):
+        self.source = source
+        self.rows = rows  # part name -> rows of the part in HF layout
+        wanted = _fused_parts(fused, rows)
+        self.parts = {p: f for p, (f, _) in wanted.items() if f in source.names()}
+        self.members = {f: ps for _, (f, ps) in wanted.items()}
+        self._last: tuple[str, np.ndarray] | None = None  # the last fused tensor read (3 parts each)
+
+    def names(self) -> set[str]:
+        return self.source.names() | set(self.parts)
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.parts:
+            return self.source.get(name)
+        fused = self.parts[name]
+        if self._last is None or self._last[0] != fused:
+            self._last = (fused, self.source.get(fused))
+        t = self._last[1]
+        sizes = [self.rows[p] for p in self.members[fused]]
+        if t.shape[0] != sum(sizes):
+            raise ModelLoadError(
+                f"tensor {fused!r} has {t.shape[0]} rows, expected {sum(sizes)} (its parts: {sizes})"
+            )
+        k = self.members[fused].index(name)
+        return t[sum(sizes[:k]) : sum(sizes[: k + 1])]
+
+    def close(self) -> None:
+        self._last = None
+        self.source.close()
 
 
 def _safetensors_weight_map(directory: Path) -> dict[str, Path]:
@@ -260,6 +315,19 @@ def _check_unused(unused: set[str], config, path: Path) -> None:
             f"{path}: the checkpoint holds {len(unused)} tensors this model does not use (e.g. {first!r}); "
             "does config.json describe these weights?"
         )
+def _hf_rows(table: dict[str, tuple[str, bool]], state) -> dict[str, int]:
+    """HF tensor name -> its first dimension in HF layout, for every parameter of ``state``."""
+    rows: dict[str, int] = {}
+    for key, var in nnx.to_flat_state(state):
+        shape = tuple(var.get_value().shape)
+        tmpl, index, stacked = template(key)
+        hf_name, transpose = _hf_entry(table, tmpl)
+        shape = shape[1:] if stacked else shape
+        n = shape[-1] if transpose else shape[0]
+        layers = range(var.get_value().shape[0]) if stacked else [index]
+        for i in layers:
+            rows[hf_name.format(i=i) if i is not None else hf_name] = n
+    return rows
 
 
 def load_model(
@@ -298,6 +366,8 @@ def load_model(
         )
         graphdef, state = nnx.split(abstract)
         table = cls.HF_NAMES
+        if getattr(cls, "HF_FUSED", None):
+            source = FusedSource(source, cls.HF_FUSED, _hf_rows(table, state))
         for key, var in nnx.to_flat_state(state):
             shape = tuple(var.get_value().shape)
             tmpl, index, stacked = template(key)
@@ -317,6 +387,8 @@ def load_model(
                 value = jax.device_put(host)
             del host
             var.set_value(value)
+        if isinstance(source, FusedSource):  # a fused tensor is used when its parts are
+            used |= {source.parts[n] for n in used if n in source.parts}
         _check_unused(source.names() - used, config, resolved)
     model = nnx.merge(graphdef, state)
     config.hf["_name_or_path"] = str(resolved)
@@ -351,19 +423,28 @@ def hf_tensors(model) -> Iterator[tuple[str, Any, bool, int | None]]:
 
 def _write_safetensors(model, file: Path) -> None:
     """Stream every tensor into one safetensors file (header first, then one tensor at a time)."""
+    tensors = {name: (value, transpose, i) for name, value, transpose, i in hf_tensors(model)}
+    fused = _fused_parts(getattr(type(model), "HF_FUSED", None) or {}, tensors)
     entries = []
     offset = 0
-    for name, value, transpose, i in hf_tensors(model):
-        shape = value.shape[1:] if i is not None else value.shape
-        if transpose:
-            shape = shape[::-1]
+    for name, (value, _, _) in tensors.items():
+        # a part of a fused HF tensor: write the fused one, in place of its first part
+        out_name, members = fused.get(name, (name, [name]))
+        if name != members[0]:
+            continue
+        shapes = []
+        for member in members:
+            v, transpose, i = tensors[member]
+            shape = v.shape[1:] if i is not None else v.shape
+            shapes.append(tuple(int(s) for s in (shape[::-1] if transpose else shape)))
+        shape = (sum(s[0] for s in shapes), *shapes[0][1:])
         dt = np.dtype(value.dtype)
         nbytes = int(np.prod(shape)) * dt.itemsize
-        entries.append((name, value, transpose, i, dt, tuple(int(s) for s in shape), offset, nbytes))
+        entries.append((out_name, [tensors[m] for m in members], dt, shape, offset, nbytes))
         offset += nbytes
     header = {
         name: {"dtype": _ST_DTYPES[dt], "shape": list(shape), "data_offsets": [off, off + n]}
-        for name, _, _, _, dt, shape, off, n in entries
+        for name, _, dt, shape, off, n in entries
     }
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
@@ -371,11 +452,12 @@ def _write_safetensors(model, file: Path) -> None:
     with open(file, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, value, transpose, i, dt, _, _, _ in entries:
-            arr = np.asarray(jax.device_get(value[i] if i is not None else value))
-            if transpose:
-                arr = arr.T
-            f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
+        for _, parts, dt, _, _, _ in entries:
+            for value, transpose, i in parts:  # a fused tensor's parts, stacked along its rows
+                arr = np.asarray(jax.device_get(value[i] if i is not None else value))
+                if transpose:
+                    arr = arr.T
+                f.write(np.ascontiguousarray(arr, dtype=dt).tobytes())
 
 
 def export_config(model) -> dict[str, Any]:

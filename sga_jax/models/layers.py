@@ -200,7 +200,10 @@ class RopeConfig:
 
     ``dim`` is the number of rotated channels per head (``partial_rotary_factor * head_dim`` for Phi).
     Supported: ``default``, ``linear`` (positions / factor), ``llama3`` (Llama 3.1 frequency bands),
-    ``dynamic`` (NTK-aware base growth once the sequence exceeds the trained length).
+    ``dynamic`` (NTK-aware base growth once the sequence exceeds the trained length), ``longrope``
+    (Phi-3 / 3.5, Ding et al. 2024, arXiv 2402.13753: per-frequency ``short_factor`` rescaling, or
+    ``long_factor`` once the batch's longest position passes ``original_max_position_embeddings``,
+    and cos / sin multiplied by ``attention_factor``, as HF's ``_compute_longrope_parameters``).
     """
 
     dim: int
@@ -211,8 +214,11 @@ class RopeConfig:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 2048
     max_position_embeddings: int = 2048
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
-    SUPPORTED = ("default", "linear", "llama3", "dynamic")
+    SUPPORTED = ("default", "linear", "llama3", "dynamic", "longrope")
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], dim: int) -> RopeConfig:
@@ -227,21 +233,50 @@ class RopeConfig:
                 f"unsupported rope_type {rope_type!r}; supported: {', '.join(cls.SUPPORTED)}"
             )
         max_pos = int(hf.get("max_position_embeddings", 2048))
+        # A top-level original_max_position_embeddings (Phi-3) wins, as in HF's standardize_rope_params.
+        original = int(
+            hf.get("original_max_position_embeddings")
+            or params.get("original_max_position_embeddings")
+            or max_pos
+        )
+        longrope: dict[str, Any] = {}
+        if rope_type == "longrope":
+            for key in ("short_factor", "long_factor"):
+                if len(params.get(key) or ()) != dim // 2:
+                    raise ModelLoadError(
+                        f"rope_scaling key {key} must list {dim // 2} factors (rotary dim {dim} / 2), "
+                        f"got {len(params.get(key) or ())}"
+                    )
+            # HF: factor defaults to max / original positions; attention_factor to
+            # sqrt(1 + ln(factor) / ln(original)) when factor > 1, else 1.
+            factor = params.get("factor") or max_pos / original
+            attention = params.get("attention_factor")
+            if attention is None:
+                attention = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+            longrope = dict(
+                short_factor=tuple(float(f) for f in params["short_factor"]),
+                long_factor=tuple(float(f) for f in params["long_factor"]),
+                attention_factor=float(attention),
+            )
         return cls(
             dim=dim,
             theta=float(theta),
             rope_type=rope_type,
-            factor=float(params.get("factor", 1.0)),
+            factor=float(params.get("factor") or 1.0),
             low_freq_factor=float(params.get("low_freq_factor", 1.0)),
             high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(params.get("original_max_position_embeddings", max_pos)),
+            original_max_position_embeddings=original,
             max_position_embeddings=max_pos,
+            **longrope,
         )
 
-    def inv_freq(self) -> np.ndarray:
-        """The static inverse frequencies ``θ^(-2i/dim)`` after linear / llama3 scaling."""
+    def inv_freq(self, long: bool = False) -> np.ndarray:
+        """The static inverse frequencies ``θ^(-2i/dim)`` after linear / llama3 / longrope scaling
+        (longrope: the short factors, or the long ones when ``long``)."""
         inv = 1.0 / (self.theta ** (np.arange(0, self.dim, 2, dtype=np.float64) / self.dim))
-        if self.rope_type == "linear":
+        if self.rope_type == "longrope":
+            inv = inv / np.asarray(self.long_factor if long else self.short_factor, np.float64)
+        elif self.rope_type == "linear":
             inv = inv / self.factor
         elif self.rope_type == "llama3":
             old = self.original_max_position_embeddings
@@ -266,10 +301,16 @@ class RopeConfig:
             ) ** (self.dim / (self.dim - 2))
             exps = jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim
             inv = 1.0 / (base**exps)
+        elif self.rope_type == "longrope":
+            # HF switches the whole batch on its longest sequence (max position + 1).
+            long = jnp.max(pos) + 1.0 > self.original_max_position_embeddings
+            inv = jnp.where(long, jnp.asarray(self.inv_freq(long=True)), jnp.asarray(self.inv_freq()))
         else:
             inv = jnp.asarray(self.inv_freq())
         freqs = pos[..., None] * inv
         emb = jnp.concatenate([freqs, freqs], axis=-1)
+        if self.attention_factor != 1.0:
+            return jnp.cos(emb) * self.attention_factor, jnp.sin(emb) * self.attention_factor
         return jnp.cos(emb), jnp.sin(emb)
 
 

@@ -3,6 +3,10 @@
 Pre-norm decoder: ``h = x + Attn(RMSNorm(x))``; ``y = h + W_down(silu(W_gate RMSNorm(h)) ⊙ W_up RMSNorm(h))``.
 Covers grouped-query attention, explicit ``head_dim``, the HF rope types default / linear / llama3 /
 dynamic, ``tie_word_embeddings``, ``attention_bias``, ``mlp_bias`` and the RMSNorm epsilon.
+
+The same modules serve Qwen2 (:mod:`sga_jax.models.qwen2`: q/k/v bias without an o_proj bias) and
+Phi-3 (:mod:`sga_jax.models.phi3`: fused projections in HF, LongRoPE); those files hold only their
+config mapping and name table, in the style of jax-ml/bonsai.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
+from sga_jax.errors import ConfigError, ModelLoadError
 from sga_jax.models import layers as L
 
 # Module path (``{i}`` = layer) -> (HF safetensors name, transpose). Kernels are [in, out] here and
@@ -56,8 +61,12 @@ class LlamaConfig:
     rms_norm_eps: float
     rope: L.RopeConfig
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v biases
+    attention_out_bias: bool = False  # o_proj bias (Llama: = attention_bias; Qwen2: none)
     mlp_bias: bool = False
+    # HF's sliding window, accepted only where it changes nothing: a sequence (or KV cache) longer
+    # than it is refused at call time (Phi-3-mini-4k declares 2047; sliding attention comes later).
+    sliding_window: int | None = None
     hidden_act: str = "silu"
     bos_token_id: Any = None
     eos_token_id: Any = None
@@ -67,6 +76,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
+        check_supported(hf, cls.model_type)
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         return cls(
@@ -82,12 +92,27 @@ class LlamaConfig:
             rope=L.RopeConfig.from_hf(hf, head_dim),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=bool(hf.get("attention_bias", False)),
+            attention_out_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             hidden_act=hf.get("hidden_act", "silu"),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
             pad_token_id=hf.get("pad_token_id"),
             hf=dict(hf),
+        )
+
+
+def check_supported(hf: dict[str, Any], model_type: str) -> None:
+    """One ModelLoadError naming the first config key whose value these ports do not implement."""
+    for key in ("attention_dropout", "resid_pdrop", "embd_pdrop"):
+        if float(hf.get(key) or 0.0) != 0.0:  # unlearning trains: a dropout we skip changes the model
+            raise ModelLoadError(
+                f"{model_type} config key {key}={hf[key]} is not supported (sga_jax applies no dropout)"
+            )
+    act = hf.get("hidden_act", "silu")
+    if act not in L.ACTIVATIONS:
+        raise ModelLoadError(
+            f"{model_type} config key hidden_act={act!r} is not supported; supported: {sorted(L.ACTIVATIONS)}"
         )
 
 
@@ -113,7 +138,7 @@ class LlamaDecoderLayer(nnx.Module):
             c.num_key_value_heads,
             c.head_dim,
             qkv_bias=c.attention_bias,
-            out_bias=c.attention_bias,
+            out_bias=c.attention_out_bias,
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
@@ -166,6 +191,22 @@ class LlamaForCausalLM(L.DecoderLM):
             self.lm_head = L.Linear(
                 c.hidden_size, c.vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
             )
+
+    def _check_length(self, length: int) -> None:
+        w = self.config.sliding_window
+        if w is not None and length > w:
+            raise ConfigError(
+                f"{self.config.model_type}: sequence length {length} exceeds the config's sliding_window "
+                f"{w}; sliding-window attention is not supported yet, use sequences of at most {w} tokens"
+            )
+
+    def hidden_states(self, input_ids, attention_mask=None):
+        self._check_length(jnp.shape(input_ids)[1])
+        return super().hidden_states(input_ids, attention_mask)
+
+    def init_cache(self, batch_size: int, max_length: int):
+        self._check_length(max_length)  # decode attends to cache slots only
+        return super().init_cache(batch_size, max_length)
 
     def _embed(self, input_ids, positions):
         return self.embed_tokens(input_ids)

@@ -43,6 +43,8 @@ PARTITION_RULES: dict[str, list[tuple[str, P]]] = {
     "llama": _COMMON,
     "opt": _COMMON,
     "phi": _COMMON,
+    "phi3": _COMMON,  # q/k/v and gate/up are separate modules here (fused only in HF files)
+    "qwen2": _COMMON,
 }
 
 
