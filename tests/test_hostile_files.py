@@ -185,7 +185,7 @@ def test_bad_sizes_are_one_line(copy, key, value, tmp_path, capsys):
 def test_unknown_activation_is_found_at_load(copy):
     m = copy()
     _edit_config(m, hidden_act="swishy")
-    with pytest.raises(ModelLoadError, match="unsupported activation 'swishy'"):
+    with pytest.raises(ModelLoadError, match="hidden_act='swishy' is not supported"):
         sga_jax.load_model(m)
 
 
