@@ -122,9 +122,7 @@ def test_cudnn_matches_xla_on_gpu(tmp_path):
     tokens: logits within the bfloat16 bound of test_models_parity ((2L + 4) u max|logit|)."""
     if not L._cuda_gpu():
         pytest.skip("needs a CUDA GPU (make test-gpu on a GPU machine); not counted as passing")
-    path, _ = write_tiny_hf(
-        "llama", tmp_path, num_key_value_heads=2, hidden_size=256, num_attention_heads=4
-    )
+    path, _ = write_tiny_hf("llama", tmp_path, num_key_value_heads=2, hidden_size=256, num_attention_heads=4)
     ids, mask = _right_padded()
     real = mask.astype(bool)
     xla = sga_jax.load_model(path, "bfloat16", attention="xla")
