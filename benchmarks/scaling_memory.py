@@ -121,11 +121,23 @@ def measure(spec: dict) -> dict:
 
     params, rest = with_sharding(params), with_sharding(rest)
     tx = optax.adamw(1e-5, weight_decay=0.01)
-    opt_shardings = jax.jit(tx.init).lower(params).compile().output_shardings
     opt_shape = jax.eval_shape(tx.init, params)
-    opt_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_shape, opt_shardings
-    )
+    # Adam's moments mirror the parameters (the runner's tx.init on sharded parameters keeps their
+    # shardings); the step count and other scalars are replicated.
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    p_def = jax.tree.structure(params)
+    p_sh = [x.sharding for x in jax.tree.leaves(params)]
+
+    def place(sub):
+        if jax.tree.structure(sub) == p_def:
+            leaves = jax.tree.leaves(sub)
+            return jax.tree.unflatten(
+                p_def, [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) for a, s in zip(leaves, p_sh)]
+            )
+        return jax.ShapeDtypeStruct(sub.shape, sub.dtype, sharding=replicated)
+
+    is_group = lambda x: isinstance(x, jax.ShapeDtypeStruct) or jax.tree.structure(x) == p_def
+    opt_state = jax.tree.map(place, opt_shape, is_leaf=is_group)
     batch_sh = S.batch_sharding(mesh)
     batch = {
         key: jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=batch_sh)
@@ -162,6 +174,8 @@ def measure(spec: dict) -> dict:
         devices=devices,
         compile_s=seconds,
         jax=jax.__version__,
+        backend=jax.default_backend(),
+        device=jax.devices()[0].device_kind,
         **out,
     )
 
@@ -296,7 +310,8 @@ def main(argv=None) -> int:
     record = dict(
         date=_dt.date.today().isoformat(),
         started=started,
-        machine=f"{platform.machine()} CPU, {os.cpu_count()} cores (simulated devices)",
+        machine=f"{platform.machine()}, {os.cpu_count()} cores",
+        devices=sorted({f"{r.get('backend')}: {r.get('device')}" for r in results if "backend" in r}),
         python=platform.python_version(),
         gpu=(
             "GPU/TPU memory still to be measured on the hardware: no GPU was lent to this "
