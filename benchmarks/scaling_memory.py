@@ -198,16 +198,18 @@ GiB = 2**30
 
 
 def launch_command(spec: dict) -> str:
-    """The `sga-jax train` overrides that run this row (model.path: an HF directory of that shape)."""
+    """The command that runs this row's step (PATH: an HF directory of that shape; on a multi-host
+    TPU slice every worker runs it with SGA_JAX_DISTRIBUTED=1, docs/performance.md)."""
     spec = {**DEFAULTS, **spec}
     remat = "null" if spec["remat"] is None else spec["remat"]
     forget_rows = spec["rows_per_shard"] * spec["data"] * spec["fsdp"] // spec["k"]
     return (
-        f"sga-jax train method=sga model.path=PATH/{spec['model']} model.dtype={spec['dtype']} "
-        f"model.param_dtype={spec['param_dtype']} model.scan_layers={str(spec['scan']).lower()} "
-        f"model.remat={remat} mesh.data={spec['data']} mesh.fsdp={spec['fsdp']} "
-        f"mesh.tensor={spec['tensor']} train.batch_size={forget_rows} "
-        f"method.k={spec['k']} data.max_length={spec['seq']}"
+        f"sga-jax unlearn --config configs/experiment/tofu_sga.yaml model.path=PATH "
+        f"model.dtype={spec['dtype']} model.param_dtype={spec['param_dtype']} "
+        f"model.scan_layers={str(spec['scan']).lower()} model.remat={remat} "
+        f"mesh.data={spec['data']} mesh.fsdp={spec['fsdp']} mesh.tensor={spec['tensor']} "
+        f"train.batch_size={forget_rows} train.grad_accum=1 method.k={spec['k']} "
+        f"data.max_length={spec['seq']}"
     )
 
 
