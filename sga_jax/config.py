@@ -43,6 +43,11 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------ model
 
+# The same names as sga_jax.models.layers.REMAT_CHOICES / ATTENTION_IMPLEMENTATIONS (a test checks
+# it); spelled out here so that reading a config does not import JAX.
+REMAT_CHOICES = ("auto", "none", "full", "nothing", "minimal", "dots_no_batch", "dots", "everything")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+
 
 @dataclass
 class ModelConfig:
@@ -53,6 +58,10 @@ class ModelConfig:
     ``param_dtype`` the storage (master-weight) dtype: ``dtype=bfloat16, param_dtype=float32`` is
     mixed precision with float32 master weights. ``freeze``: regexes on parameter paths
     (``embed_tokens``) whose parameters are not trained (their gradients are never computed).
+    ``remat``: how much of each decoder layer the backward pass recomputes (null = ``auto``: a
+    full remat under ``scan_layers``, none unrolled; docs/performance.md measures each choice).
+    ``attention``: ``auto`` (cuDNN flash attention on a CUDA GPU in bfloat16 / float16, else XLA),
+    ``xla`` or ``cudnn`` (an error where cuDNN cannot run).
     """
 
     path: str | None = "smollm2"
@@ -61,6 +70,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str | None = None
+    attention: str = "auto"
     freeze: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -77,9 +87,14 @@ class ModelConfig:
                 f"must be float32, bfloat16 or float16, got {value!r}",
             )
         _check(
-            self.remat in (None, "full", "minimal", "dots", "none"),
+            self.remat is None or self.remat in REMAT_CHOICES,
             "model.remat",
-            f"must be null, full, minimal, dots or none, got {self.remat!r}",
+            f"must be null or one of {', '.join(REMAT_CHOICES)}, got {self.remat!r}",
+        )
+        _check(
+            self.attention in ATTENTION_CHOICES,
+            "model.attention",
+            f"must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}",
         )
 
 

@@ -938,6 +938,7 @@ def prepare(cfg: C.RunConfig) -> Prepared:
         mesh=mesh,
         scan_layers=cfg.model.scan_layers,
         remat=cfg.model.remat,
+        attention=cfg.model.attention,
     )
     data = TrainData(
         forget=forget, retain=retain, template=template, normal=normal, template_epochs=template_epochs

@@ -4,6 +4,10 @@
 * Offline: the Hugging Face libraries are put in offline mode (forced, not defaulted: a test must
   never reach the network, whatever the user's shell says), and ``SGA_JAX_CACHE_DIR`` points at a
   temporary folder for the whole session, so no test writes converted models into the user's home.
+* float32 matmuls at full precision: ``jax.default_matmul_precision("highest")`` for every test
+  (``float32_matmuls``), so that the float32 comparisons against PyTorch pass unchanged on a GPU,
+  where JAX's default runs float32 matmuls in TF32 (logits off by ~1e-3 against a 1e-4 bound).
+  On the CPU it changes nothing (XLA:CPU multiplies float32 in float32 either way).
 * Strict dtype promotion, so silent float32 <-> bfloat16 / int <-> float mixing is an error, for
   our own code (models, kernels, objectives) through the ``strict_dtypes`` fixture. It is not global
   because optax's own Adam bias correction mixes an int32 count with floats and fails under it.
@@ -55,6 +59,15 @@ def smollm2_gguf() -> Path:
     from sga_jax.paths import smollm2_gguf as find
 
     return find()
+
+
+@pytest.fixture(autouse=True)
+def float32_matmuls() -> Iterator[None]:
+    """Pin full float32 matmul precision (TF32 off on NVIDIA GPUs) for the test body. Every float32
+    comparison here is against a float32 reference (transformers, scipy, a re-derivation); bfloat16
+    tests are unaffected (their operands are bfloat16 whatever the precision)."""
+    with jax.default_matmul_precision("highest"):
+        yield
 
 
 @pytest.fixture

@@ -89,6 +89,7 @@ def from_config(
     param_dtype: Any = None,
     scan_layers: bool = False,
     remat: str | None = None,
+    attention: str = "auto",
 ):
     """A randomly initialised model for ``hf_config`` (a transformers config or a config.json dict)."""
     config, cls = resolve(hf_config)
@@ -99,6 +100,7 @@ def from_config(
         param_dtype=param_dtype,
         scan_layers=scan_layers,
         remat=remat,
+        attention=attention,
     )
 
 

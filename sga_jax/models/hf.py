@@ -338,12 +338,14 @@ def load_model(
     mesh: jax.sharding.Mesh | None = None,
     scan_layers: bool = False,
     remat: str | None = None,
+    attention: str = "auto",
 ):
     """Load an HF directory (model.safetensors or a sharded index), a ``.gguf`` file, or (with a
     network) a hub repo id into the matching sga_jax model.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (default: ``dtype``). With a
     ``mesh`` each parameter is placed sharded by ``sharding.PARTITION_RULES`` as it is read.
+    ``remat`` / ``attention``: see ``sga_jax.models.layers.remat_policy`` / ``attention_implementation``.
     Raises ModelLoadError (naming the problem) and returns nothing half-loaded.
     """
     from sga_jax.models import sharding as S
@@ -362,6 +364,7 @@ def load_model(
                 param_dtype=pdtype,
                 scan_layers=scan_layers,
                 remat=remat,
+                attention=attention,
             )
         )
         graphdef, state = nnx.split(abstract)

@@ -5,8 +5,13 @@ Conventions (the same in every architecture):
 * dense kernels are ``[in, out]`` (HF stores ``[out, in]``: the loaders transpose);
 * ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype; norms, softmax and RoPE are
   computed in float32 and cast back, as HF does;
-* attention goes through :func:`jax.nn.dot_product_attention` (cuDNN flash path on GPU, float32
-  softmax in the XLA path) with a boolean mask ``[B, 1, T, S]``;
+* attention goes through :func:`jax.nn.dot_product_attention`, chosen by ``attention``
+  (:func:`attention_implementation`): ``xla`` (float32 softmax, a boolean mask ``[B, 1, T, S]``;
+  what ``implementation=None`` runs in JAX 0.10 / 0.11, on every backend) or ``cudnn`` (cuDNN flash
+  attention on a CUDA GPU: causal + per-row key lengths, no dense mask; only for right-padded
+  forwards — KV-cache decode keeps the dense-mask XLA path). ``auto`` picks cuDNN where supported;
+* a layer receives its mask as an :class:`AttentionMask` (either form), so the decoder layers of
+  every architecture are the same for both paths;
 * a decoder layer is called as ``layer(x, rope, mask, kv, cache_index) -> (x, kv)`` so that the
   stack can be run unrolled or with :func:`flax.nnx.scan` (``scan_layers``) and under
   :func:`flax.nnx.remat`, with or without a KV cache.
@@ -22,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from sga_jax.errors import ConfigError, ModelLoadError
 
@@ -350,6 +355,107 @@ def decode_mask(kv_mask: Array, cache_index: Array, t: int) -> Array:
     return (causal[None, None] & kv_mask.astype(bool)[:, None, None, :]) | own[None, None]
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+# cuDNN's fused (flash) attention: half-precision inputs, head_dim a multiple of 8 and at most 128
+# (jax._src.cudnn.fused_attention_stablehlo checks the same and raises otherwise).
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_MAX_HEAD_DIM = 128
+
+
+def _cuda_gpu() -> bool:
+    """True when JAX's default backend is an NVIDIA GPU (not ROCm, not CPU/TPU)."""
+    try:
+        if jax.default_backend() != "gpu":
+            return False
+        version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+    except RuntimeError:
+        return False
+    return "rocm" not in version
+
+
+def _cudnn_unsupported(dtype: Any, head_dim: int) -> str | None:
+    """Why cuDNN flash attention cannot run this model here (None when it can)."""
+    if not _cuda_gpu():
+        return f"needs a CUDA GPU, but JAX's default backend is {jax.default_backend()!r}"
+    if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
+        return f"needs model.dtype bfloat16 or float16, got {jnp.dtype(dtype).name}"
+    if head_dim % 8 or head_dim > _CUDNN_MAX_HEAD_DIM:
+        return f"needs head_dim a multiple of 8 and <= {_CUDNN_MAX_HEAD_DIM}, got {head_dim}"
+    return None
+
+
+def attention_implementation(name: str, dtype: Any, head_dim: int) -> str:
+    """``auto`` | ``xla`` | ``cudnn`` -> the implementation to run (``"xla"`` or ``"cudnn"``).
+
+    ``auto`` is cuDNN on a CUDA GPU with a bfloat16 / float16 compute dtype and a supported
+    ``head_dim``, else XLA. ``cudnn`` where it cannot run raises one ConfigError saying why.
+    """
+    if name not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(
+            f"unknown attention implementation {name!r}; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    if name == "xla":
+        return "xla"
+    why = _cudnn_unsupported(dtype, head_dim)
+    if name == "cudnn" and why is not None:
+        raise ConfigError(f"model.attention=cudnn {why}; use model.attention=auto or xla")
+    return "xla" if why is not None else "cudnn"
+
+
+def _use_lengths(implementation: str) -> bool:
+    """Whether a plain forward passes causal + key lengths (cuDNN) rather than the dense mask.
+    XLA keeps the dense mask: it is exact for any padding and XLA's own causal/length path builds
+    the same [B, 1, T, T] mask internally (no saving). A seam for the tests."""
+    return implementation == "cudnn"
+
+
+@struct.dataclass
+class AttentionMask:
+    """How a layer masks attention, in one of two forms.
+
+    * ``dense``: boolean ``[B, 1, T, S]`` (any padding; KV-cache decode), run by XLA;
+    * ``kv_lengths``: int32 ``[B]``, causal attention over the first ``kv_lengths[b]`` keys of row
+      ``b`` (right padding only), run by ``implementation`` with ``is_causal=True`` and no mask
+      array: cuDNN's flash kernel then never materialises a ``[B, N, T, T]`` score tensor.
+    """
+
+    dense: Array | None = None
+    kv_lengths: Array | None = None
+    implementation: str = struct.field(pytree_node=False, default="xla")
+
+    @classmethod
+    def for_forward(cls, attention_mask: Array, implementation: str) -> tuple[AttentionMask, Array]:
+        """The mask of a plain forward and a per-row flag ``[B]``: False where the lengths form
+        cannot represent ``attention_mask`` (left / inner padding), whose outputs the caller
+        poisons with NaN rather than return silently wrong numbers."""
+        m = attention_mask.astype(bool)
+        b, t = m.shape
+        if not _use_lengths(implementation):
+            return cls(dense=forward_mask(m)), jnp.ones((b,), bool)
+        lengths = jnp.sum(m, axis=1, dtype=jnp.int32)
+        right_padded = jnp.all(m == (jnp.arange(t)[None, :] < lengths[:, None]), axis=1)
+        # A fully padded row (batch filler) keeps one key, so it stays finite like the dense
+        # form's "each query sees itself"; its outputs are never read.
+        lengths = jnp.maximum(lengths, 1)
+        return cls(kv_lengths=lengths, implementation=implementation), right_padded
+
+
+def attend(q: Array, k: Array, v: Array, mask: AttentionMask | Array, scale: float) -> Array:
+    """``softmax(q kᵀ · scale + mask) v`` for ``q [B, T, N, H]``, ``k, v [B, S, K, H]``."""
+    if isinstance(mask, AttentionMask) and mask.kv_lengths is not None:
+        return jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            scale=scale,
+            is_causal=True,
+            key_value_seq_lengths=mask.kv_lengths,
+            implementation=mask.implementation,
+        )
+    dense = mask.dense if isinstance(mask, AttentionMask) else mask
+    return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation="xla")
+
+
 class Attention(nnx.Module):
     """Multi-head / grouped-query attention (Ainslie et al. 2023, arXiv 2305.13245).
 
@@ -392,7 +498,7 @@ class Attention(nnx.Module):
         self,
         x: Array,
         rope: tuple[Array, Array] | None,
-        mask: Array,
+        mask: AttentionMask | Array,
         kv: dict[str, Array] | None = None,
         cache_index: Array | None = None,
     ) -> tuple[Array, dict[str, Array] | None]:
@@ -410,31 +516,49 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
             kv = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5)
+        out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
 # ------------------------------------------------------------------------------ decoder plumbing
 
+# model.remat: how much of a decoder layer's forward is kept for the backward pass. Names follow
+# MaxText's ``remat_policy`` where they overlap (``full``, ``minimal``).
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing: recompute the whole layer in the backward pass
     "nothing": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # MaxText's "minimal"
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
     "everything": jax.checkpoint_policies.everything_saveable,
 }
+# What ``remat=None`` / ``"auto"`` means under scan_layers (unrolled: no remat). Measured in
+# docs/performance.md ("Scan over layers and remat"): scan without remat keeps every layer's
+# intermediates stacked [L, ...] and needs more memory than the unrolled stack (the H100 OOM of
+# issue 12); saving only the layer inputs (the scan carry) and recomputing the rest is the
+# smallest, at about one extra forward.
+DEFAULT_SCAN_REMAT = "full"
+REMAT_CHOICES = ("auto", "none", *REMAT_POLICIES)
 
 
-def remat_policy(name: str | None) -> tuple[bool, Any]:
-    """``None`` -> no remat; a name of REMAT_POLICIES or of ``jax.checkpoint_policies``."""
-    if name is None:
+def remat_policy(name: str | None, scan_layers: bool = False) -> tuple[bool, Any]:
+    """``model.remat`` -> ``(use_remat, policy)``.
+
+    ``None`` / ``"auto"``: ``DEFAULT_SCAN_REMAT`` under ``scan_layers``, no remat unrolled;
+    ``"none"``: no remat; a name of ``REMAT_POLICIES`` or of ``jax.checkpoint_policies``.
+    """
+    if name is None or name == "auto":
+        if not scan_layers:
+            return False, None
+        name = DEFAULT_SCAN_REMAT
+    if name == "none":
         return False, None
     if name in REMAT_POLICIES:
         return True, REMAT_POLICIES[name]
     policy = getattr(jax.checkpoint_policies, name, None)
-    if policy is None or not callable(policy):
+    if policy is None or not callable(policy) or name.startswith("_"):
         raise ConfigError(
-            f"unknown remat policy {name!r}; use None, one of {sorted(REMAT_POLICIES)} "
+            f"unknown remat policy {name!r}; use null, one of {', '.join(REMAT_CHOICES)} "
             "or a name in jax.checkpoint_policies"
         )
     return True, policy
@@ -460,7 +584,8 @@ def _layer_body(x, layer, rope, mask, kv, cache_index):
 class DecoderLM(nnx.Module):
     """Shared causal-LM plumbing: forward, hidden states, KV-cache decode, scan / remat.
 
-    Subclasses set ``config``, ``layers``, ``dtype``, ``scan_layers``, ``remat`` and implement
+    Subclasses set ``config``, ``layers``, ``dtype``, ``scan_layers``, ``remat``, ``attention``
+    (``auto`` | ``xla`` | ``cudnn``, see :func:`attention_implementation`) and implement
     ``_embed(input_ids, positions)``, ``_rope(positions)``, ``_final(x)``, ``_positions(mask)``
     and ``lm_head_weights()``; they may override ``_logits(h)``.
     """
@@ -470,6 +595,7 @@ class DecoderLM(nnx.Module):
     dtype: Any
     scan_layers: bool
     remat: str | None
+    attention: str = "auto"
 
     # --- hooks -------------------------------------------------------------------------------
     def _embed(self, input_ids: Array, positions: Array) -> Array:
@@ -498,7 +624,7 @@ class DecoderLM(nnx.Module):
 
     # --- stack -------------------------------------------------------------------------------
     def _run_layers(self, x, rope, mask, cache, cache_index):
-        use_remat, policy = remat_policy(self.remat)
+        use_remat, policy = remat_policy(self.remat, self.scan_layers)
         body = _layer_body
         if use_remat:
             body = nnx.remat(body, policy=policy, prevent_cse=not self.scan_layers)
@@ -511,6 +637,10 @@ class DecoderLM(nnx.Module):
             new_cache.append(kv)
         return x, (None if cache is None else new_cache)
 
+    def attention_impl(self) -> str:
+        """The attention implementation this model runs here (``"xla"`` or ``"cudnn"``)."""
+        return attention_implementation(self.attention, self.dtype, self.config.head_dim)
+
     # --- public API (docs/interfaces.md) -----------------------------------------------------
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         """Final hidden states ``[B, T, d]`` (after the final norm; OPT: after project_out)."""
@@ -520,8 +650,11 @@ class DecoderLM(nnx.Module):
         attention_mask = jnp.asarray(attention_mask)
         positions = self._positions(attention_mask)
         x = self._embed(input_ids, positions)
-        x, _ = self._run_layers(x, self._rope(positions), forward_mask(attention_mask), None, None)
-        return self._final(x)
+        mask, representable = AttentionMask.for_forward(attention_mask, self.attention_impl())
+        x, _ = self._run_layers(x, self._rope(positions), mask, None, None)
+        # The lengths form is exact only for right padding (training and scoring batches); a left-
+        # or inner-padded row under it gives NaN, loudly, instead of wrong logits.
+        return jnp.where(representable[:, None, None], self._final(x), jnp.nan)
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         """Logits ``[B, T, V]`` float32."""
@@ -555,6 +688,7 @@ class DecoderLM(nnx.Module):
         positions = jnp.asarray(positions, jnp.int32)
         cache_index = jnp.asarray(cache_index, jnp.int32)
         x = self._embed(input_ids, positions)
-        mask = decode_mask(jnp.asarray(kv_mask), cache_index, input_ids.shape[1])
+        # Decode keeps the dense mask (left-padded prompts, cache slots): the XLA path.
+        mask = AttentionMask(dense=decode_mask(jnp.asarray(kv_mask), cache_index, input_ids.shape[1]))
         x, cache = self._run_layers(x, self._rope(positions), mask, cache, cache_index)
         return self._logits(self._final(x)), cache
