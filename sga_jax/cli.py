@@ -196,6 +196,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bench = "tofu"
     if bench not in BENCHMARKS:
         raise ConfigError(f"--benchmark: unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    from sga_jax.eval.options import check_options
+
+    check_options(bench, options)  # before the model is loaded or --out is created
     if options.get("data_dir") is not None and bench in ("tofu", "muse_news"):
         options["data_dir"] = benchmark_dir(str(options["data_dir"]), bench)
     out = Path(args.out).expanduser()

@@ -502,6 +502,11 @@ class EvalConfig:
             "eval.benchmark",
             f"must be none, tofu, muse_news, ppl, mia or wmdp, got {self.benchmark!r}",
         )
+        _check(isinstance(self.options, dict), "eval.options", "must be a mapping of option: value")
+        if self.benchmark != "none":  # checked now, not after the whole training run
+            from sga_jax.eval.options import check_options
+
+            check_options(self.benchmark, self.options, where="eval.options")
 
 
 @dataclass

@@ -41,7 +41,12 @@ def _env_int(*names: str) -> int | None:
     for name in names:
         value = os.environ.get(name)
         if value not in (None, ""):
-            return int(value)
+            try:
+                return int(value)
+            except ValueError:
+                from sga_jax.errors import ConfigError
+
+                raise ConfigError(f"${name}={value!r} is not a whole number") from None
     return None
 
 
@@ -93,12 +98,21 @@ def maybe_initialize(
         num_processes = _env_int("JAX_NUM_PROCESSES", "SGA_JAX_NUM_PROCESSES")
     if process_id is None:
         process_id = _env_int("JAX_PROCESS_ID", "SGA_JAX_PROCESS_ID")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-        initialization_timeout=initialization_timeout,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=initialization_timeout,
+        )
+    except ValueError as e:  # no coordinator given and none auto-detected (not a cluster job)
+        from sga_jax.errors import ConfigError
+
+        raise ConfigError(
+            f"distributed=true but no coordinator was found ({' '.join(str(e).split())}): set "
+            "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i on every "
+            "process, or launch under SLURM, Open MPI or on a TPU pod"
+        ) from None
     return True
 
 

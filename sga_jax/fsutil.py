@@ -55,6 +55,59 @@ def write_marker(folder: Path) -> None:
     (folder / EXPORT_MARKER).write_text("written by sga_jax; this folder may be replaced by a later export\n")
 
 
+# Inside an export's temporary folder (``.NAME.XXXXXXXX`` beside NAME) until it is renamed into
+# place: the owner's pid and host, so a later export can tell a killed one's leftovers from a live one.
+PARTIAL_MARKER = ".sga_jax_partial"
+
+
+def mark_partial(tmp: Path) -> None:
+    import socket
+
+    (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def remove_stale_partials(out: Path) -> list[Path]:
+    """Remove the temporary folders that killed exports to ``out`` left beside it: named
+    ``.{out.name}.*``, holding :data:`PARTIAL_MARKER`, written on this host by a process that is
+    gone. A folder of a live export, of another host or without our marker is left alone."""
+    import shutil
+    import socket
+
+    removed = []
+    parent = out.parent
+    if not parent.is_dir():
+        return removed
+    for p in parent.glob(f".{glob_escape(out.name)}.*"):
+        if p.is_symlink() or not p.is_dir():
+            continue
+        try:
+            owner = json.loads((p / PARTIAL_MARKER).read_text())
+            pid, host = int(owner["pid"]), str(owner["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if host != socket.gethostname() or _alive(pid):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
 def regular_file(path: str | os.PathLike, what: str = "file") -> Path:
     """``path`` if it is a regular file (after symlinks); a FIFO, device or folder would block or
     mislead a reader, so it is refused with a ModelLoadError."""
@@ -148,8 +201,11 @@ def describe_os_error(e: OSError) -> str:
 __all__ = [
     "EXPORT_MARKER",
     "FolderLock",
+    "PARTIAL_MARKER",
     "check_destination",
     "describe_os_error",
+    "mark_partial",
+    "remove_stale_partials",
     "regular_file",
     "tree_digest",
     "write_marker",

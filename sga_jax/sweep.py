@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sga_jax import config as C
-from sga_jax.errors import ConfigError
+from sga_jax.errors import ConfigError, SgaJaxError
 
 
 @dataclasses.dataclass
@@ -107,10 +107,16 @@ def sweep(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> SweepRe
     from sga_jax.eval.run import evaluate
 
     base, runs = plan(files, overrides)
-    # Check every model path and data file before anything is written.
+    # Check every entry's model, data files and output folder before anything is written: a typo
+    # in the fifth entry must not wait for four runs to finish.
     train.resolve_model_path(base.model.path)
-    for _, cfg in runs:
-        train.load_rows(cfg.data, need_retain=False)
+    for i, (entry, cfg) in enumerate(runs):
+        try:
+            train.resolve_model_path(cfg.model.path)
+            train.load_rows(cfg.data, need_retain=False)
+            train._output_dir_check(cfg)
+        except SgaJaxError as e:
+            raise type(e)(f"sweep[{i}] {entry!r}: {e}") from None
     spec = base.eval.retain_logs
     if spec and not Path(spec).expanduser().exists():
         raise ConfigError(f"eval.retain_logs: not found: {spec}")

@@ -1111,6 +1111,25 @@ def _output_dir_check(cfg: C.RunConfig) -> Path:
     return out
 
 
+def _check_before_training(cfg: C.RunConfig) -> None:
+    """What would otherwise fail only after the whole run: the retain logs of the final evaluation,
+    and a float16 run on the CPU (XLA:CPU has no float16 matmul with float32 accumulation, so the
+    first step would raise deep inside the compiled step)."""
+    if cfg.eval.benchmark == "tofu" and cfg.eval.retain_logs:
+        from sga_jax.eval.tofu import _read_logs
+
+        try:
+            _read_logs(cfg.eval.retain_logs)
+        except DataError as e:
+            raise ConfigError(f"eval.retain_logs: {e}") from None
+    half = [k for k in ("dtype", "param_dtype") if getattr(cfg.model, k) == "float16"]
+    if half and jax.default_backend() == "cpu":
+        raise ConfigError(
+            f"model.{half[0]}=float16 does not run on the CPU (XLA:CPU has no float16 matmul with "
+            "float32 accumulation); use bfloat16 or float32 there, float16 on a GPU"
+        )
+
+
 def _start_afresh(out: Path) -> None:
     """``train.resume=false``: remove the previous run's artefacts (checked to be a run of ours)."""
     for name in _RUN_ARTEFACTS[1:]:
@@ -1139,6 +1158,7 @@ def run(
     """Validate and load everything, then create ``cfg.output_dir`` and train (or run K-FADE),
     export the model to ``output_dir/model`` and evaluate when ``cfg.eval.benchmark`` is set."""
     out = _output_dir_check(cfg)
+    _check_before_training(cfg)
     if cfg.method.name == "kfade" and cfg.mode == "unlearn":
         return _run_kfade(cfg, out)
     prepared = prepared or prepare(cfg)
@@ -1168,10 +1188,11 @@ def run(
 @contextlib.contextmanager
 def _locked(out: Path):
     """Create ``out`` and hold its lock while the run writes (two runs would interleave files)."""
-    from sga_jax.fsutil import FolderLock
+    from sga_jax.fsutil import FolderLock, remove_stale_partials
 
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out):
+        remove_stale_partials(out / "model")  # what a run killed during its export left
         yield out
 
 

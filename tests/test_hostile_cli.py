@@ -99,3 +99,85 @@ def test_eval_checks_retain_logs_before_evaluating(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "eval-log folder not found" in err[0], err
     assert not out.exists()
+
+
+def _one_line(capsys) -> str:
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "warning" not in x.lower()]
+    assert len(err) == 1 and err[0].startswith("sga-jax: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("hostile_cli")
+    path, _ = write_tiny_llama_for(smollm2_tokenizer, root / "tiny")
+    rows = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is {i * 7}."} for i in range(4)]
+    (root / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, path
+
+
+def _unlearn(root, model, out, *extra: str) -> list[str]:
+    return [
+        "unlearn", "benchmark=jsonl", f"data.forget={root / 'forget.jsonl'}", f"model.path={model}",
+        f"output_dir={out}", "method=ga", "train.steps=1", "train.batch_size=4", "train.progress=false", *extra,
+    ]  # fmt: skip
+
+
+def test_lone_surrogate_names_the_file_and_row(tiny_run, tmp_path, capsys):
+    root, model = tiny_run
+    rows = tmp_path / "odd.jsonl"
+    rows.write_text('{"question": "q?", "answer": "a."}\n{"question": "What \\ud800?", "answer": "x"}\n')
+    out = tmp_path / "run"
+    assert main([*_unlearn(root, model, out), f"data.forget={rows}"]) == 2
+    err = _one_line(capsys)
+    assert str(rows) in err and "row 1 key 'question'" in err and "surrogate" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("option,key", [("foo=1", "'foo'"), ("limit=abc", "limit='abc'")])
+def test_eval_bad_options_are_one_line(tiny_run, tmp_path, capsys, option, key):
+    _, model = tiny_run
+    out = tmp_path / "out"
+    assert main(["eval", str(model), "-b", "ppl", "--out", str(out), option]) == 2
+    assert key in _one_line(capsys)
+    assert not out.exists()
+
+
+def test_eval_options_and_retain_logs_of_a_run_are_checked_before_training(tiny_run, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="eval.options limit='abc'"):
+        config.compose([], ["eval.benchmark=tofu", "eval.options={limit: abc}"])
+    with pytest.raises(ConfigError, match="eval.options 'foo'"):
+        config.compose([], ["eval.benchmark=ppl", "eval.options={foo: 1}"])
+    root, model = tiny_run
+    out = tmp_path / "run"
+    args = _unlearn(root, model, out, "eval.benchmark=tofu", f"eval.retain_logs={tmp_path / 'none'}")
+    assert main(args) == 2
+    assert "eval.retain_logs" in _one_line(capsys)
+    assert not out.exists()  # refused before the run, not after it
+
+
+def test_float16_on_the_cpu_is_one_line(tiny_run, tmp_path, capsys):
+    root, model = tiny_run
+    out = tmp_path / "run"
+    assert main(_unlearn(root, model, out, "model.dtype=float16")) == 2
+    assert "model.dtype=float16 does not run on the CPU" in _one_line(capsys)
+    assert not out.exists()
+
+
+def test_distributed_without_a_coordinator_names_the_variables(tiny_run, tmp_path):
+    # A fresh process: jax.distributed must start before any backend, which this one has.
+    import os
+    import subprocess
+    import sys
+
+    drop = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_JOB_ID",
+            "OMPI_MCA_orte_hnp_uri", "SGA_JAX_NUM_PROCESSES", "SGA_JAX_PROCESS_ID")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    root, model = tiny_run
+    args = _unlearn(root, model, tmp_path / "run", "distributed=true")
+    p = subprocess.run([sys.executable, "-m", "sga_jax.cli", *args], env=env, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    err = [x for x in p.stderr.splitlines() if x.strip()]
+    assert p.returncode == 2 and len(err) == 1 and err[0].startswith("sga-jax: error: "), p.stderr
+    assert all(v in err[0] for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    assert not (tmp_path / "run").exists()

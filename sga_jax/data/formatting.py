@@ -18,13 +18,61 @@ reported (never silently dropped, never a crash inside JAX).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import signal
+import threading
+import time
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from sga_jax.errors import ConfigError, DataError
+
+# A chat template is a Jinja program from the tokenizer's files; nested loops in it can run for
+# hours inside transformers (which sets no limit). One prompt renders in well under a millisecond.
+CHAT_TEMPLATE_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise a DataError if the body runs longer than ``seconds`` (SIGALRM; main thread on POSIX
+    only, elsewhere no limit). An alarm already set by the caller is kept: ours is cut to what is
+    left of it, and it is re-armed afterwards with its remaining time."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    outer_left, outer_interval = signal.getitimer(signal.ITIMER_REAL)
+    mine = seconds if outer_left <= 0 else min(seconds, outer_left)
+    ours_first = outer_left <= 0 or seconds < outer_left
+    start = time.monotonic()
+    outer_fired = False
+
+    def expired(signum, frame):
+        nonlocal outer_fired
+        if not ours_first:  # the caller's alarm: hand it to the caller's handler
+            outer_fired = True
+            if callable(old):
+                return old(signum, frame)
+            signal.signal(signal.SIGALRM, old)
+            signal.raise_signal(signum)
+            return None
+        raise DataError(
+            f"the tokenizer's chat template took more than {seconds:g} s to render one prompt (a "
+            "runaway loop?); fix chat_template in tokenizer_config.json or use template=plain"
+        )
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, mine)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+        if outer_left > 0 and not outer_fired:  # the caller's alarm, with what is left of it
+            left = outer_left - (time.monotonic() - start)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), outer_interval)
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +190,10 @@ class PromptFormatter:
         return msgs
 
     def _chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        with _time_limit(CHAT_TEMPLATE_SECONDS):
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=generation_prompt
+            )
 
     def prompt_text(self, question: str) -> str:
         """The text before the answer in a training / loss sequence."""

@@ -79,7 +79,12 @@ def check_rows(
                 raise DataError(
                     f"{source}: row {i} key {key!r} is a {type(value).__name__}, expected {_type_name(typ)}"
                 )
+            if isinstance(value, str):
+                _check_text(value, f"{source}: row {i} key {key!r}")
             if isinstance(value, list):
+                for j, v in enumerate(value):
+                    if isinstance(v, str):
+                        _check_text(v, f"{source}: row {i} key {key!r} item {j}")
                 bad = [j for j, v in enumerate(value) if not isinstance(v, str)]
                 if bad:
                     raise DataError(f"{source}: row {i} key {key!r} item {bad[0]} is not a string")
@@ -88,6 +93,18 @@ def check_rows(
                     raise DataError(f"{source}: row {i} key {key!r} has {len(value)} items, expected {want}")
         out.append(row)
     return out
+
+
+def _check_text(text: str, where: str) -> None:
+    """JSON's ``\\ud800`` escapes decode to lone surrogates, which no tokenizer can encode: refuse them
+    here, naming the row, rather than as a UnicodeEncodeError deep inside tokenization."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where} holds a lone surrogate (U+{ord(text[e.start]):04X} at character {e.start}), "
+            "which is not valid Unicode text"
+        ) from None
 
 
 def _type_name(typ: type | tuple[type, ...]) -> str:

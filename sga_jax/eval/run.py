@@ -90,6 +90,9 @@ def evaluate(
 
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
+    from sga_jax.eval.options import check_options
+
+    check_options(benchmark, options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ its parts, stacked along HF's first axis in order: split on load, concatenated o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -27,7 +28,14 @@ import numpy as np
 from flax import nnx
 
 from sga_jax.errors import ModelLoadError
-from sga_jax.fsutil import check_destination, regular_file, write_marker
+from sga_jax.fsutil import (
+    PARTIAL_MARKER,
+    check_destination,
+    mark_partial,
+    regular_file,
+    remove_stale_partials,
+    write_marker,
+)
 from sga_jax.models import layers as L
 from sga_jax.models import resolve
 
@@ -315,6 +323,8 @@ def _check_unused(unused: set[str], config, path: Path) -> None:
             f"{path}: the checkpoint holds {len(unused)} tensors this model does not use (e.g. {first!r}); "
             "does config.json describe these weights?"
         )
+
+
 def _hf_rows(table: dict[str, tuple[str, bool]], state) -> dict[str, int]:
     """HF tensor name -> its first dimension in HF layout, for every parameter of ``state``."""
     rows: dict[str, int] = {}
@@ -513,22 +523,46 @@ def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None, over
         if source and has_tokenizer(Path(source)):
             tokenizer = load_tokenizer(source)  # raises ModelLoadError naming the problem
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)  # what an export killed earlier left beside out
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export is an ordinary folder
     try:
+        mark_partial(tmp)
         write_marker(tmp)
         (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
         _write_safetensors(model, tmp / "model.safetensors")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        (tmp / PARTIAL_MARKER).unlink()
         if out.exists():
             _replaceable(out, model, overwrite)
             shutil.rmtree(out)
         os.replace(tmp, out)
+    except OSError as e:  # a full disk: name the file the user asked for, not our temporary one
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _named_os_error(e, tmp, out, model) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _named_os_error(e: OSError, tmp: Path, out: Path, model) -> OSError:
+    """``e`` re-addressed to the destination's file (a bare ``write`` error names no file), with the
+    export's size when the disk is full."""
+    name = Path(e.filename) if e.filename else tmp / "model.safetensors"
+    try:
+        name = out / name.relative_to(tmp)
+    except ValueError:
+        pass
+    cause = e.strerror or str(e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        need = sum(
+            int(np.prod(v.shape[1:] if i is not None else v.shape)) * np.dtype(v.dtype).itemsize
+            for _, v, _, i in hf_tensors(model)
+        )
+        cause += f" (the export needs {need / 2**20:.1f} MiB)"
+    return OSError(e.errno, cause, str(name))
 
 
 def _umask() -> int:
