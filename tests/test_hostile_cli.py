@@ -119,7 +119,8 @@ def tiny_run(tmp_path_factory, smollm2_tokenizer):
 def _unlearn(root, model, out, *extra: str) -> list[str]:
     return [
         "unlearn", "benchmark=jsonl", f"data.forget={root / 'forget.jsonl'}", f"model.path={model}",
-        f"output_dir={out}", "method=ga", "train.steps=1", "train.batch_size=4", "train.progress=false", *extra,
+        f"output_dir={out}", "method=ga", "train.steps=1", "train.batch_size=4", "train.progress=false",
+        *extra,
     ]  # fmt: skip
 
 

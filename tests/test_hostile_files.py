@@ -38,13 +38,13 @@ def copy(tiny, tmp_path):
 
 @pytest.fixture
 def deadline():
-    """Turn a hang into a failure: SIGALRM after 30 s."""
+    """Turn a hang into a failure: SIGALRM after 10 s."""
 
     def boom(*_):
         raise TimeoutError("hung")
 
     old = signal.signal(signal.SIGALRM, boom)
-    signal.alarm(30)
+    signal.alarm(10)
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)
@@ -240,3 +240,65 @@ def test_reapply_refuses_a_users_folder(tiny, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "x"
     assert main(["reapply", str(d), str(tiny), str(tiny.parent)]) == 2  # would delete the model
     _one_line_error(capsys, "contains the source")
+
+
+# ------------------------------------------------------------------------ 7. runaway chat template
+
+
+def test_runaway_chat_template_is_stopped(smollm2_tokenizer, monkeypatch, deadline):
+    from sga_jax.data import formatting
+    from sga_jax.errors import DataError
+
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    monkeypatch.setattr(smollm2_tokenizer, "chat_template", loops)
+    monkeypatch.setattr(formatting, "CHAT_TEMPLATE_SECONDS", 1.0)
+    fmt = formatting.PromptFormatter(smollm2_tokenizer, "chat")
+    with pytest.raises(DataError, match="chat template took more than 1 s"):
+        fmt.prompt_text("What is fact 1?")
+    assert signal.getitimer(signal.ITIMER_REAL)[0] > 0  # the test's own deadline is still armed
+
+
+# ------------------------------------------------------------------------- disk faults, leftovers
+
+
+def test_disk_full_during_export_names_the_file(tiny, tmp_path, capsys, monkeypatch):
+    import errno
+    import io
+
+    from sga_jax.models import hf
+
+    class Full(io.FileIO):  # the disk fills after the header and 1 KiB of tensor data
+        def write(self, b):
+            if self.tell() + len(b) > 2048:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return super().write(b)
+
+    monkeypatch.setattr(hf, "open", lambda path, mode: Full(path, mode), raising=False)
+    out = tmp_path / "out"
+    assert main(["convert", str(tiny), str(out)]) == 2
+    err = _one_line_error(capsys, f"{out / 'model.safetensors'}: No space left on device", "MiB free")
+    assert "the export needs" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_leftovers_of_a_killed_export_are_removed(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    from sga_jax.fsutil import PARTIAL_MARKER
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = __import__("socket").gethostname()
+    folders = {}
+    for name, pid in (("killed", dead.pid), ("live", os.getpid())):
+        d = tmp_path / f".out.{name}"
+        d.mkdir()
+        (d / EXPORT_MARKER).write_text("x")
+        (d / PARTIAL_MARKER).write_text(json.dumps({"pid": pid, "host": host}))
+        folders[name] = d
+    users = tmp_path / ".out.mine"  # the user's own folder with a similar name: no marker
+    users.mkdir()
+    sga_jax.save_model(sga_jax.load_model(tiny), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.live", ".out.mine", "out"]
+    assert not (tmp_path / "out" / PARTIAL_MARKER).exists()

@@ -74,6 +74,7 @@ def _time_limit(seconds: float):
             left = outer_left - (time.monotonic() - start)
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-6), outer_interval)
 
+
 log = logging.getLogger(__name__)
 
 TEMPLATES = ("auto", "chat", "plain")
