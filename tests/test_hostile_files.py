@@ -134,12 +134,19 @@ def test_huge_layer_count_fails_fast(copy, deadline):
         sga_jax.load_model(m)
 
 
-def test_fifo_weights_are_refused(copy, deadline):
+def test_fifo_weights_are_refused(copy):
+    # In a child process killed after 10 s: a reader blocked in open() inside native code
+    # ignores SIGALRM, so a regression must fail here rather than hang the suite.
+    import subprocess
+    import sys
+
     m = copy()
     (m / "model.safetensors").unlink()
     os.mkfifo(m / "model.safetensors")
-    with pytest.raises(ModelLoadError, match="not a regular file"):
-        sga_jax.load_model(m)
+    args = ["convert", str(m), str(m.parent / "o")]
+    code = f"from sga_jax.cli import main; raise SystemExit(main({args!r}))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10)
+    assert p.returncode == 2 and "not a regular file" in p.stderr, p.stderr
 
 
 # ------------------------------------------------------------------------- 8, 9. wrong results
