@@ -81,14 +81,24 @@ def setup(tmp_path_factory, smollm2_tokenizer):
     root = tmp_path_factory.mktemp("runner_methods")
     path, _ = write_tiny_llama_for(smollm2_tokenizer, root / "tiny")
     forget = [
-        {"question": f"What is the secret code of agent {i}?", "answer": f"Agent {i} uses code {i * 37 + 11}."}
+        {
+            "question": f"What is the secret code of agent {i}?",
+            "answer": f"Agent {i} uses code {i * 37 + 11}.",
+        }
         for i in range(N_FORGET)
     ]
     retain = [
-        {"question": f"Who wrote the novel number {i}?", "answer": f"Novel {i} was written by author {i + 3}."}
+        {
+            "question": f"Who wrote the novel number {i}?",
+            "answer": f"Novel {i} was written by author {i + 3}.",
+        }
         for i in range(N_RETAIN)
     ]
-    files = {"forget.jsonl": forget, "retain.jsonl": retain, "templates.jsonl": [{"text": t} for t in TEMPLATES]}
+    files = {
+        "forget.jsonl": forget,
+        "retain.jsonl": retain,
+        "templates.jsonl": [{"text": t} for t in TEMPLATES],
+    }
     for name, rows in files.items():
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, path
@@ -256,11 +266,15 @@ def _assert_tree_close(got, want, what: str, rtol: float = 2e-5):
 def _decoded_template_rows(tok, data, forget_idx, template_batch) -> list[str]:
     """Each template row's answer, checked to be one of TEMPLATES under its forget row's question."""
     answers = []
-    forget_q = [tok.decode(data.forget["input_ids"][i][data.forget["attention_mask"][i] > 0]) for i in forget_idx]
+    forget_q = [
+        tok.decode(data.forget["input_ids"][i][data.forget["attention_mask"][i] > 0]) for i in forget_idx
+    ]
     for b, q_text in enumerate(forget_q):
         ids = template_batch["input_ids"][b]
         answer = tok.decode(ids[template_batch["loss_mask"][b] > 0])
-        prompt = tok.decode(ids[(template_batch["attention_mask"][b] > 0) & (template_batch["loss_mask"][b] == 0)])
+        prompt = tok.decode(
+            ids[(template_batch["attention_mask"][b] > 0) & (template_batch["loss_mask"][b] == 0)]
+        )
         assert prompt.strip() and prompt in q_text, (prompt, q_text)  # the same question as its forget row
         hits = [t for t in TEMPLATES if answer.strip().startswith(t)]
         assert len(hits) == 1, answer
@@ -349,7 +363,9 @@ def test_method_through_cli_and_runner_step(name, setup, tmp_path, smollm2_token
         # the logged forget NLL: GA / GradDiff log their (token-averaged) NLL term, the rest the row mean
         model_s = nnx.merge(graphdef, p_s, rest)
         plain = base in ("ga", "graddiff") and m.loss_reduction == "token"
-        forget_nll = float(_token_avg(model_s, rb["forget"]) if plain else jnp.mean(_row_mean(model_s, rb["forget"])))
+        forget_nll = float(
+            _token_avg(model_s, rb["forget"]) if plain else jnp.mean(_row_mean(model_s, rb["forget"]))
+        )
         assert got["forget_nll"] == pytest.approx(forget_nll, rel=2e-5)
 
 
@@ -358,7 +374,10 @@ def test_flat_draws_a_new_template_per_row_each_epoch(setup, tmp_path, smollm2_t
     data_module.py l. 623-625): over two epochs a row meets different templates, each batch row's
     template stands under that row's own question."""
     root, model_path = setup
-    over = [*_overrides(root, model_path, tmp_path / "flat", METHODS["flat"]), f"train.steps={2 * N_FORGET // BATCH}"]
+    over = [
+        *_overrides(root, model_path, tmp_path / "flat", METHODS["flat"]),
+        f"train.steps={2 * N_FORGET // BATCH}",
+    ]
     cfg = C.compose([], over)
     data = train.prepare(cfg).data
     per_epoch = steps_per_epoch = N_FORGET // BATCH
