@@ -17,7 +17,7 @@ run was killed.
     python tests/mutations.py                  # every mutant (tens of minutes on 2 CPU cores)
     python tests/mutations.py --only rope_theta_ignored --only privleak_swapped
     python tests/mutations.py --baseline       # first check the selected tests pass unmutated
-    python tests/mutations.py --list           # the mutants, and the runner-level ones still pending
+    python tests/mutations.py --list           # the mutants
     make mutants
 """
 
@@ -44,6 +44,13 @@ class Mutant:
     new: str
     tests: tuple[str, ...]  # pytest arguments: files or node ids, relative to the repository root
     why: str
+
+
+def _runner(*methods: str) -> tuple[str, ...]:
+    """The per-method runner tests (tests/test_runner_methods.py) of ``methods``."""
+    return tuple(
+        f"tests/test_runner_methods.py::test_method_through_cli_and_runner_step[{m}]" for m in methods
+    )
 
 
 MUTANTS: tuple[Mutant, ...] = (
@@ -127,21 +134,99 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_kernels.py",),
         "the chunked log-prob kernel skips the last vocabulary chunk",
     ),
+    # ---- runner level (issue 17, phase 2): each method's step against its objective written out in
+    # tests/test_runner_methods.py
+    Mutant(
+        "npo_reference_is_current_model",
+        "sga_jax/train.py",
+        'loss = O.npo_loss(nll, batch["ref_nll"], beta=m.beta)',
+        "loss = O.npo_loss(nll, nll, beta=m.beta)",
+        _runner("npo"),
+        "NPO's reference NLL taken from the model being trained (NPO becomes GA)",
+    ),
+    Mutant(
+        "npo_reference_token_mean",
+        "sga_jax/train.py",
+        'data.ref_nll = batched_nll(model, forget, reduction="sum")',
+        "data.ref_nll = batched_nll(model, forget)",
+        _runner("npo"),
+        "NPO's reference NLL the token mean while the trained NLL is the sum",
+    ),
+    Mutant(
+        "gru_retain_grad_from_forget_batch",
+        "sga_jax/train.py",
+        """def retain_loss(model, batch):
+            return _plain_nll(m, model, batch["retain"])""",
+        """def retain_loss(model, batch):
+            return _plain_nll(m, model, batch["forget"])""",
+        _runner("gru_ga"),
+        "GRU's retain gradient computed on the forget batch",
+    ),
+    Mutant(
+        "gru_sign_error",
+        "sga_jax/transforms/gru.py",
+        "(g.astype(jnp.float32) - coef * r_)",
+        "(g.astype(jnp.float32) + coef * r_)",
+        _runner("gru_ga"),
+        "GRU's projection added instead of subtracted (the conflicting component doubled)",
+    ),
+    Mutant(
+        "gru_ema_weights_swapped",
+        "sga_jax/transforms/gru.py",
+        "lambda now, prev: m * now.astype(jnp.float32) + (1 - m) * prev",
+        "lambda now, prev: (1 - m) * now.astype(jnp.float32) + m * prev",
+        _runner("gru_ga"),
+        "GRU's EMA weights the past by m and the current retain gradient by 1 - m",
+    ),
+    Mutant(
+        "sga_normal_samples_misaligned",
+        "sga_jax/train.py",
+        "normal = data.normal_index[idx].reshape(-1)",
+        "normal = data.normal_index[(idx + 1) % data.num_forget].reshape(-1)",
+        _runner("sga_fixed"),
+        "SGA's normal samples are those of the next forget row (off by one)",
+    ),
+    Mutant(
+        "sga_sign_error",
+        "sga_jax/transforms/sga.py",
+        "direction = jax.tree.map(lambda gf, uu_: (-gf - r_t",
+        "direction = jax.tree.map(lambda gf, uu_: (gf - r_t",
+        _runner("sga_paper"),
+        "SGA's transform descends the forget NLL instead of ascending it",
+    ),
+    Mutant(
+        "sga_loss_sign_error",
+        "sga_jax/objectives.py",
+        "return jnp.mean(-c_f * nll_forget - c_n * jnp.sum(nll_normal, axis=1))",
+        "return jnp.mean(c_f * nll_forget - c_n * jnp.sum(nll_normal, axis=1))",
+        _runner("sga_fixed"),
+        "SGA's loss descends the forget NLL (fixed rate) instead of ascending it",
+    ),
+    Mutant(
+        "sga_rate_sign_swapped",
+        "sga_jax/transforms/sga.py",
+        'sign = 1.0 if rate == "paper" else -1.0',
+        'sign = -1.0 if rate == "paper" else 1.0',
+        _runner("sga_paper", "sga_min_norm"),
+        "SGA's paper and min_norm per-step rates swapped",
+    ),
+    Mutant(
+        "simnpo_forget_weight_dropped",
+        "sga_jax/train.py",
+        "forget_weight=m.forget_weight,",
+        "forget_weight=1.0,",
+        _runner("simnpo"),
+        "SimNPO's forget weight (open-unlearning's gamma, 0.125) ignored",
+    ),
+    Mutant(
+        "flat_template_fixed",
+        "sga_jax/train.py",
+        'per_epoch=cfg.method.template_sampling == "epoch",',
+        "per_epoch=False,",
+        ("tests/test_runner_methods.py::test_flat_draws_a_new_template_per_row_each_epoch",),
+        "FLAT's template fixed per row for the whole run instead of drawn anew each epoch",
+    ),
 )
-
-# Runner-level mutants for the next phase of issue 17, once the methods' faithfulness fixes (issue
-# 13) have landed and the per-method runner tests exist: each becomes a Mutant above, with its exact
-# strings taken from the code as it then is, and the runner tests as its ``tests``.
-PENDING: tuple[tuple[str, str, str], ...] = (
-    ("npo_reference_is_current_model", "sga_jax/train.py",
-     "NPO's reference NLL taken from the model being trained (NPO becomes GA)"),
-    ("gru_retain_grad_from_forget_batch", "sga_jax/train.py",
-     "GRU's retain gradient computed on the forget batch"),
-    ("sga_normal_samples_misaligned", "sga_jax/train.py",
-     "SGA's normal samples are those of the next forget row drawn (off by one)"),
-    ("sga_sign_error", "sga_jax/transforms", "SGA's forget term descended instead of ascended"),
-    ("gru_sign_error", "sga_jax/transforms", "GRU's projected forget gradient with the wrong sign"),
-)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- machinery
@@ -257,7 +342,7 @@ def run_baseline(tests: tuple[str, ...], copy: Path, timeout: float) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", action="append", default=[], help="run only this mutant (repeatable)")
-    p.add_argument("--list", action="store_true", help="list the mutants and the pending ones")
+    p.add_argument("--list", action="store_true", help="list the mutants")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant (default 900)")
     p.add_argument(
         "--baseline", action="store_true", help="first run each test selection unmutated (must pass)"
@@ -266,8 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for m in MUTANTS:
             print(f"{m.name:32} {m.file:28} {m.why}")
-        for name, file, why in PENDING:
-            print(f"{name:32} {file:28} (pending: runner tests) {why}")
         return 0
     names = {m.name for m in MUTANTS}
     unknown = sorted(set(args.only) - names)
@@ -291,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{verdict:9} {m.name:32} {seconds:6.0f} s  {summary}", flush=True)
     bad = [(m, v) for m, v in results if v != "killed"]
     killed = len(results) - len(bad)
-    print(f"\n{killed} of {len(results)} mutants killed; {len(PENDING)} runner-level ones pending")
+    print(f"\n{killed} of {len(results)} mutants killed")
     for m, v in bad:
         print(f"  {v}: {m.name} ({m.why}) in {m.file}; tests: {' '.join(m.tests)}")
     return 1 if bad else 0
