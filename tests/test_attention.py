@@ -32,7 +32,7 @@ def _right_padded(seed: int = 0):
     return ids, mask
 
 
-@pytest.fixture(scope="module", params=["llama", "opt", "phi"])
+@pytest.fixture(scope="module", params=["llama", "opt", "phi", "mistral"])  # mistral: window 5 < T
 def tiny_path(request, tmp_path_factory):
     overrides = dict(num_key_value_heads=2) if request.param != "opt" else {}
     path, _ = write_tiny_hf(request.param, tmp_path_factory.mktemp(request.param), **overrides)

@@ -57,6 +57,11 @@ VARIANTS = {
         dict(tie_word_embeddings=False, enable_bias=False, layer_norm_elementwise_affine=False),
     ),
     "phi": ("phi", {}),
+    # Sliding window 5 < T = 12 on every layer (tiny_models._BASE); v0.2 / v0.3: no window.
+    "mistral_window": ("mistral", {}),
+    "mistral_nowindow_headdim": ("mistral", dict(sliding_window=None, head_dim=16)),
+    # use_sliding_window with max_window_layers = 1: layer 0 full, layer 1 windowed (4 < T).
+    "qwen2_sliding_mixed": ("qwen2", dict(use_sliding_window=True, sliding_window=4)),
     # Qwen2.5's small sizes: q/k/v bias only, tied embeddings, theta 1e6 (tiny_models._BASE).
     "qwen2": ("qwen2", {}),
     "qwen2_untied_mha": ("qwen2", dict(tie_word_embeddings=False, num_key_value_heads=4)),
@@ -83,7 +88,7 @@ VARIANTS.update(
         "phi3_rot50_gqa_tied_window": (
             "phi3",
             dict(
-                partial_rotary_factor=0.5, num_key_value_heads=2, tie_word_embeddings=True, sliding_window=32
+                partial_rotary_factor=0.5, num_key_value_heads=2, tie_word_embeddings=True, sliding_window=6
             ),
         ),
         # T = 12 > 8: the long factors; attention factor sqrt(1 + ln 8 / ln 8).
@@ -166,6 +171,11 @@ DECODE_CASES = [
     ("qwen2", True),
     ("qwen2_untied_mha", False),
     ("phi3_rot50_gqa_tied_window", True),
+    # decode runs past the window (prefill 5, then to 12 with windows 4 / 5)
+    ("mistral_window", True),
+    ("mistral_window", False),
+    ("qwen2_sliding_mixed", True),
+    ("qwen2_sliding_mixed", False),
     ("phi3_longrope_short", False),  # (not _long: like dynamic, HF switches factors as it grows)
 ]
 
@@ -203,7 +213,8 @@ def test_kv_cache_decode_matches_full_forward(case, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["llama_bias_tied_headdim", "opt_proj_350m", "phi_qk_ln_rot75_gqa", "qwen2", "phi3"]
+    "name",
+    ["llama_bias_tied_headdim", "opt_proj_350m", "phi_qk_ln_rot75_gqa", "qwen2", "phi3", "mistral_window"],
 )
 def test_bfloat16_smoke(name, tmp_path):
     model_type, overrides = VARIANTS[name]
@@ -266,7 +277,7 @@ def test_from_config_random_init_runs():
 
     from sga_jax.models import from_config
 
-    for model_type in ("llama", "opt", "phi", "qwen2", "phi3"):
+    for model_type in ("llama", "opt", "phi", "qwen2", "phi3", "mistral"):
         model = from_config(tiny_config(model_type), rngs=nnx.Rngs(1))
         ids, mask = _batch()
         out = model(ids, mask)
@@ -309,8 +320,12 @@ def test_kfac_taps_sow_inputs_and_perturb_outputs(tmp_path):
 @pytest.mark.parametrize(
     "model_type,overrides,key",
     [
-        ("qwen2", dict(use_sliding_window=True), "use_sliding_window"),
-        ("qwen2", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+        ("qwen2", dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+        ("qwen2", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),  # no window
+        ("qwen2", dict(use_sliding_window=True, sliding_window=0), "sliding_window"),
+        ("mistral", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+        ("mistral", dict(attention_bias=True), "attention_bias"),
+        ("mistral", dict(sliding_window=2.5), "sliding_window"),
         ("qwen2", dict(attention_dropout=0.1), "attention_dropout"),
         ("llama", dict(hidden_act="gelu_10"), "hidden_act"),
         ("phi3", dict(resid_pdrop=0.1), "resid_pdrop"),
@@ -370,16 +385,25 @@ def test_phi35_config_json_rope_scaling_aliases():
         assert resolve(old)[0].rope == want, name
 
 
-def test_sliding_window_longer_sequences_refused(tmp_path):
-    """Phi-3's sliding_window is honoured only where it changes nothing: a sequence (or cache)
-    longer than the window is one ConfigError naming it, not a silently different model."""
-    from sga_jax.errors import ConfigError
-
-    path, tm = write_tiny_hf("phi3", tmp_path / "m", sliding_window=8)
-    model = sga_jax.load_model(path)
-    ids, _ = _batch(6)
-    assert np.abs(np.asarray(model(ids[:, :8])) - _torch_logits(tm, ids[:, :8])).max() <= 1e-4
-    with pytest.raises(ConfigError, match="sliding_window 8"):
-        model(ids)
-    with pytest.raises(ConfigError, match="sliding_window 8"):
-        model.init_cache(B, 9)
+@pytest.mark.parametrize(
+    "name,no_window",
+    [
+        ("mistral_window", dict(sliding_window=None)),
+        ("qwen2_sliding_mixed", dict(use_sliding_window=False)),
+        ("phi3_rot50_gqa_tied_window", dict(sliding_window=None)),
+    ],
+)
+def test_sliding_window_changes_the_model(name, no_window, tmp_path):
+    """The window variants have power: HF's logits with the window differ (>> 1e-4) from those of
+    the same weights without it, past the window only, and ours follow HF's in both."""
+    model_type, overrides = VARIANTS[name]
+    path, tm = write_tiny_hf(model_type, tmp_path / "w", **overrides)
+    plain_path, plain_tm = write_tiny_hf(model_type, tmp_path / "p", **{**overrides, **no_window})
+    ids, mask = _batch(6)
+    real = mask.astype(bool)
+    windowed, plain = _torch_logits(tm, ids, mask), _torch_logits(plain_tm, ids, mask)
+    assert np.abs(windowed - plain)[real].max() > 1e-2
+    early = real & (np.arange(T) < 4)[None]  # positions < 4: inside every window
+    np.testing.assert_allclose(windowed[early], plain[early], atol=1e-5)
+    assert np.abs(np.asarray(sga_jax.load_model(path)(ids, mask)) - windowed)[real].max() <= 1e-4
+    assert np.abs(np.asarray(sga_jax.load_model(plain_path)(ids, mask)) - plain)[real].max() <= 1e-4

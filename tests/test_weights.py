@@ -49,6 +49,8 @@ def _torch(tm, ids):
         ("opt", dict(word_embed_proj_dim=16)),
         ("phi", dict(qk_layernorm=True)),
         ("qwen2", {}),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=4)),  # layer_types exported
+        ("mistral", {}),  # sliding window 5
         # fused qkv / gate_up written back from our split modules; longrope config exported
         (
             "phi3",

@@ -81,6 +81,24 @@ _BASE: dict[str, dict[str, Any]] = {
         pad_token_id=0,
         attention_dropout=0.0,
     ),
+    # Mistral-7B-v0.1's shape (GQA, no biases, untied) with a sliding window shorter than the
+    # test sequences (T = 12), so the window changes the logits.
+    "mistral": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        sliding_window=5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attention_dropout=0.0,
+    ),
     # Phi-3-mini's shape: fused qkv / gate_up in HF, untied, no biases.
     "phi3": dict(
         vocab_size=96,
