@@ -51,6 +51,9 @@ def _torch(tm, ids):
         ("qwen2", {}),
         ("qwen2", dict(use_sliding_window=True, sliding_window=4)),  # layer_types exported
         ("mistral", {}),  # sliding window 5
+        ("gemma2", {}),  # pre/post norms, soft-caps, alternating windows, tied
+        ("gemma2", dict(tie_word_embeddings=False, attention_bias=True)),
+        ("gemma", {}),
         # fused qkv / gate_up written back from our split modules; longrope config exported
         (
             "phi3",

@@ -16,6 +16,8 @@ from sga_jax.errors import ModelLoadError
 
 # model_type -> (module, config class, model class)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
+    "gemma": ("sga_jax.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("sga_jax.models.gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
     "llama": ("sga_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("sga_jax.models.mistral", "MistralConfig", "MistralForCausalLM"),
     "opt": ("sga_jax.models.opt", "OPTConfig", "OPTForCausalLM"),
