@@ -136,7 +136,9 @@ def test_unknown_model_type_lists_supported(tmp_path, tiny_llama):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "gpt_neox"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"gpt_neox.*llama, opt, phi"):
+    with pytest.raises(
+        ModelLoadError, match=r"gpt_neox.*gemma, gemma2, llama, mistral, opt, phi, phi3, qwen2"
+    ):
         sga_jax.load_model(d)
 
 
