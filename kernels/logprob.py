@@ -8,6 +8,10 @@ arXiv 1805.02867) and a ``jax.custom_vjp`` whose backward pass recomputes each c
 ``h`` and ``W`` instead of storing them (the "cut cross-entropy" idea, Wijmans et al. 2024,
 arXiv 2411.09009). Peak memory is then O(N·chunk_size) instead of O(N·V).
 
+With ``softcap`` the logits are soft-capped first, ``z -> cap · tanh(z / cap)`` (Gemma 2's final
+logit soft-capping, HF ``Gemma2ForCausalLM.forward``); the chunked backward pass multiplies by
+``1 - tanh²(z / cap)``.
+
 Rows whose label is negative (e.g. ``-100`` or ``-1`` for prompt / padding tokens) are ignored:
 their log-prob is 0 and they contribute nothing to any gradient.
 """
@@ -53,10 +57,16 @@ def _logits(h: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
 
 
 def reference_token_logprobs(
-    hidden: jax.Array, weight: jax.Array, labels: jax.Array, bias: jax.Array | None = None
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    bias: jax.Array | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Plain JAX: full float32 logits, ``log_softmax``, gather. The ground truth for the kernels."""
     z = _logits(hidden, weight.astype(hidden.dtype), None if bias is None else bias)
+    if softcap is not None:
+        z = jnp.tanh(z / softcap) * softcap
     logp = jax.nn.log_softmax(z, axis=-1)
     valid = labels >= 0
     picked = jnp.take_along_axis(logp, jnp.where(valid, labels, 0)[:, None].astype(jnp.int32), axis=1)[:, 0]
@@ -77,14 +87,19 @@ def _split_vocab(weight: jax.Array, bias: jax.Array, chunk: int) -> tuple[jax.Ar
     return weight.reshape(d, n, chunk).transpose(1, 0, 2), bias.reshape(n, chunk), v
 
 
-def _chunk_logits(h, w_c, b_c, start, vocab):
-    """Logits of one vocabulary chunk, columns past the real vocabulary set to -inf."""
+def _chunk_logits(h, w_c, b_c, start, vocab, softcap=None):
+    """Logits of one vocabulary chunk (soft-capped), columns past the real vocabulary set to -inf
+    (after the cap: tanh would make -inf finite); also d(capped)/d(raw) (1 without a cap)."""
     z = _logits(h, w_c, b_c)
+    slope = 1.0
+    if softcap is not None:
+        t = jnp.tanh(z / softcap)
+        z, slope = t * softcap, 1.0 - t * t
     cols = start + jnp.arange(w_c.shape[1])
-    return jnp.where(cols[None, :] < vocab, z, -jnp.inf), cols
+    return jnp.where(cols[None, :] < vocab, z, -jnp.inf), cols, slope
 
 
-def _forward(hidden, weight, labels, bias, chunk):
+def _forward(hidden, weight, labels, bias, chunk, softcap):
     w_chunks, b_chunks, vocab = _split_vocab(weight, bias, chunk)
     n_tok = hidden.shape[0]
     starts = jnp.arange(w_chunks.shape[0]) * chunk
@@ -92,7 +107,7 @@ def _forward(hidden, weight, labels, bias, chunk):
     def body(carry, xs):
         m, s, picked = carry
         w_c, b_c, start = xs
-        z, _ = _chunk_logits(hidden, w_c, b_c, start, vocab)
+        z, _, _ = _chunk_logits(hidden, w_c, b_c, start, vocab, softcap)
         m_new = jnp.maximum(m, jnp.max(z, axis=1))
         s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
         local = labels - start
@@ -112,18 +127,18 @@ def _forward(hidden, weight, labels, bias, chunk):
     return jnp.where(valid, picked - lse, 0.0), lse
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked(hidden, weight, labels, bias, chunk):
-    return _forward(hidden, weight, labels, bias, chunk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked(hidden, weight, labels, bias, chunk, softcap):
+    return _forward(hidden, weight, labels, bias, chunk, softcap)[0]
 
 
-def _chunked_fwd(hidden, weight, labels, bias, chunk):
-    logp, lse = _forward(hidden, weight, labels, bias, chunk)
+def _chunked_fwd(hidden, weight, labels, bias, chunk, softcap):
+    logp, lse = _forward(hidden, weight, labels, bias, chunk, softcap)
     # Residuals are O(N·d + d·V): the logits are recomputed in the backward pass.
     return logp, (hidden, weight, labels, bias, lse)
 
 
-def _chunked_bwd(chunk, res, g):
+def _chunked_bwd(chunk, softcap, res, g):
     hidden, weight, labels, bias, lse = res
     w_chunks, b_chunks, vocab = _split_vocab(weight, bias, chunk)
     starts = jnp.arange(w_chunks.shape[0]) * chunk
@@ -132,10 +147,10 @@ def _chunked_bwd(chunk, res, g):
 
     def body(dh, xs):
         w_c, b_c, start = xs
-        z, cols = _chunk_logits(hidden, w_c, b_c, start, vocab)
+        z, cols, slope = _chunk_logits(hidden, w_c, b_c, start, vocab, softcap)
         p = jnp.exp(z - lse[:, None])  # 0 on the padded columns (exp(-inf))
         onehot = (cols[None, :] == labels[:, None]).astype(jnp.float32)
-        dz = g[:, None] * (onehot - p)
+        dz = g[:, None] * (onehot - p) * slope  # through the cap to the raw logits
         dz_c = dz.astype(hidden.dtype)
         dh = dh + jnp.dot(dz_c, w_c.T, preferred_element_type=jnp.float32)
         dw_c = jnp.dot(hidden.T, dz_c, preferred_element_type=jnp.float32)
@@ -160,6 +175,7 @@ def chunked_token_logprobs(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     token_chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Vocabulary-chunked log-probs with a recomputing ``custom_vjp``.
 
@@ -176,12 +192,12 @@ def chunked_token_logprobs(
     chunk = min(chunk_size, weight.shape[1])
     n = hidden.shape[0]
     if token_chunk_size is None or token_chunk_size >= n:
-        return _chunked(hidden, weight, labels, b, chunk)
+        return _chunked(hidden, weight, labels, b, chunk, softcap)
     blocks = -(-n // token_chunk_size)
     pad = blocks * token_chunk_size - n
     h = jnp.pad(hidden, ((0, pad), (0, 0))).reshape(blocks, token_chunk_size, -1)
     y = jnp.pad(labels, (0, pad), constant_values=-1).reshape(blocks, token_chunk_size)
-    out = jax.lax.map(lambda xs: _chunked(xs[0], weight, xs[1], b, chunk), (h, y))
+    out = jax.lax.map(lambda xs: _chunked(xs[0], weight, xs[1], b, chunk, softcap), (h, y))
     return out.reshape(-1)[:n]
 
 
@@ -194,8 +210,10 @@ def token_logprobs(
     implementation: Implementation = "chunked",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     token_chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
-    """``log p(labels[n] | hidden[n])`` under the LM head ``softmax(hidden @ weight + bias)``.
+    """``log p(labels[n] | hidden[n])`` under the LM head ``softmax(hidden @ weight + bias)``
+    (``softmax(cap · tanh((hidden @ weight + bias) / cap))`` with ``softcap``).
 
     Args:
       hidden: ``[N, d]`` final hidden states (after the final norm), any float dtype.
@@ -206,16 +224,25 @@ def token_logprobs(
       implementation: ``"reference"`` (full logits) or ``"chunked"`` (O(N·chunk_size) memory).
       chunk_size: vocabulary columns per chunk (``chunked`` only); V need not be a multiple.
       token_chunk_size: optional token block size (``chunked`` only).
+      softcap: optional final logit soft-cap (Gemma 2's ``final_logit_softcapping``); ``None``: none.
 
     Returns:
       ``[N]`` float32 log-probabilities, differentiable w.r.t. ``hidden``, ``weight``, ``bias``.
     """
     _check(hidden, weight, labels, bias)
+    if softcap is not None and not softcap > 0:
+        raise ConfigError(f"token_logprobs: softcap must be > 0 or None, got {softcap}")
     if implementation == "reference":
-        return reference_token_logprobs(hidden, weight, labels, bias)
+        return reference_token_logprobs(hidden, weight, labels, bias, softcap)
     if implementation == "chunked":
         return chunked_token_logprobs(
-            hidden, weight, labels, bias, chunk_size=chunk_size, token_chunk_size=token_chunk_size
+            hidden,
+            weight,
+            labels,
+            bias,
+            chunk_size=chunk_size,
+            token_chunk_size=token_chunk_size,
+            softcap=softcap,
         )
     raise ConfigError(
         f"unknown log-prob implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}"

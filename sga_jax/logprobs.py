@@ -3,7 +3,8 @@
 Token t+1 is predicted from the final hidden state at t (the causal shift): for a batch
 ``{"input_ids", "attention_mask", "loss_mask"}`` each ``[B, T]``, the log-probs are ``[B, T-1]``
 with mask ``loss_mask[:, 1:]``. The LM head is applied by the chunked kernel, so the
-``[B, T, V]`` float32 logits are never materialised (docs/interfaces.md).
+``[B, T, V]`` float32 logits are never materialised (docs/interfaces.md); a model's final logit
+soft-cap (``model.logit_softcap``, Gemma 2) is applied inside the kernel.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def token_logprobs(
         labels.reshape(-1),
         bias,
         implementation=implementation,
+        softcap=getattr(model, "logit_softcap", None),  # Gemma 2's final logit soft-capping
         **kernel_kwargs,
     )
     return logp.reshape(b, t - 1), mask

@@ -32,7 +32,7 @@ def _right_padded(seed: int = 0):
     return ids, mask
 
 
-@pytest.fixture(scope="module", params=["llama", "opt", "phi"])
+@pytest.fixture(scope="module", params=["llama", "opt", "phi", "mistral"])  # mistral: window 5 < T
 def tiny_path(request, tmp_path_factory):
     overrides = dict(num_key_value_heads=2) if request.param != "opt" else {}
     path, _ = write_tiny_hf(request.param, tmp_path_factory.mktemp(request.param), **overrides)
@@ -133,3 +133,24 @@ def test_cudnn_matches_xla_on_gpu(tmp_path):
     n_layers = xla.config.num_layers
     bound = (2 * n_layers + 4) * 2.0**-8 * np.abs(a[real]).max()
     assert np.abs(a - b)[real].max() <= bound
+
+
+def test_softcapping_rules_out_cudnn(monkeypatch):
+    """Gemma 2's attention soft-capping is not in cuDNN's kernel: auto picks XLA even where cuDNN
+    would run, and a forced cudnn is one line naming the key."""
+    monkeypatch.setattr(L, "_cuda_gpu", lambda: True)
+    cfg = tiny_config("gemma2", head_dim=64)
+    assert from_config(cfg, dtype="bfloat16", attention="auto").attention_impl() == "xla"
+    one_line = (
+        r"^model.attention=cudnn does not support attention logit soft-capping "
+        r"\(the config's attn_logit_softcapping\); use model.attention=auto or xla$"
+    )
+    with pytest.raises(ConfigError, match=one_line):
+        from_config(cfg, dtype="bfloat16", attention="cudnn")
+    # per-layer windows (no soft-cap) likewise; a window on every layer (Mistral) keeps cuDNN
+    nocap = tiny_config("gemma2", head_dim=64, attn_logit_softcapping=None)
+    assert from_config(nocap, dtype="bfloat16").attention_impl() == "xla"
+    with pytest.raises(ConfigError, match="sliding windows on some layers only"):
+        from_config(nocap, dtype="bfloat16", attention="cudnn")
+    mistral = tiny_config("mistral", hidden_size=256)
+    assert from_config(mistral, dtype="bfloat16").attention_impl() == "cudnn"

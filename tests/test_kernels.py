@@ -113,3 +113,34 @@ def test_bad_arguments_raise_config_error():
         kernels.token_logprobs(h, w, y.astype(jnp.float32), b)
     with pytest.raises(ConfigError, match="bias"):
         kernels.token_logprobs(h, w, y, b[:-1])
+
+
+@pytest.mark.parametrize("kw", [dict(chunk_size=128), dict(chunk_size=96, token_chunk_size=8)])
+def test_softcap_matches_capped_log_softmax(kw, strict_dtypes):
+    """Gemma 2's final soft-cap: chunked (value and gradient, through the custom backward pass) ==
+    log_softmax(cap · tanh(z / cap)) written here directly; the cap changes the result."""
+    h, w, y, b = _inputs()
+    cap = 2.0  # |z| reaches ~10 on these inputs: the cap bites
+
+    def direct(h, w, b):
+        z = cap * jnp.tanh((h @ w + b) / cap)
+        lp = jax.nn.log_softmax(z, axis=-1)
+        picked = jnp.take_along_axis(lp, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
+        return jnp.where(y >= 0, picked, 0.0)
+
+    out = jax.jit(lambda h, w, b: kernels.token_logprobs(h, w, y, b, softcap=cap, **kw))(h, w, b)
+    want = direct(h, w, b)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    uncapped = kernels.token_logprobs(h, w, y, b, implementation="reference")
+    assert float(jnp.max(jnp.abs(uncapped - want))) > 1.0
+    ref = kernels.token_logprobs(h, w, y, b, implementation="reference", softcap=cap)
+    np.testing.assert_allclose(ref, want, rtol=1e-5, atol=1e-5)
+
+    def direct_loss(h, w, b):
+        lp = direct(h, w, b)
+        return jnp.sum(jnp.linspace(0.5, 2.0, lp.shape[0]) * lp)
+
+    g_want = jax.jit(jax.grad(direct_loss, (0, 1, 2)))(h, w, b)
+    g_out = jax.jit(jax.grad(_loss("chunked", y, softcap=cap, **kw), (0, 1, 2)))(h, w, b)
+    for a, r in zip(g_out, g_want):
+        np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(r))))

@@ -57,6 +57,25 @@ VARIANTS = {
         dict(tie_word_embeddings=False, enable_bias=False, layer_norm_elementwise_affine=False),
     ),
     "phi": ("phi", {}),
+    # Sliding window 5 < T = 12 on every layer (tiny_models._BASE); v0.2 / v0.3: no window.
+    "mistral_window": ("mistral", {}),
+    "mistral_nowindow_headdim": ("mistral", dict(sliding_window=None, head_dim=16)),
+    # use_sliding_window with max_window_layers = 1: layer 0 full, layer 1 windowed (4 < T).
+    "qwen2_sliding_mixed": ("qwen2", dict(use_sliding_window=True, sliding_window=4)),
+    # Gemma 2 (tiny_models._BASE): (1 + w) norms, GeGLU, √d embedding, post-norms, both soft-caps
+    # biting, layer 0 windowed (4 < T), head_dim 16 != 32 / 4, query_pre_attn_scalar 24, tied.
+    "gemma2": ("gemma2", {}),
+    "gemma2_untied_mha_explicit_types": (
+        "gemma2",
+        dict(
+            tie_word_embeddings=False,
+            num_key_value_heads=4,
+            layer_types=["full_attention", "sliding_attention"],
+            attn_logit_softcapping=None,
+        ),
+    ),
+    # Gemma 1 (gemma-2b's multi-query shape; hidden_act "gelu" = the tanh approximation, as HF).
+    "gemma": ("gemma", {}),
     # Qwen2.5's small sizes: q/k/v bias only, tied embeddings, theta 1e6 (tiny_models._BASE).
     "qwen2": ("qwen2", {}),
     "qwen2_untied_mha": ("qwen2", dict(tie_word_embeddings=False, num_key_value_heads=4)),
@@ -83,7 +102,7 @@ VARIANTS.update(
         "phi3_rot50_gqa_tied_window": (
             "phi3",
             dict(
-                partial_rotary_factor=0.5, num_key_value_heads=2, tie_word_embeddings=True, sliding_window=32
+                partial_rotary_factor=0.5, num_key_value_heads=2, tie_word_embeddings=True, sliding_window=6
             ),
         ),
         # T = 12 > 8: the long factors; attention factor sqrt(1 + ln 8 / ln 8).
@@ -166,6 +185,15 @@ DECODE_CASES = [
     ("qwen2", True),
     ("qwen2_untied_mha", False),
     ("phi3_rot50_gqa_tied_window", True),
+    # decode runs past the window (prefill 5, then to 12 with windows 4 / 5)
+    ("mistral_window", True),
+    ("mistral_window", False),
+    ("qwen2_sliding_mixed", True),
+    ("qwen2_sliding_mixed", False),
+    ("gemma2", True),
+    ("gemma2", False),
+    ("gemma2_untied_mha_explicit_types", True),
+    ("gemma", False),
     ("phi3_longrope_short", False),  # (not _long: like dynamic, HF switches factors as it grows)
 ]
 
@@ -203,7 +231,17 @@ def test_kv_cache_decode_matches_full_forward(case, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["llama_bias_tied_headdim", "opt_proj_350m", "phi_qk_ln_rot75_gqa", "qwen2", "phi3"]
+    "name",
+    [
+        "llama_bias_tied_headdim",
+        "opt_proj_350m",
+        "phi_qk_ln_rot75_gqa",
+        "qwen2",
+        "phi3",
+        "mistral_window",
+        "gemma2",
+        "gemma",
+    ],
 )
 def test_bfloat16_smoke(name, tmp_path):
     model_type, overrides = VARIANTS[name]
@@ -266,7 +304,7 @@ def test_from_config_random_init_runs():
 
     from sga_jax.models import from_config
 
-    for model_type in ("llama", "opt", "phi", "qwen2", "phi3"):
+    for model_type in ("llama", "opt", "phi", "qwen2", "phi3", "mistral", "gemma2", "gemma"):
         model = from_config(tiny_config(model_type), rngs=nnx.Rngs(1))
         ids, mask = _batch()
         out = model(ids, mask)
@@ -276,6 +314,9 @@ def test_from_config_random_init_runs():
         h = model.hidden_states(ids, mask)
         assert h.shape[:2] == (B, T) and h.shape[2] == w.shape[0]
         logits = jnp.dot(h, w, preferred_element_type=jnp.float32) + (0 if b is None else b)
+        cap = model.logit_softcap  # Gemma 2's final soft-cap; None elsewhere
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
         np.testing.assert_allclose(np.asarray(logits), np.asarray(out), atol=1e-5)
 
 
@@ -309,8 +350,22 @@ def test_kfac_taps_sow_inputs_and_perturb_outputs(tmp_path):
 @pytest.mark.parametrize(
     "model_type,overrides,key",
     [
-        ("qwen2", dict(use_sliding_window=True), "use_sliding_window"),
-        ("qwen2", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+        ("qwen2", dict(layer_types=["full_attention", "chunked_attention"]), "layer_types"),
+        ("qwen2", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),  # no window
+        ("qwen2", dict(use_sliding_window=True, sliding_window=0), "sliding_window"),
+        ("mistral", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+        ("mistral", dict(attention_bias=True), "attention_bias"),
+        ("mistral", dict(sliding_window=2.5), "sliding_window"),
+        ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+        ("gemma2", dict(hidden_activation="gelu_10"), "hidden_activation"),
+        ("gemma2", dict(layer_types=["sliding_attention"]), "layer_types"),
+        ("gemma2", dict(sliding_window=None), "sliding_window"),
+        ("gemma2", dict(attn_logit_softcapping=0.0), "attn_logit_softcapping"),
+        ("gemma2", dict(final_logit_softcapping="30"), "final_logit_softcapping"),
+        ("gemma2", dict(query_pre_attn_scalar=-1), "query_pre_attn_scalar"),
+        ("gemma2", dict(attention_dropout=0.1), "attention_dropout"),
+        ("gemma", dict(hidden_act="gelu_10"), "hidden_act"),
+        ("gemma", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
         ("qwen2", dict(attention_dropout=0.1), "attention_dropout"),
         ("llama", dict(hidden_act="gelu_10"), "hidden_act"),
         ("phi3", dict(resid_pdrop=0.1), "resid_pdrop"),
@@ -370,16 +425,72 @@ def test_phi35_config_json_rope_scaling_aliases():
         assert resolve(old)[0].rope == want, name
 
 
-def test_sliding_window_longer_sequences_refused(tmp_path):
-    """Phi-3's sliding_window is honoured only where it changes nothing: a sequence (or cache)
-    longer than the window is one ConfigError naming it, not a silently different model."""
-    from sga_jax.errors import ConfigError
+@pytest.mark.parametrize(
+    "name,no_window",
+    [
+        ("mistral_window", dict(sliding_window=None)),
+        ("qwen2_sliding_mixed", dict(use_sliding_window=False)),
+        ("phi3_rot50_gqa_tied_window", dict(sliding_window=None)),
+        ("gemma2", dict(layer_types=["full_attention"] * 2)),
+    ],
+)
+def test_sliding_window_changes_the_model(name, no_window, tmp_path):
+    """The window variants have power: HF's logits with the window differ (>> 1e-4) from those of
+    the same weights without it, past the window only, and ours follow HF's in both."""
+    model_type, overrides = VARIANTS[name]
+    path, tm = write_tiny_hf(model_type, tmp_path / "w", **overrides)
+    plain_path, plain_tm = write_tiny_hf(model_type, tmp_path / "p", **{**overrides, **no_window})
+    ids, mask = _batch(6)
+    real = mask.astype(bool)
+    windowed, plain = _torch_logits(tm, ids, mask), _torch_logits(plain_tm, ids, mask)
+    assert np.abs(windowed - plain)[real].max() > 1e-2
+    early = real & (np.arange(T) < 4)[None]  # positions < 4: inside every window
+    np.testing.assert_allclose(windowed[early], plain[early], atol=1e-5)
+    assert np.abs(np.asarray(sga_jax.load_model(path)(ids, mask)) - windowed)[real].max() <= 1e-4
+    assert np.abs(np.asarray(sga_jax.load_model(plain_path)(ids, mask)) - plain)[real].max() <= 1e-4
 
-    path, tm = write_tiny_hf("phi3", tmp_path / "m", sliding_window=8)
+
+def test_gemma2_soft_caps_change_the_model(tmp_path):
+    """The Gemma 2 variant's caps have power: without either cap HF's logits move by >> 1e-4, and
+    ours follow HF's both ways (the same weights: the same seed)."""
+    path, tm = write_tiny_hf("gemma2", tmp_path / "cap")
+    ids, mask = _batch(7)
+    real = mask.astype(bool)
+    ref = _torch_logits(tm, ids, mask)
+    assert np.abs(ref).max() < 3.0  # final cap 3: |logit| < 3
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        other_path, other_tm = write_tiny_hf("gemma2", tmp_path / key, **{key: None})
+        other = _torch_logits(other_tm, ids, mask)
+        assert np.abs(other - ref)[real].max() > 1e-2, key
+        ours = np.asarray(sga_jax.load_model(other_path)(ids, mask))
+        assert np.abs(ours - other)[real].max() <= 1e-4, key
+
+
+@pytest.mark.parametrize("implementation", ["chunked", "reference"])
+def test_gemma2_sequence_nll_matches_transformers_loss(implementation, tmp_path):
+    """The runner's NLL (sga_jax.logprobs.sequence_nll: hidden states + LM head in the chunked
+    kernel) includes the final soft-cap: per row it equals transformers' own loss with labels."""
+    from sga_jax.logprobs import sequence_nll
+
+    path, tm = write_tiny_hf("gemma2", tmp_path / "m")
+    ids, mask = _batch(8)
+    mask[1] = 1  # right padding only (the runner's batches)
+    loss_mask = mask.copy()
+    loss_mask[:, :3] = 0  # a prompt the loss skips
     model = sga_jax.load_model(path)
-    ids, _ = _batch(6)
-    assert np.abs(np.asarray(model(ids[:, :8])) - _torch_logits(tm, ids[:, :8])).max() <= 1e-4
-    with pytest.raises(ConfigError, match="sliding_window 8"):
-        model(ids)
-    with pytest.raises(ConfigError, match="sliding_window 8"):
-        model.init_cache(B, 9)
+    kw = dict(chunk_size=40) if implementation == "chunked" else {}  # 96 = 40 + 40 + 16 (padded)
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+    ours = np.asarray(sequence_nll(model, batch, implementation, **kw))
+    for r in range(B):
+        labels = np.where(loss_mask[r] == 1, ids[r], -100)
+        with torch.no_grad():
+            out = tm(
+                torch.tensor(ids[r : r + 1], dtype=torch.long),
+                attention_mask=torch.tensor(mask[r : r + 1], dtype=torch.long),
+                labels=torch.tensor(labels[None], dtype=torch.long),
+            )
+        assert abs(ours[r] - float(out.loss)) <= 1e-5, r
+    # the cap matters here: the NLL of the uncapped head differs
+    uncapped = sga_jax.load_model(path)
+    object.__setattr__(uncapped.config, "final_logit_softcapping", None)
+    assert np.abs(np.asarray(sequence_nll(uncapped, batch, implementation, **kw)) - ours).max() > 1e-2

@@ -26,7 +26,7 @@ def test_make_mesh_sizes():
 
 
 @pytest.mark.parametrize(
-    "model_type,scan", [("llama", False), ("llama", True), ("opt", True), ("phi", False)]
+    "model_type,scan", [("llama", False), ("llama", True), ("opt", True), ("phi", False), ("gemma2", True)]
 )
 def test_sharded_forward_equals_unsharded(tmp_path, model_type, scan):
     path, _ = write_tiny_hf(model_type, tmp_path / "m")
@@ -38,8 +38,8 @@ def test_sharded_forward_equals_unsharded(tmp_path, model_type, scan):
     q = layer.self_attn.q_proj.kernel[...]
     lead = (None,) if scan else ()
     assert q.sharding.spec == jax.sharding.PartitionSpec(*lead, "fsdp", "tensor")
-    # really split: each device holds a quarter of the [32, 32] matrix
-    assert q.addressable_shards[0].data.shape == (*q.shape[:-2], 16, 16)
+    # really split: each device holds a quarter of the matrix ([32, 32]; Gemma 2's [32, 64])
+    assert q.addressable_shards[0].data.shape == (*q.shape[:-2], q.shape[-2] // 2, q.shape[-1] // 2)
     o = layer.self_attn.o_proj.kernel[...]
     assert o.sharding.spec == jax.sharding.PartitionSpec(*lead, "tensor", "fsdp")
     emb = sharded.embed_tokens.embedding[...]

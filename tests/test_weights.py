@@ -49,6 +49,11 @@ def _torch(tm, ids):
         ("opt", dict(word_embed_proj_dim=16)),
         ("phi", dict(qk_layernorm=True)),
         ("qwen2", {}),
+        ("qwen2", dict(use_sliding_window=True, sliding_window=4)),  # layer_types exported
+        ("mistral", {}),  # sliding window 5
+        ("gemma2", {}),  # pre/post norms, soft-caps, alternating windows, tied
+        ("gemma2", dict(tie_word_embeddings=False, attention_bias=True)),
+        ("gemma", {}),
         # fused qkv / gate_up written back from our split modules; longrope config exported
         (
             "phi3",
@@ -131,7 +136,9 @@ def test_unknown_model_type_lists_supported(tmp_path, tiny_llama):
     cfg = json.loads((d / "config.json").read_text())
     cfg["model_type"] = "gpt_neox"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"gpt_neox.*llama, opt, phi"):
+    with pytest.raises(
+        ModelLoadError, match=r"gpt_neox.*gemma, gemma2, llama, mistral, opt, phi, phi3, qwen2"
+    ):
         sga_jax.load_model(d)
 
 

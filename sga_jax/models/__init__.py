@@ -1,4 +1,5 @@
-"""Flax NNX ports of the causal LMs sga_jax supports (Llama, Qwen2, OPT, Phi, Phi-3) and their HF loaders.
+"""Flax NNX ports of the causal LMs sga_jax supports and their HF loaders (Llama, Mistral, Qwen2,
+Gemma, Gemma 2, OPT, Phi, Phi-3).
 
 ``from_config(hf_config, rngs=..., dtype=...)`` builds a randomly initialised model from a
 transformers config (object or ``config.json`` dict); ``sga_jax.models.hf.load_model`` loads weights.
@@ -15,7 +16,10 @@ from sga_jax.errors import ModelLoadError
 
 # model_type -> (module, config class, model class)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
+    "gemma": ("sga_jax.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("sga_jax.models.gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
     "llama": ("sga_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("sga_jax.models.mistral", "MistralConfig", "MistralForCausalLM"),
     "opt": ("sga_jax.models.opt", "OPTConfig", "OPTForCausalLM"),
     "phi": ("sga_jax.models.phi", "PhiConfig", "PhiForCausalLM"),
     "phi3": ("sga_jax.models.phi3", "Phi3Config", "Phi3ForCausalLM"),

@@ -335,22 +335,33 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 # ------------------------------------------------------------------------------------- attention
 
 
-def forward_mask(attention_mask: Array) -> Array:
-    """Causal ∧ key-is-real mask ``[B, 1, T, T]``; each query also sees itself so that no row is
-    fully masked (padding queries would otherwise give NaN gradients on some backends)."""
+def _in_window(query_slot: Array, slots: Array, window: int | None) -> Array:
+    """``[t, S]``: key slot within the last ``window`` positions of the query slot (itself included),
+    HF's ``sliding_window_overlay`` (``kv_idx > q_idx - sliding_window``); all true without a window.
+    Slots are sequence indices (padding included), in a full forward and in the KV cache alike."""
+    if window is None:
+        return jnp.ones((query_slot.shape[0], slots.shape[0]), bool)
+    return slots[None, :] > query_slot[:, None] - window
+
+
+def forward_mask(attention_mask: Array, window: int | None = None) -> Array:
+    """Causal ∧ key-is-real (∧ in the sliding window) mask ``[B, 1, T, T]``; each query also sees
+    itself so that no row is fully masked (padding queries would otherwise give NaN gradients on
+    some backends)."""
     t = attention_mask.shape[1]
     idx = jnp.arange(t)
-    causal = idx[None, :] <= idx[:, None]
+    causal = (idx[None, :] <= idx[:, None]) & _in_window(idx, idx, window)
     keys = attention_mask.astype(bool)[:, None, None, :]
     return (causal[None, None] & keys) | jnp.eye(t, dtype=bool)[None, None]
 
 
-def decode_mask(kv_mask: Array, cache_index: Array, t: int) -> Array:
-    """Mask ``[B, 1, t, S]`` for t new tokens written at slots ``[cache_index, cache_index + t)``."""
+def decode_mask(kv_mask: Array, cache_index: Array, t: int, window: int | None = None) -> Array:
+    """Mask ``[B, 1, t, S]`` for t new tokens written at slots ``[cache_index, cache_index + t)``
+    (with a ``window``: only the last ``window`` slots up to each query's own)."""
     s = kv_mask.shape[1]
     slots = jnp.arange(s)
     query_slot = cache_index + jnp.arange(t)
-    causal = slots[None, :] <= query_slot[:, None]
+    causal = (slots[None, :] <= query_slot[:, None]) & _in_window(query_slot, slots, window)
     own = slots[None, :] == query_slot[:, None]
     return (causal[None, None] & kv_mask.astype(bool)[:, None, None, :]) | own[None, None]
 
@@ -373,8 +384,14 @@ def _cuda_gpu() -> bool:
     return "rocm" not in version
 
 
-def _cudnn_unsupported(dtype: Any, head_dim: int) -> str | None:
+def _cudnn_unsupported(
+    dtype: Any, head_dim: int, softcap: bool = False, mixed_windows: bool = False
+) -> str | None:
     """Why cuDNN flash attention cannot run this model here (None when it can)."""
+    if softcap:  # jax.nn.dot_product_attention has no logit soft-capping
+        return "does not support attention logit soft-capping (the config's attn_logit_softcapping)"
+    if mixed_windows:  # one static local_window_size per call; per-layer windows need the mask
+        return "does not support sliding windows on some layers only (the config's layer_types)"
     if not _cuda_gpu():
         return f"needs a CUDA GPU, but JAX's default backend is {jax.default_backend()!r}"
     if jnp.dtype(dtype) not in [jnp.dtype(d) for d in _CUDNN_DTYPES]:
@@ -384,11 +401,14 @@ def _cudnn_unsupported(dtype: Any, head_dim: int) -> str | None:
     return None
 
 
-def attention_implementation(name: str, dtype: Any, head_dim: int) -> str:
+def attention_implementation(
+    name: str, dtype: Any, head_dim: int, *, softcap: bool = False, mixed_windows: bool = False
+) -> str:
     """``auto`` | ``xla`` | ``cudnn`` -> the implementation to run (``"xla"`` or ``"cudnn"``).
 
     ``auto`` is cuDNN on a CUDA GPU with a bfloat16 / float16 compute dtype and a supported
-    ``head_dim``, else XLA. ``cudnn`` where it cannot run raises one ConfigError saying why.
+    ``head_dim``, for a model without attention soft-capping (Gemma 2) or per-layer windows, else
+    XLA. ``cudnn`` where it cannot run raises one ConfigError saying why.
     """
     if name not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(
@@ -396,7 +416,7 @@ def attention_implementation(name: str, dtype: Any, head_dim: int) -> str:
         )
     if name == "xla":
         return "xla"
-    why = _cudnn_unsupported(dtype, head_dim)
+    why = _cudnn_unsupported(dtype, head_dim, softcap, mixed_windows)
     if name == "cudnn" and why is not None:
         raise ConfigError(f"model.attention=cudnn {why}; use model.attention=auto or xla")
     return "xla" if why is not None else "cudnn"
@@ -416,33 +436,91 @@ class AttentionMask:
     * ``dense``: boolean ``[B, 1, T, S]`` (any padding; KV-cache decode), run by XLA;
     * ``kv_lengths``: int32 ``[B]``, causal attention over the first ``kv_lengths[b]`` keys of row
       ``b`` (right padding only), run by ``implementation`` with ``is_causal=True`` and no mask
-      array: cuDNN's flash kernel then never materialises a ``[B, N, T, T]`` score tensor.
+      array: cuDNN's flash kernel then never materialises a ``[B, N, T, T]`` score tensor;
+      ``window`` (static) is then the sliding window of every layer, passed as ``local_window_size``.
+
+    Sliding windows on some layers only (Qwen2's ``max_window_layers``, Gemma 2's alternation):
+    ``dense`` is the full-attention mask and ``dense_local`` the windowed one;
+    :meth:`for_layer` picks one by the layer's (traced, under scan) flag.
     """
 
     dense: Array | None = None
     kv_lengths: Array | None = None
+    dense_local: Array | None = None
+    window: int | None = struct.field(pytree_node=False, default=None)
     implementation: str = struct.field(pytree_node=False, default="xla")
 
     @classmethod
-    def for_forward(cls, attention_mask: Array, implementation: str) -> tuple[AttentionMask, Array]:
+    def for_forward(
+        cls,
+        attention_mask: Array,
+        implementation: str,
+        window: int | None = None,
+        mixed: bool = False,
+    ) -> tuple[AttentionMask, Array]:
         """The mask of a plain forward and a per-row flag ``[B]``: False where the lengths form
         cannot represent ``attention_mask`` (left / inner padding), whose outputs the caller
-        poisons with NaN rather than return silently wrong numbers."""
+        poisons with NaN rather than return silently wrong numbers. ``window``: the sliding
+        window of every layer, or (``mixed``) of the layers flagged sliding."""
         m = attention_mask.astype(bool)
         b, t = m.shape
         if not _use_lengths(implementation):
-            return cls(dense=forward_mask(m)), jnp.ones((b,), bool)
+            if mixed:
+                return cls(dense=forward_mask(m), dense_local=forward_mask(m, window)), jnp.ones((b,), bool)
+            return cls(dense=forward_mask(m, window)), jnp.ones((b,), bool)
+        if mixed:  # attention_implementation never picks cuDNN for these
+            raise ConfigError("per-layer sliding windows need model.attention=xla")
         lengths = jnp.sum(m, axis=1, dtype=jnp.int32)
         right_padded = jnp.all(m == (jnp.arange(t)[None, :] < lengths[:, None]), axis=1)
         # A fully padded row (batch filler) keeps one key, so it stays finite like the dense
         # form's "each query sees itself"; its outputs are never read.
         lengths = jnp.maximum(lengths, 1)
-        return cls(kv_lengths=lengths, implementation=implementation), right_padded
+        return cls(kv_lengths=lengths, window=window, implementation=implementation), right_padded
+
+    @classmethod
+    def for_decode(
+        cls, kv_mask: Array, cache_index: Array, t: int, window: int | None = None, mixed: bool = False
+    ) -> AttentionMask:
+        """Decode's dense mask (left-padded prompts, cache slots: the XLA path), windowed like
+        :meth:`for_forward`."""
+        if mixed:
+            return cls(
+                dense=decode_mask(kv_mask, cache_index, t),
+                dense_local=decode_mask(kv_mask, cache_index, t, window),
+            )
+        return cls(dense=decode_mask(kv_mask, cache_index, t, window))
+
+    def for_layer(self, sliding: Array | bool) -> AttentionMask:
+        """The mask of one layer: windowed where ``sliding`` (only differs with per-layer windows)."""
+        if self.dense_local is None:
+            return self
+        return AttentionMask(dense=jnp.where(sliding, self.dense_local, self.dense))
 
 
-def attend(q: Array, k: Array, v: Array, mask: AttentionMask | Array, scale: float) -> Array:
-    """``softmax(q kᵀ · scale + mask) v`` for ``q [B, T, N, H]``, ``k, v [B, S, K, H]``."""
+def softcapped_attention(q: Array, k: Array, v: Array, mask: Array, scale: float, softcap: float) -> Array:
+    """``softmax(cap · tanh(q kᵀ · scale / cap) + mask) v`` (Gemma 2, arXiv 2408.00118 §2; HF's
+    ``eager_attention_forward``: cap, then mask, float32 softmax), grouped-query heads shared as
+    in :func:`jax.nn.dot_product_attention`. ``q [B, T, N, H]``, ``k, v [B, S, K, H]``."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.tanh(scores / softcap) * softcap
+    big_neg = jnp.finfo(jnp.float32).min
+    scores = jnp.where(mask[:, :, None], scores, big_neg)  # mask [B, 1, T, S] -> [B, 1, 1, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+def attend(
+    q: Array, k: Array, v: Array, mask: AttentionMask | Array, scale: float, softcap: float | None = None
+) -> Array:
+    """``softmax(q kᵀ · scale + mask) v`` for ``q [B, T, N, H]``, ``k, v [B, S, K, H]``
+    (``softcap``: the scores soft-capped before the mask, on the dense path only)."""
     if isinstance(mask, AttentionMask) and mask.kv_lengths is not None:
+        if softcap is not None:  # attention_implementation never picks cuDNN for these
+            raise ConfigError("attention logit soft-capping needs model.attention=xla")
         return jax.nn.dot_product_attention(
             q,
             k,
@@ -450,10 +528,19 @@ def attend(q: Array, k: Array, v: Array, mask: AttentionMask | Array, scale: flo
             scale=scale,
             is_causal=True,
             key_value_seq_lengths=mask.kv_lengths,
+            # HF keeps keys with q - k < window: jax's left window is window - 1.
+            local_window_size=None if mask.window is None else (mask.window - 1, 0),
             implementation=mask.implementation,
         )
     dense = mask.dense if isinstance(mask, AttentionMask) else mask
+    if softcap is not None:
+        return softcapped_attention(q, k, v, dense, scale, softcap)
     return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation="xla")
+
+
+def softcap_logits(z: Array, cap: float | None) -> Array:
+    """``cap · tanh(z / cap)`` (Gemma 2's final logit soft-capping); ``z`` unchanged without a cap."""
+    return z if cap is None else jnp.tanh(z / cap) * cap
 
 
 class Attention(nnx.Module):
@@ -461,7 +548,8 @@ class Attention(nnx.Module):
 
     ``softmax(q kᵀ / √head_dim + mask) v`` with q, k rotated by RoPE (first ``rope.dim`` channels);
     K/V heads are shared by ``num_heads / num_kv_heads`` query heads. Optional per-head LayerNorm on
-    q and k (Phi's ``qk_layernorm``).
+    q and k (Phi's ``qk_layernorm``), ``scale`` in place of ``1/√head_dim`` (Gemma 2's
+    ``query_pre_attn_scalar``) and score soft-capping (Gemma 2's ``attn_logit_softcapping``).
     """
 
     def __init__(
@@ -474,10 +562,14 @@ class Attention(nnx.Module):
         qkv_bias: bool,
         out_bias: bool,
         qk_norm_eps: float | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.softcap = softcap
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -516,7 +608,7 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
             kv = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
-        out = attend(q, k, v, mask, self.head_dim**-0.5)
+        out = attend(q, k, v, mask, self.scale, self.softcap)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
@@ -577,8 +669,8 @@ def make_layers(create: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
     return stacked(rngs)
 
 
-def _layer_body(x, layer, rope, mask, kv, cache_index):
-    return layer(x, rope, mask, kv, cache_index)
+def _layer_body(x, layer, rope, mask, kv, cache_index, sliding):
+    return layer(x, rope, mask.for_layer(sliding), kv, cache_index)
 
 
 class DecoderLM(nnx.Module):
@@ -587,7 +679,9 @@ class DecoderLM(nnx.Module):
     Subclasses set ``config``, ``layers``, ``dtype``, ``scan_layers``, ``remat``, ``attention``
     (``auto`` | ``xla`` | ``cudnn``, see :func:`attention_implementation`) and implement
     ``_embed(input_ids, positions)``, ``_rope(positions)``, ``_final(x)``, ``_positions(mask)``
-    and ``lm_head_weights()``; they may override ``_logits(h)``.
+    and ``lm_head_weights()``; they may override ``_logits(h)``. Optional config fields:
+    ``sliding_window`` (int or None) with ``sliding_layers`` (per-layer flags; None: every layer),
+    ``attn_logit_softcapping`` and ``final_logit_softcapping`` (Gemma 2).
     """
 
     config: Any
@@ -615,12 +709,29 @@ class DecoderLM(nnx.Module):
     def lm_head_weights(self) -> tuple[Array, Array | None]:
         raise NotImplementedError
 
+    @property
+    def logit_softcap(self) -> float | None:
+        """Final logit soft-cap ``z -> cap · tanh(z / cap)`` (Gemma 2), applied by ``_logits`` and
+        by every log-prob path from ``hidden_states`` + ``lm_head_weights`` (sga_jax.logprobs)."""
+        return getattr(self.config, "final_logit_softcapping", None)
+
     def _logits(self, h: Array) -> Array:
         w, b = self.lm_head_weights()
         logits = jnp.dot(h, w.astype(self.dtype), preferred_element_type=jnp.float32)
         if b is not None:
             logits = logits + b.astype(jnp.float32)
-        return logits
+        return softcap_logits(logits, self.logit_softcap)
+
+    # --- sliding windows ---------------------------------------------------------------------
+    def _windows(self) -> tuple[int | None, np.ndarray | None]:
+        """``(window, per-layer flags)``: flags only when some layers slide and others do not."""
+        window = getattr(self.config, "sliding_window", None)
+        flags = getattr(self.config, "sliding_layers", None)
+        if window is None or (flags is not None and not any(flags)):
+            return None, None
+        if flags is None or all(flags):
+            return int(window), None
+        return int(window), np.asarray(flags, bool)
 
     # --- stack -------------------------------------------------------------------------------
     def _run_layers(self, x, rope, mask, cache, cache_index):
@@ -628,18 +739,27 @@ class DecoderLM(nnx.Module):
         body = _layer_body
         if use_remat:
             body = nnx.remat(body, policy=policy, prevent_cse=not self.scan_layers)
+        _, flags = self._windows()
+        sliding = np.zeros(self.config.num_layers, bool) if flags is None else flags
         if self.scan_layers:
-            scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None, 0, None), out_axes=(nnx.Carry, 0))
-            return scan(x, self.layers, rope, mask, cache, cache_index)
+            scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None, 0, None, 0), out_axes=(nnx.Carry, 0))
+            return scan(x, self.layers, rope, mask, cache, cache_index, jnp.asarray(sliding))
         new_cache = []
         for i, layer in enumerate(self.layers):
-            x, kv = body(x, layer, rope, mask, None if cache is None else cache[i], cache_index)
+            kv_i = None if cache is None else cache[i]
+            x, kv = body(x, layer, rope, mask, kv_i, cache_index, bool(sliding[i]))
             new_cache.append(kv)
         return x, (None if cache is None else new_cache)
 
     def attention_impl(self) -> str:
         """The attention implementation this model runs here (``"xla"`` or ``"cudnn"``)."""
-        return attention_implementation(self.attention, self.dtype, self.config.head_dim)
+        return attention_implementation(
+            self.attention,
+            self.dtype,
+            self.config.head_dim,
+            softcap=getattr(self.config, "attn_logit_softcapping", None) is not None,
+            mixed_windows=self._windows()[1] is not None,
+        )
 
     # --- public API (docs/interfaces.md) -----------------------------------------------------
     def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
@@ -650,7 +770,10 @@ class DecoderLM(nnx.Module):
         attention_mask = jnp.asarray(attention_mask)
         positions = self._positions(attention_mask)
         x = self._embed(input_ids, positions)
-        mask, representable = AttentionMask.for_forward(attention_mask, self.attention_impl())
+        window, flags = self._windows()
+        mask, representable = AttentionMask.for_forward(
+            attention_mask, self.attention_impl(), window, mixed=flags is not None
+        )
         x, _ = self._run_layers(x, self._rope(positions), mask, None, None)
         # The lengths form is exact only for right padding (training and scoring batches); a left-
         # or inner-padded row under it gives NaN, loudly, instead of wrong logits.
@@ -689,6 +812,9 @@ class DecoderLM(nnx.Module):
         cache_index = jnp.asarray(cache_index, jnp.int32)
         x = self._embed(input_ids, positions)
         # Decode keeps the dense mask (left-padded prompts, cache slots): the XLA path.
-        mask = AttentionMask(dense=decode_mask(jnp.asarray(kv_mask), cache_index, input_ids.shape[1]))
+        window, flags = self._windows()
+        mask = AttentionMask.for_decode(
+            jnp.asarray(kv_mask), cache_index, input_ids.shape[1], window, mixed=flags is not None
+        )
         x, cache = self._run_layers(x, self._rope(positions), mask, cache, cache_index)
         return self._logits(self._final(x)), cache

@@ -17,7 +17,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx
 
-from sga_jax.errors import ConfigError, ModelLoadError
+from sga_jax.errors import ModelLoadError
 from sga_jax.models import layers as L
 
 # Module path (``{i}`` = layer) -> (HF safetensors name, transpose). Kernels are [in, out] here and
@@ -64,9 +64,10 @@ class LlamaConfig:
     attention_bias: bool = False  # q/k/v biases
     attention_out_bias: bool = False  # o_proj bias (Llama: = attention_bias; Qwen2: none)
     mlp_bias: bool = False
-    # HF's sliding window, accepted only where it changes nothing: a sequence (or KV cache) longer
-    # than it is refused at call time (Phi-3-mini-4k declares 2047; sliding attention comes later).
+    # Sliding-window attention (Mistral, Phi-3, Qwen2): keys within the last ``sliding_window``
+    # positions; on the layers flagged in ``sliding_layers`` (None: every layer).
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] | None = None
     hidden_act: str = "silu"
     bos_token_id: Any = None
     eos_token_id: Any = None
@@ -176,7 +177,7 @@ class LlamaForCausalLM(L.DecoderLM):
         self.scan_layers = scan_layers
         self.remat = remat
         self.attention = attention
-        L.attention_implementation(attention, dtype, config.head_dim)  # validate early
+        self.attention_impl()  # validate early (windows / soft-capping rule cuDNN out)
         c = config
         self.embed_tokens = L.Embed(
             c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
@@ -195,22 +196,6 @@ class LlamaForCausalLM(L.DecoderLM):
                 c.hidden_size, c.vocab_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
             )
 
-    def _check_length(self, length: int) -> None:
-        w = self.config.sliding_window
-        if w is not None and length > w:
-            raise ConfigError(
-                f"{self.config.model_type}: sequence length {length} exceeds the config's sliding_window "
-                f"{w}; sliding-window attention is not supported yet, use sequences of at most {w} tokens"
-            )
-
-    def hidden_states(self, input_ids, attention_mask=None):
-        self._check_length(jnp.shape(input_ids)[1])
-        return super().hidden_states(input_ids, attention_mask)
-
-    def init_cache(self, batch_size: int, max_length: int):
-        self._check_length(max_length)  # decode attends to cache slots only
-        return super().init_cache(batch_size, max_length)
-
     def _embed(self, input_ids, positions):
         return self.embed_tokens(input_ids)
 
@@ -227,5 +212,5 @@ class LlamaForCausalLM(L.DecoderLM):
 
     def _logits(self, h):
         if self.lm_head is not None:  # through the Linear, so K-FAC hooks see the head too
-            return self.lm_head(h, out_dtype=jnp.float32)
+            return L.softcap_logits(self.lm_head(h, out_dtype=jnp.float32), self.logit_softcap)
         return super()._logits(h)

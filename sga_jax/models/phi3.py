@@ -7,7 +7,8 @@ one place that says how they are stacked, and ``hf.load_model`` / ``hf.save_mode
 Rope: ``rope_scaling`` "longrope" (alias "su"; HF maps the old "yarn" of Phi-3 configs to it too)
 with ``short_factor`` / ``long_factor`` / ``original_max_position_embeddings`` / the attention
 factor, and ``partial_rotary_factor`` (rotate the first ``factor · head_dim`` channels).
-HF applies ``sliding_window`` (Phi-3-mini-4k: 2047); we accept it only for sequences that fit in it.
+``sliding_window`` (Phi-3-mini-4k: 2047) windows every layer's attention, as HF's
+``create_sliding_window_causal_mask``.
 """
 
 from __future__ import annotations
