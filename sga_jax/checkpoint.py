@@ -12,6 +12,7 @@ same parameters as an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -57,21 +58,44 @@ class Checkpointer:
     # -- save / restore --------------------------------------------------------------------------
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> Path:
-        """Write ``state`` (a pytree of arrays) and ``meta`` (JSON-able) as checkpoint ``step``."""
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave(_jsonable(meta)),
-            ),
-            force=True,
-        )
-        self._manager.wait_until_finished()
+        """Write ``state`` (a pytree of arrays) and ``meta`` (JSON-able) as checkpoint ``step``.
+
+        A full disk is one ``OSError`` naming the checkpoint and the space it needs; the partial step
+        is removed, and the earlier checkpoints stay as they were."""
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    meta=ocp.args.JsonSave(_jsonable(meta)),
+                ),
+                force=True,
+            )
+            self._manager.wait_until_finished()
+        except Exception as e:
+            code = _disk_full(e)
+            if code is None:
+                raise
+            self._remove_partial(step)
+            need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
+            raise OSError(
+                code,
+                f"{os.strerror(code)} writing checkpoint {step} (it needs about {need / 2**20:.1f} MiB)",
+                str(self.path(step)),
+            ) from None
         sums = self._sums()
         sums[str(step)] = {"sha256": tree_digest(self.path(step)), "good": False}
         self._write_sums(sums)
         self.prune()
         return self.path(step)
+
+    def _remove_partial(self, step: int) -> None:
+        """The folders a failed save of ``step`` left (Orbax writes ``<step>.orbax-checkpoint-tmp-*``)."""
+        import shutil
+
+        for p in self.directory.glob(f"{step}*"):
+            if p.is_dir() and (p.name == str(step) or p.name.startswith(f"{step}.")):
+                shutil.rmtree(p, ignore_errors=True)
 
     # -- integrity and retention -----------------------------------------------------------------
 
@@ -195,6 +219,20 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _disk_full(e: BaseException) -> int | None:
+    """The errno of a full disk / quota / file-size fault anywhere in ``e``'s cause chain (Orbax and
+    tensorstore re-raise I/O faults wrapped in their own exceptions), else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return e.errno
+        if "No space left on device" in str(e):
+            return errno.ENOSPC
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _abstract(x: Any) -> Any:

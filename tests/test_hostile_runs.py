@@ -144,3 +144,50 @@ def test_damaged_checkpoint_and_cut_metrics_line_resume(setup, tmp_path, capsys)
     assert "checkpoint" in err and "damaged" in err and "falling back to step 1" in err, err
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3], steps
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_earlier_ones(setup, tmp_path, capsys, monkeypatch):
+    """A full disk while Orbax writes checkpoint 2: one line naming that checkpoint, the space it needs
+    and the space left; checkpoint 1 stays and verifies; no partial step folder, no exported model."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    root, model = setup
+    out = tmp_path / "full"
+    real = ocp.CheckpointManager.save
+
+    def save(self, step, *args, **kwargs):
+        if step >= 2:  # tensorstore's fault arrives wrapped in Orbax's own exception
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError as inner:
+                raise RuntimeError("Error writing checkpoint") from inner
+        return real(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    assert main(_args(root, model, out, "train.keep_checkpoints=3")) == 2
+    err = _err(capsys)
+    assert str(out / "checkpoints" / "2") in err and "No space left on device" in err, err
+    assert "it needs about" in err and "MiB free" in err, err
+    assert not (out / "model").exists()
+    ckpt = Checkpointer(out / "checkpoints")
+    try:
+        assert ckpt.all_steps() == [1] and ckpt.verify(1)
+    finally:
+        ckpt.close()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("2")) == []
+
+
+def test_sweep_checks_every_entry_before_the_first_run(setup, tmp_path, capsys):
+    """A missing model in the second entry is reported before the first run (or the starting model's
+    evaluation) writes anything."""
+    root, model = setup
+    out = tmp_path / "sweep"
+    missing = tmp_path / "no_such_model"
+    args = ["sweep", "benchmark=tofu_forget01", f"model.path={model}", f"output_dir={out}", "train.steps=1",
+            "train.progress=false", f"sweep=[method=ga,'method=ga model.path={missing}']"]  # fmt: skip
+    assert main(args) == 2
+    err = _err(capsys)
+    assert err.startswith("sga-jax: error: sweep[1]") and str(missing) in err, err
+    assert not out.exists()
