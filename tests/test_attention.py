@@ -92,7 +92,7 @@ def test_cudnn_without_cuda_gpu_is_one_clear_error():
 
 def test_auto_is_xla_without_cuda_and_unknown_names_are_refused():
     if L._cuda_gpu():
-        pytest.skip("a CUDA GPU is present")
+        pytest.skip("a CUDA GPU is present: auto picks cudnn there (test_cudnn_matches_xla_on_gpu covers it)")
     assert L.attention_implementation("auto", jnp.bfloat16, 64) == "xla"
     model = from_config(tiny_config("llama"), attention="auto")
     assert model.attention_impl() == "xla"
