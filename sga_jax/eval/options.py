@@ -75,6 +75,7 @@ OPTIONS: dict[str, dict[str, Check]] = {
         "metrics": _list_of("verbmem_f", "knowmem_f", "knowmem_r", "privleak"),
         "retrain_auc": _auc_or_null,
         "batch_size": _whole,
+        "progress": _flag,
     },
     "ppl": {"data": _text, "max_length": _whole, "batch_size": _whole},
     "mia": {
