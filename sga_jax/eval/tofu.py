@@ -202,6 +202,14 @@ def _add_generations(logs, model, tokenizer, fmt, rows, kept, progress, **kw) ->
         logs["rougeL_recall"][i] = rl[j]
 
 
+def subset_rows(n_rows: int, size: int, seed: int = 0) -> list[int]:
+    """``size`` of the indices ``0 .. n_rows-1`` drawn with ``numpy.random.default_rng(seed)``,
+    sorted (all of them when ``size >= n_rows``): a fixed, seeded evaluation subset."""
+    if size >= n_rows:
+        return list(range(n_rows))
+    return sorted(np.random.default_rng(seed).choice(n_rows, size, replace=False).tolist())
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -213,12 +221,16 @@ def evaluate(
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
     formatter: PromptFormatter | None = None,
+    retain_subset: int | None = None,
+    subset_seed: int = 0,
     **task_kwargs: Any,
 ) -> dict[str, Path]:
     """Run TOFU's four evaluation splits and write the official eval-log files into ``out_dir``.
 
     ``limit`` keeps the first rows of each split (the official ``ds_size`` is 300; real authors and
-    world facts have 100 and 117). Returns ``{file name: path}``.
+    world facts have 100 and 117). ``retain_subset``: evaluate only that many of the retain split's
+    rows (after ``limit``), drawn with ``subset_seed`` (:func:`subset_rows`); its log is keyed
+    0..n-1 in row order, as any eval log. Returns ``{file name: path}``.
     """
     out = Path(out_dir)
     written = {}
@@ -229,6 +241,8 @@ def evaluate(
         if task == "eval_log_forget":
             config = f"{forget_split}_perturbed"
         rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit)
+        if task == "eval_log" and retain_subset is not None:
+            rows = [rows[i] for i in subset_rows(len(rows), retain_subset, subset_seed)]
         logs = evaluate_task(
             model, tokenizer, rows, base_answer_key=base_key, formatter=formatter, source=config,
             **task_kwargs,
