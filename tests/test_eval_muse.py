@@ -154,3 +154,14 @@ def test_perplexity_is_token_weighted(tiny, smollm2_tokenizer):
     assert ppl == pytest.approx(np.exp(np.sum(s["nll"] * s["n_tokens"]) / s["n_tokens"].sum()), rel=1e-6)
     np.testing.assert_allclose(s["loss"], -s["nll"])
     assert np.isfinite(s["min_k_pp"]).all()
+
+
+def test_evaluate_shows_a_bar_per_metric(tiny, smollm2_tokenizer, capsys):
+    """muse.evaluate draws one tqdm bar per metric on stderr, each reaching its total."""
+    model, _ = tiny
+    muse.evaluate(model, smollm2_tokenizer, metrics=["verbmem_f", "knowmem_f"], limit=2)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    for desc in ("verbmem", "knowmem_forget"):
+        assert any(x.startswith(desc) and "100%" in x and "2/2" in x for x in lines), desc
+    muse.evaluate(model, smollm2_tokenizer, metrics=["verbmem_f"], limit=2, progress=False)
+    assert "verbmem" not in capsys.readouterr().err

@@ -149,3 +149,26 @@ def test_run_writes_official_files(tiny, smollm2_tokenizer, tmp_path, data_dir, 
     # A random model's greedy answers share no words with the truth: ROUGE 0 makes the hmean 0.
     assert saved["model_utility"] == res["model_utility"] == 0.0 and saved["retain_rougeL"] == 0.0
     assert 0 < saved["retain_prob"] < 1 and 0 < saved["real_authors_prob"] < 1
+
+
+def test_retain_subset_is_seeded_and_recorded(tiny, smollm2_tokenizer, tmp_path):
+    """retain_subset=2 evaluates the 2 retain rows subset_rows draws (the same for the same seed)."""
+    _, model, _ = tiny
+    pick = tofu_eval.subset_rows(5, 2, seed=3)
+    assert pick == tofu_eval.subset_rows(5, 2, seed=3) and pick != tofu_eval.subset_rows(5, 2, seed=4)
+    assert tofu_eval.subset_rows(5, 9) == [0, 1, 2, 3, 4]
+    fmt = PromptFormatter(smollm2_tokenizer, "plain", max_length=200)
+    tofu_eval.evaluate(
+        model, smollm2_tokenizer, tmp_path, tasks=["eval_log"], limit=5, formatter=fmt, generate=False,
+        retain_subset=2, subset_seed=3, progress=False,
+    )  # fmt: skip
+    log = json.loads((tmp_path / "eval_log.json").read_text())
+    rows = tofu.load_tofu("retain_perturbed", limit=5)
+    want = tofu_eval.evaluate_task(
+        model, smollm2_tokenizer, [rows[i] for i in pick], formatter=fmt, generate=False, progress=False
+    )
+    assert list(log["gt_loss"]) == ["0", "1"]
+    assert pick == [0, 3]  # not the first two rows: taking rows[:2] would fail below
+    np.testing.assert_allclose(
+        [log["gt_loss"][k] for k in ("0", "1")], [want["gt_loss"][i] for i in (0, 1)], rtol=1e-6
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = ("generate", "tofu", "muse", "mia", "run", "scoring")
+_SUBMODULES = ("generate", "tofu", "muse", "mia", "run", "scoring", "flops")
 __all__ = [*_SUBMODULES, "evaluate"]
 
 

@@ -90,6 +90,7 @@ def greedy_generate(
     tokenizer: Any = None,
     sort_by_length: bool = True,
     progress: Callable[[int], Any] | None = None,
+    calls: list[tuple] | None = None,
 ) -> GenerationResult:
     """Greedy continuations of token-id ``prompts`` (token-identical to ``transformers``'
     ``generate(do_sample=False)`` with left padding).
@@ -97,6 +98,8 @@ def greedy_generate(
     ``max_length``: optional cap on prompt + new tokens (HF's ``max_length``; TOFU generates with
     ``max_length=200``): each batch gets ``min(max_new_tokens, max_length - longest prompt)`` new
     tokens. A prompt that leaves no room raises DataError naming it.
+    ``calls``: when a list, each compiled call is appended to it as ``("generate", batch rows,
+    prompt length, cache length, decode steps run)`` (what :mod:`sga_jax.eval.flops` counts).
     """
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
@@ -112,6 +115,10 @@ def greedy_generate(
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos[0] >= 0 else 0)
     order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(prompts))
     new_bucket = bucket_length(max_new_tokens, bucket)
+    # With max_length a batch writes at most p_len + (max_length - longest) <= max_length + bucket - 1
+    # cache slots: capped there, every prompt bucket shares one cache length (one compile fewer per
+    # bucket) and no step attends to slots that can never be written.
+    cap = None if max_length is None else bucket_length(max_length + bucket - 1, bucket)
     tokens: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
         idx = [int(i) for i in order[start : start + batch_size]]
@@ -123,16 +130,19 @@ def greedy_generate(
         for row, i in enumerate(idx):
             ids[row, p_len - lengths[i] :] = prompts[i]
             mask[row, p_len - lengths[i] :] = 1
-        out, _ = _greedy(
+        cache_len = p_len + new_bucket if cap is None else min(p_len + new_bucket, cap)
+        out, steps = _greedy(
             model,
             jnp.asarray(ids),
             jnp.asarray(mask),
             jnp.int32(n_new),
-            cache_len=p_len + new_bucket,
+            cache_len=cache_len,
             eos_ids=eos,
             pad_id=int(pad),
         )
         out = np.asarray(out)
+        if calls is not None:
+            calls.append(("generate", batch_size, p_len, cache_len, int(steps)))
         for row, i in enumerate(idx):
             seq = out[row, :n_new].tolist()
             for j, t in enumerate(seq):

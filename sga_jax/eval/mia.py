@@ -20,7 +20,7 @@ MUSE's PrivLeak uses Min-K% with k = 0.4 on the forget and holdout texts, in MUS
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -81,9 +81,11 @@ def text_scores(
     max_length: int = 512,
     batch_size: int = 8,
     which: Sequence[str] = SCORES,
+    progress: Callable[[int], Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """Each requested score (``SCORES``) for each text (truncated to ``max_length`` tokens; the
-    number truncated is reported by a warning), plus ``"nll"`` (token-mean NLL) and ``"n_tokens"``."""
+    number truncated is reported by a warning), plus ``"nll"`` (token-mean NLL) and ``"n_tokens"``.
+    ``progress(n)`` is called as texts are scored (e.g. a tqdm bar's ``update``)."""
     from sga_jax.data.formatting import PromptFormatter
     from sga_jax.eval.scoring import iterate_token_logprobs
 
@@ -100,6 +102,8 @@ def text_scores(
         logp = arrays[0].astype(np.float64)
         out["nll"][i] = -np.mean(logp)
         out["n_tokens"][i] = logp.size
+        if progress is not None:
+            progress(1)
         if "loss" in which:
             out["loss"][i] = loss_score(logp)
         if "zlib" in which:

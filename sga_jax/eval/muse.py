@@ -46,12 +46,21 @@ def _rouge_l(gts: Sequence[str], outputs: Sequence[str]) -> tuple[np.ndarray, np
     return np.array([s.fmeasure for s in scores]), np.array([s.recall for s in scores])
 
 
-def _generate(model, tokenizer, prompts, max_new_tokens, batch_size):
+def _bar(total: int, desc: str, progress: bool):
+    """A tqdm bar on stderr (MUSE's generations take minutes on a CPU); disabled unless ``progress``."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="item", disable=not progress)
+
+
+def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="muse", progress=False):
     from sga_jax.eval.generate import generate_text
 
-    return generate_text(
-        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size
-    ).texts
+    with _bar(len(prompts), desc, progress) as bar:
+        return generate_text(
+            model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+            progress=bar.update,
+        ).texts  # fmt: skip
 
 
 def verbmem(
@@ -63,10 +72,14 @@ def verbmem(
     batch_size: int = 8,
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """``{"verbmem_f": mean ROUGE-L F1 × 100, "rougeL_recall": ..., "logs": [...]}``."""
+    """``{"verbmem_f": mean ROUGE-L F1 × 100, "rougeL_recall": ..., "logs": [...]}``
+    (``progress``: a bar on stderr over the prompts)."""
     rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit)
-    outputs = _generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
+    outputs = _generate(
+        model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, "verbmem", progress
+    )
     gts = [
         tokenizer.decode(
             tokenizer(r["gt"], add_special_tokens=True)["input_ids"][:max_new_tokens],
@@ -93,13 +106,16 @@ def knowmem(
     batch_size: int = 8,
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """``{"knowmem_<split>": mean ROUGE-L F1 × 100, ...}`` with the split's ICL examples."""
+    """``{"knowmem_<split>": mean ROUGE-L F1 × 100, ...}`` with the split's ICL examples
+    (``progress``: a bar on stderr over the questions)."""
     rows = data.load_knowmem(split, source=source, data_dir=data_dir, limit=limit)
     icl = data.load_knowmem(split, icl=True, source=source, data_dir=data_dir)
     general = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in icl)
     prompts = [general + f"Question: {r['question']}\nAnswer: " for r in rows]
-    outputs = [_prefix_before(o) for o in _generate(model, tokenizer, prompts, max_new_tokens, batch_size)]
+    generated = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, f"knowmem_{split}", progress)
+    outputs = [_prefix_before(o) for o in generated]
     f1, recall = _rouge_l([r["answer"] for r in rows], outputs)
     logs = [
         {"prompt": p, "question": r["question"], "gt": r["answer"], "output": o, "rougeL_fmeasure": float(f)}
@@ -123,6 +139,7 @@ def privleak(
     batch_size: int = 4,
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """``{"auc": MUSE's forget_holdout AUC (Min-K%), "privleak": % change vs retrain_auc or None}``
     (the convention of the module docstring: a model that knows the forget texts has AUC near 0)."""
@@ -133,9 +150,11 @@ def privleak(
     scores = {}
     for split in ("forget", "holdout"):
         texts = [r["text"] for r in data.load_privleak(split, source=source, data_dir=data_dir, limit=limit)]
-        scores[split] = text_scores(
-            model, tokenizer, texts, k=k, max_length=max_length, batch_size=batch_size, which=("min_k",)
-        )["min_k"]
+        with _bar(len(texts), f"privleak_{split}", progress) as bar:
+            scores[split] = text_scores(
+                model, tokenizer, texts, k=k, max_length=max_length, batch_size=batch_size,
+                which=("min_k",), progress=bar.update,
+            )["min_k"]  # fmt: skip
     # MUSE labels the holdout texts 1 and the forget texts 0 (privleak.py lines 85-88).
     a = auc(scores["holdout"], scores["forget"])
     leak = None if retrain_auc is None else float((a - retrain_auc) / retrain_auc * 100)
@@ -152,9 +171,11 @@ def evaluate(
     batch_size: int = 8,
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
-    """MUSE-News metrics; returns the numbers and a ``"logs"`` dict of per-item details."""
-    kw = dict(limit=limit, source=source, data_dir=data_dir)
+    """MUSE-News metrics; returns the numbers and a ``"logs"`` dict of per-item details.
+    ``progress``: one tqdm bar on stderr per metric (and privleak split)."""
+    kw = dict(limit=limit, source=source, data_dir=data_dir, progress=progress)
     out: dict[str, Any] = {"logs": {}}
     for metric in metrics:
         if metric == "verbmem_f":

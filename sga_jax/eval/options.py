@@ -26,6 +26,11 @@ def _whole_or_null(v: Any) -> str | None:
     return None if v is None or _whole(v) is None else "a whole number >= 1 (or null)"
 
 
+def _seed(v: Any) -> str | None:
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return None if ok else "a whole number >= 0"
+
+
 def _flag(v: Any) -> str | None:
     return None if isinstance(v, bool) else "true or false"
 
@@ -70,11 +75,14 @@ OPTIONS: dict[str, dict[str, Check]] = {
         "generation_batch_size": _whole_or_null,
         "progress": _flag,
         "retain_logs": _text,
+        "retain_subset": _whole_or_null,
+        "subset_seed": _seed,
     },
     "muse_news": {
         "metrics": _list_of("verbmem_f", "knowmem_f", "knowmem_r", "privleak"),
         "retrain_auc": _auc_or_null,
         "batch_size": _whole,
+        "progress": _flag,
     },
     "ppl": {"data": _text, "max_length": _whole, "batch_size": _whole},
     "mia": {

@@ -5,7 +5,8 @@ Benchmarks:
 * ``"tofu"``: the four official eval-log files + ``results.json`` from :func:`sga_jax.eval.tofu.aggregate`
   (Forget Quality when ``retain_logs=`` names a retain model's eval-log folder). Options:
   ``forget_split`` (forget01/05/10), ``limit`` (300), ``template`` (auto/chat/plain), ``max_length``,
-  ``batch_size``, ``generate``, ``max_new_tokens``, ``generation_max_length``.
+  ``batch_size``, ``generate``, ``max_new_tokens``, ``generation_max_length``, ``retain_subset`` /
+  ``subset_seed`` (a seeded subset of the retain split's rows).
 * ``"muse_news"``: VerbMem / KnowMem / PrivLeak (``retrain_auc=``), ``limit``, ``metrics``.
 * ``"ppl"``: perplexity of a text set: ``data=`` a JSON/JSONL file of ``{"text"}`` or QA rows, or
   ``tofu:<config>`` / ``muse:raw`` style names; ``limit``, ``max_length``.

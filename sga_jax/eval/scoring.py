@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from sga_jax import logprobs
-from sga_jax.data.batching import iterate_batches
+from sga_jax.data.batching import bucket_length, iterate_batches
 from sga_jax.data.formatting import Encoded
 
 
@@ -101,3 +101,129 @@ def sequence_nll(
         if progress is not None:
             progress(1)
     return total, count
+
+
+# ------------------------------------------------------------------ shared-prefix (grouped) scoring
+
+
+def split_shared_prefix(seqs: Sequence[Encoded]) -> tuple[list[int], list[Encoded]]:
+    """``(prefix, suffixes)``: the longest common prefix of ``seqs``' token ids that holds no target
+    token and is not the token before the first target (so every target is predicted from inside
+    its suffix), and each sequence with that prefix cut off.
+
+    TOFU scores 4-7 answers (gt, paraphrase, perturbations) to one question: the prompt — about half
+    of each sequence for SmolLM2's chat template — is then run once per question instead of once
+    per answer. The prefix is found on the token ids, not on the text, so BPE merges at the
+    prompt/answer boundary cannot make a suffix differ from the sequence it came from.
+    """
+    if not seqs:
+        return [], []
+    first = seqs[0].input_ids
+    n = min(len(s) for s in seqs)
+    for s in seqs:
+        # the token before the first target must stay in the suffix (its logits predict the target)
+        t = next((j for j, m in enumerate(s.loss_mask) if m), len(s))
+        n = min(n, max(t - 1, 0))
+    lcp = 0
+    while lcp < n and all(s.input_ids[lcp] == first[lcp] for s in seqs):
+        lcp += 1
+    suffixes = [Encoded(list(s.input_ids[lcp:]), list(s.loss_mask[lcp:]), s.truncated) for s in seqs]
+    return list(first[:lcp]), suffixes
+
+
+@nnx.jit(static_argnames=("cache_len",))
+def _prefill(model, ids, mask, *, cache_len: int):
+    """KV cache of left-padded prefixes ``[B, P]`` in slots ``[0, P)`` of a ``cache_len`` cache."""
+    b, _ = ids.shape
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
+    kv_mask = jnp.zeros((b, cache_len), jnp.int32).at[:, : ids.shape[1]].set(mask)
+    _, cache = model.decode(ids, positions, model.init_cache(b, cache_len), 0, kv_mask)
+    return cache
+
+
+@nnx.jit
+def _suffix_logprobs(model, cache, prefix_mask, group_row, ids, loss_mask):
+    """``log p(ids[:, t+1] | prefix, ids[:, :t+1])`` on targets ``[B, S-1]`` for right-padded
+    suffixes ``ids [B, S]``, suffix b following the cached prefix of row ``group_row[b]``. Padding
+    after a suffix is causal-masked for the real tokens before it, so the suffix slots' key mask
+    can stay all ones."""
+    cache = jax.tree.map(lambda c: c[group_row], cache)
+    prefix_mask = prefix_mask[group_row]
+    b, p = prefix_mask.shape
+    s = ids.shape[1]
+    cache_len = jax.tree.leaves(cache)[0].shape[-3]  # [(L,) B, S, kv heads, head dim]
+    kv_mask = jnp.zeros((b, cache_len), prefix_mask.dtype).at[:, :p].set(prefix_mask)
+    kv_mask = kv_mask.at[:, p : p + s].set(1)
+    positions = jnp.sum(prefix_mask, axis=-1, keepdims=True) + jnp.arange(s)[None]
+    logits, _ = model.decode(ids, positions.astype(jnp.int32), cache, p, kv_mask)
+    logits = logits[:, :-1].astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    return (picked - jax.nn.logsumexp(logits, axis=-1)) * loss_mask[:, 1:]
+
+
+def grouped_sequence_nll(
+    model: Any,
+    groups: Sequence[Sequence[Encoded]],
+    *,
+    pad_id: int,
+    batch_size: int = 16,
+    bucket: int = 16,
+    progress: Callable[[int], Any] | None = None,
+    calls: list[tuple] | None = None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`sequence_nll` of every sequence of every group, each group's shared prefix
+    (:func:`split_shared_prefix`) run once through the KV cache: per group ``(total [K], count [K])``.
+
+    Groups are sorted by prefix length and taken ``batch_size`` at a time: one prefill of their
+    prefixes (left-padded to a multiple of ``bucket``), then their suffixes, sorted by length, in
+    batches of ``batch_size`` (right-padded to a multiple of ``bucket``), each suffix reading its
+    group's cache row. Every batch has ``batch_size`` rows (the last padded), so the number of
+    compiles is the number of length buckets. ``progress(n)`` is called as sequences are scored.
+    ``calls``: when a list, each call is appended as ``("prefill", rows, prefix length, cache
+    length)`` or ``("suffix", rows, suffix length, cache length)`` (for :mod:`sga_jax.eval.flops`).
+    """
+    split = [split_shared_prefix(g) for g in groups]
+    out = [(np.zeros(len(g), np.float64), np.zeros(len(g), np.int64)) for g in groups]
+    order = np.argsort([len(p) for p, _ in split], kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = [int(i) for i in order[start : start + batch_size]]
+        p_len = bucket_length(max(len(split[i][0]) for i in idx), bucket)
+        s_len = bucket_length(max((len(s) for i in idx for s in split[i][1]), default=1), bucket)
+        pre_ids = np.full((batch_size, p_len), pad_id, np.int32)
+        pre_mask = np.zeros((batch_size, p_len), np.int32)
+        for row, i in enumerate(idx):
+            prefix = split[i][0]
+            if prefix:
+                pre_ids[row, p_len - len(prefix) :] = prefix
+                pre_mask[row, p_len - len(prefix) :] = 1
+        pre_mask_j = jnp.asarray(pre_mask)
+        # One cache for the longest suffix of these groups: every suffix batch reuses its shape.
+        cache = _prefill(model, jnp.asarray(pre_ids), pre_mask_j, cache_len=p_len + s_len)
+        if calls is not None:
+            calls.append(("prefill", batch_size, p_len, p_len + s_len))
+        items = [(row, i, k) for row, i in enumerate(idx) for k in range(len(split[i][1]))]
+        items.sort(key=lambda it: len(split[it[1]][1][it[2]]))
+        for first in range(0, len(items), batch_size):
+            chunk = items[first : first + batch_size]
+            t_len = bucket_length(max(len(split[i][1][k]) for _, i, k in chunk), bucket)
+            ids = np.full((batch_size, t_len), pad_id, np.int32)
+            loss = np.zeros((batch_size, t_len), np.int32)
+            rows = np.zeros((batch_size,), np.int32)
+            for b, (row, i, k) in enumerate(chunk):
+                suffix = split[i][1][k]
+                ids[b, : len(suffix)] = suffix.input_ids
+                loss[b, : len(suffix)] = suffix.loss_mask
+                rows[b] = row
+            logp = _suffix_logprobs(
+                model, cache, pre_mask_j, jnp.asarray(rows), jnp.asarray(ids), jnp.asarray(loss)
+            )
+            logp = np.asarray(logp)
+            if calls is not None:
+                calls.append(("suffix", batch_size, t_len, p_len + s_len))
+            for b, (_, i, k) in enumerate(chunk):
+                sel = loss[b, 1:].astype(bool)
+                out[i][0][k] = -float(np.sum(logp[b][sel], dtype=np.float64))
+                out[i][1][k] = int(sel.sum())
+            if progress is not None:
+                progress(len(chunk))
+    return out

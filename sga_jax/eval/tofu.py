@@ -73,17 +73,20 @@ def evaluate_task(
     max_new_tokens: int = 200,
     source: str = "tofu",
     progress: bool = True,
+    calls: list[tuple] | None = None,
 ) -> dict[str, dict[int, Any]]:
     """The official per-sample eval log of one split (keys as ``evaluate_util.get_all_evals``).
     ``progress``: a tqdm bar on stderr over the sequences scored and the answers generated.
+    ``calls``: when a list, the shape of every model call is appended to it (see
+    :func:`sga_jax.eval.flops.calls_flops`).
 
     Rows whose prompt does not fit ``formatter.max_length`` are skipped and reported (warning);
     their indices are absent from the log.
     """
-    from sga_jax.eval.scoring import sequence_nll
+    from sga_jax.eval.scoring import grouped_sequence_nll
 
     fmt = formatter or PromptFormatter(tokenizer, "auto", max_length=512)
-    seqs: list[Encoded] = []
+    groups: list[list[Encoded]] = []  # per kept row: its distinct answer sequences
     layout: list[tuple[int, int, int, int]] = []  # row -> (gt, base, first perturbed, n perturbed)
     kept: list[int] = []
     skipped: list[tuple[int, str]] = []
@@ -97,9 +100,9 @@ def evaluate_task(
         if bad is not None:
             skipped.append((i, bad))
             continue
-        start = len(seqs)
-        same_base = row[base_answer_key] == row["answer"]
-        seqs.extend([encs[0]] + ([] if same_base else [encs[1]]) + encs[2:])
+        start = sum(len(g) for g in groups)
+        same_base = row[base_answer_key] == row["answer"]  # real authors / world facts: scored once
+        groups.append([encs[0]] + ([] if same_base else [encs[1]]) + encs[2:])
         base = start if same_base else start + 1
         layout.append((start, base, base + 1, len(row["perturbed_answer"])))
         kept.append(i)
@@ -107,20 +110,23 @@ def evaluate_task(
         log.warning("%s: skipped %d rows (first: row %d: %s)", source, len(skipped), *skipped[0])
     if not kept:
         raise DataError(f"{source}: every row was skipped (first: row {skipped[0][0]}: {skipped[0][1]})")
-    n_trunc = sum(e.truncated for e in seqs)
+    n_seqs = sum(len(g) for g in groups)
+    n_trunc = sum(e.truncated for g in groups for e in g)
     if n_trunc:
         log.warning("%s: %d answer sequences truncated to max_length=%d", source, n_trunc, fmt.max_length)
 
     from tqdm.auto import tqdm
 
     # One split of TOFU takes minutes on a CPU: show the scored sequences and generated answers.
-    bar = tqdm(
-        total=len(seqs) + (len(kept) if generate else 0), desc=source, unit="seq", disable=not progress
-    )
+    bar = tqdm(total=n_seqs + (len(kept) if generate else 0), desc=source, unit="seq", disable=not progress)
     try:
-        total, count = sequence_nll(
-            model, seqs, pad_id=fmt.pad_token_id, batch_size=batch_size, progress=bar.update
-        )
+        # A question's answers share its prompt: scored as one group, the prompt run once.
+        scored = grouped_sequence_nll(
+            model, groups, pad_id=fmt.pad_token_id, batch_size=batch_size, progress=bar.update,
+            calls=calls,
+        )  # fmt: skip
+        total = np.concatenate([t for t, _ in scored])
+        count = np.concatenate([c for _, c in scored])
         logs = _losses_log(kept, layout, total, count)
         if generate:
             _add_generations(
@@ -134,6 +140,7 @@ def evaluate_task(
                 max_new_tokens=max_new_tokens,
                 generation_max_length=generation_max_length,
                 batch_size=generation_batch_size or batch_size,
+                calls=calls,
             )
         else:
             for k in ("generated_text", "rouge1_recall", "rougeL_recall"):
@@ -185,6 +192,7 @@ def _add_generations(logs, model, tokenizer, fmt, rows, kept, progress, **kw) ->
         batch_size=kw["batch_size"],
         tokenizer=tokenizer,
         progress=progress,
+        calls=kw["calls"],
     )
     gts = [rows[i]["answer"] for i in kept]
     r1, rl = rouge_recall(gts, res.texts)
@@ -192,6 +200,14 @@ def _add_generations(logs, model, tokenizer, fmt, rows, kept, progress, **kw) ->
         logs["generated_text"][i] = [prompts[j], res.texts[j], gts[j]]
         logs["rouge1_recall"][i] = r1[j]
         logs["rougeL_recall"][i] = rl[j]
+
+
+def subset_rows(n_rows: int, size: int, seed: int = 0) -> list[int]:
+    """``size`` of the indices ``0 .. n_rows-1`` drawn with ``numpy.random.default_rng(seed)``,
+    sorted (all of them when ``size >= n_rows``): a fixed, seeded evaluation subset."""
+    if size >= n_rows:
+        return list(range(n_rows))
+    return sorted(np.random.default_rng(seed).choice(n_rows, size, replace=False).tolist())
 
 
 def evaluate(
@@ -205,12 +221,16 @@ def evaluate(
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
     formatter: PromptFormatter | None = None,
+    retain_subset: int | None = None,
+    subset_seed: int = 0,
     **task_kwargs: Any,
 ) -> dict[str, Path]:
     """Run TOFU's four evaluation splits and write the official eval-log files into ``out_dir``.
 
     ``limit`` keeps the first rows of each split (the official ``ds_size`` is 300; real authors and
-    world facts have 100 and 117). Returns ``{file name: path}``.
+    world facts have 100 and 117). ``retain_subset``: evaluate only that many of the retain split's
+    rows (after ``limit``), drawn with ``subset_seed`` (:func:`subset_rows`); its log is keyed
+    0..n-1 in row order, as any eval log. Returns ``{file name: path}``.
     """
     out = Path(out_dir)
     written = {}
@@ -221,6 +241,8 @@ def evaluate(
         if task == "eval_log_forget":
             config = f"{forget_split}_perturbed"
         rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit)
+        if task == "eval_log" and retain_subset is not None:
+            rows = [rows[i] for i in subset_rows(len(rows), retain_subset, subset_seed)]
         logs = evaluate_task(
             model, tokenizer, rows, base_answer_key=base_key, formatter=formatter, source=config,
             **task_kwargs,

@@ -1,0 +1,78 @@
+"""Shared-prefix scoring (sga_jax.eval.scoring.grouped_sequence_nll) gives each sequence the NLL it
+gets scored on its own by the plain forward path, whatever the batching and padding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_models import write_tiny_hf
+
+import sga_jax
+from sga_jax.data.formatting import Encoded
+from sga_jax.eval.scoring import grouped_sequence_nll, sequence_nll, split_shared_prefix
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path, _ = write_tiny_hf("llama", tmp_path_factory.mktemp("grouped") / "llama")
+    return sga_jax.load_model(path)
+
+
+def qa(prompt: list[int], answer: list[int]) -> Encoded:
+    return Encoded(prompt + answer, [0] * len(prompt) + [1] * len(answer))
+
+
+def groups_of_questions(seed: int = 0) -> list[list[Encoded]]:
+    """Questions with 2-7 answers of ragged lengths each (as TOFU's gt / paraphrase / perturbed)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for n_prompt, n_answers in [(5, 7), (12, 3), (3, 2), (20, 5), (8, 7), (15, 4), (6, 2)]:
+        prompt = rng.integers(3, 96, size=n_prompt).tolist()
+        out.append(
+            [qa(prompt, rng.integers(3, 96, size=rng.integers(1, 30)).tolist()) for _ in range(n_answers)]
+        )
+    return out
+
+
+def test_split_shared_prefix_stops_before_the_first_predicted_token():
+    a, b = qa([5, 6, 7, 8], [9, 10]), qa([5, 6, 7, 8], [11])
+    prefix, (sa, sb) = split_shared_prefix([a, b])
+    # token 8 predicts the first target, so it starts every suffix
+    assert prefix == [5, 6, 7] and sa.input_ids == [8, 9, 10] and sb.input_ids == [8, 11]
+    assert sa.loss_mask == [0, 1, 1]
+    # different prompts: only their common start is shared
+    prefix, _ = split_shared_prefix([qa([5, 6, 7, 8], [9]), qa([5, 1, 7, 8], [9])])
+    assert prefix == [5]
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_grouped_equals_one_by_one(model, batch_size):
+    groups = groups_of_questions()
+    got = grouped_sequence_nll(model, groups, pad_id=0, batch_size=batch_size)
+    for g, (total, count) in zip(groups, got):
+        for k, seq in enumerate(g):
+            want_total, want_count = sequence_nll(model, [seq], pad_id=0, batch_size=1)
+            assert count[k] == want_count[0] == sum(seq.loss_mask)
+            np.testing.assert_allclose(total[k], want_total[0], rtol=2e-5)
+
+
+def test_padding_the_last_batch_changes_nothing(model):
+    """7 groups in batches of 4 (the last padded with 1 empty group) and of 7 (no padding): one
+    compile serves the padded last batch, and the values do not depend on it."""
+    groups = groups_of_questions(seed=1)
+    calls: list[tuple] = []
+    padded = grouped_sequence_nll(model, groups, pad_id=0, batch_size=4, calls=calls)
+    exact = grouped_sequence_nll(model, groups, pad_id=0, batch_size=7)
+    for (t1, c1), (t2, c2) in zip(padded, exact):
+        np.testing.assert_array_equal(c1, c2)
+        np.testing.assert_allclose(t1, t2, rtol=2e-5)
+    assert {c[1] for c in calls} == {4}  # every call has the full batch of rows
+
+
+def test_no_common_prefix(model):
+    """Sequences with different first tokens: an empty prefix, still the right numbers."""
+    groups = [[qa([4, 5], [6, 7]), qa([9, 5], [6])]]
+    ((total, count),) = grouped_sequence_nll(model, groups, pad_id=0, batch_size=2)
+    want_total, want_count = sequence_nll(model, groups[0], pad_id=0, batch_size=2)
+    np.testing.assert_array_equal(count, want_count)
+    np.testing.assert_allclose(total, want_total, rtol=2e-5)
