@@ -142,7 +142,7 @@ def _scalar(value: str) -> object:
 
 def cmd_train(args: argparse.Namespace, mode: str) -> int:
     from sga_jax import config as C
-    from sga_jax import train
+    from sga_jax import runner
 
     overrides = list(args.overrides)
     cfg = C.compose(args.config, overrides, base={"mode": mode} if mode == "finetune" else None)
@@ -151,7 +151,7 @@ def cmd_train(args: argparse.Namespace, mode: str) -> int:
 
         raise ConfigError(f"mode={cfg.mode} in the config, but the command is `{PROG} {mode}`")
     _maybe_distributed(cfg.distributed)
-    result = train.run(cfg)
+    result = runner.run(cfg)
     print(
         f"{mode}: {result.steps} steps; model: {result.model_dir}; "
         f"metrics: {result.output_dir / 'metrics.jsonl'}"
@@ -183,12 +183,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ModelLoadError(f"model not found: {model}")
     options = _parse_options(args.options)
     if args.retain_logs:
-        from sga_jax.eval.tofu import _read_logs
+        from sga_jax.runner import check_retain_logs
 
-        _read_logs(args.retain_logs)  # checked before the evaluation, not after it
+        check_retain_logs(args.retain_logs)  # checked before the evaluation, not after it
         options["retain_logs"] = args.retain_logs
     from sga_jax.eval.run import BENCHMARKS, evaluate
-    from sga_jax.train import benchmark_dir
+    from sga_jax.paths import benchmark_dir
 
     bench = args.benchmark
     if bench.startswith("tofu_forget"):  # tofu_forget05 = tofu with forget_split=forget05

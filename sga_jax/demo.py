@@ -192,8 +192,9 @@ def run_demo(
     """The demo as a function (``main`` prints its results). ``model_path``/``facts`` let tests run
     the same pipeline on a small model; returns the measurements."""
     from sga_jax import config as C
-    from sga_jax import train
+    from sga_jax import runner, train
     from sga_jax.models import hf
+    from sga_jax.models.resolve import resolve_model_path
 
     t_start = time.perf_counter()
     base = json.loads(json.dumps(DEMO_CONFIG))
@@ -205,9 +206,8 @@ def run_demo(
     base["train"]["progress"] = progress
     cfg = C.compose([], list(overrides), base=base)
     facts = facts or load_facts()
-    k = getattr(cfg.method, "k", 1)
 
-    path = train.resolve_model_path(cfg.model.path)
+    path = resolve_model_path(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
     model = hf.load_model(
         path, cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers
@@ -219,10 +219,7 @@ def run_demo(
     if retain["input_ids"].shape[1] != forget["input_ids"].shape[1]:  # pragma: no cover
         raise AssertionError("forget and retain batches must share a length")
     data = train.TrainData(forget=forget, retain=retain)
-    if cfg.method.name in ("sga", "gru") and k > 1:
-        data.normal_index = train.normal_index(model, data, cfg.method, seed=cfg.train.seed)
-    if "ref_nll" in train.build_method(cfg.method).needs:
-        data.ref_nll = train.batched_nll(model, forget)
+    runner.attach_method_data(model, data, cfg.method, runner.needs(cfg), seed=cfg.train.seed)
 
     evaluate = make_evaluator(model, forget, retain)
     shown = facts["forget"][:SHOW] + facts["retain"][:SHOW]

@@ -9,10 +9,13 @@ soft-cap (``model.logit_softcap``, Gemma 2) is applied inside the kernel.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from sga_jax import kernels
 from sga_jax.errors import DataError
@@ -74,3 +77,46 @@ def sequence_nll(
 def num_targets(batch: Mapping[str, jax.Array]) -> jax.Array:
     """``[B]`` float32: how many target (answer) tokens each row has (``loss_mask[:, 1:]``)."""
     return jnp.sum(jnp.asarray(batch["loss_mask"])[:, 1:].astype(jnp.float32), axis=-1)
+
+
+def padded_runner(
+    fn: Callable[[Any, Mapping[str, jax.Array]], Any], model, batch_size: int = 16
+) -> Callable[[Mapping[str, np.ndarray]], Any]:
+    """A host function ``run(batch)`` that applies the jitted ``fn(model, micro_batch)`` to every row
+    of ``batch`` (a dict of ``[N, ...]`` arrays) in micro-batches of ``batch_size`` rows, and returns
+    ``fn``'s outputs (a pytree of ``[N, ...]`` numpy arrays) concatenated in row order.
+
+    The last micro-batch is padded to ``batch_size`` by repeating its last row and the padded rows'
+    outputs are dropped, so one compilation serves every micro-batch of a given length T. The model
+    is split once (``nnx.split``) and passed as an argument, not baked into the program.
+    """
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def jitted(state, b):
+        return fn(nnx.merge(graphdef, state), b)
+
+    def run(batch: Mapping[str, np.ndarray]) -> Any:
+        n = next(iter(batch.values())).shape[0]
+        if n == 0:
+            raise DataError("padded_runner: the batch has no rows")
+        outs = []
+        for i in range(0, n, batch_size):
+            b = {k: np.asarray(v[i : i + batch_size]) for k, v in batch.items()}
+            pad = batch_size - b[next(iter(b))].shape[0]
+            if pad:
+                b = {k: np.concatenate([v, np.repeat(v[-1:], pad, 0)]) for k, v in b.items()}
+            outs.append(jax.tree.map(lambda x, pad=pad: np.asarray(x)[: batch_size - pad], jitted(state, b)))
+        return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+    return run
+
+
+def batched_nll(
+    model, batch: Mapping[str, np.ndarray], batch_size: int = 16, *, reduction: str = "mean"
+) -> np.ndarray:
+    """``[N]`` float32 NLL of every row of a host batch (:func:`sequence_nll` through
+    :func:`padded_runner`): the token mean, or the sum over the row's answer tokens (``"sum"``)."""
+    rows = {k: batch[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+    run = padded_runner(lambda m, b: sequence_nll(m, b, reduction=reduction), model, batch_size)
+    return np.asarray(run(rows), np.float32)

@@ -37,6 +37,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], int | None]] = {
 }
 ALL_CONFIGS = (*CONFIGS, "full")
 
+# Each forget split's complement, the retain split a run pairs with it by default.
+RETAIN_FOR_FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+
 # The four evaluation splits of TOFU's eval_everything.yaml: task -> (config, base answer key).
 EVAL_TASKS: dict[str, tuple[str, str]] = {
     "eval_log": ("retain_perturbed", "paraphrased_answer"),
