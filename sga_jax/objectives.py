@@ -268,7 +268,8 @@ def flat_divergence(name: str) -> tuple[Callable[[Array], Array], Callable[[Arra
     ``sga_jax.config.FLAT_DIVERGENCE_ALIASES`` accepted)."""
     key = FLAT_DIVERGENCE_ALIASES.get(str(name).lower(), str(name).lower())
     if key not in _FLAT_PAIRS:
-        raise ConfigError(f"unknown f-divergence {name!r}; choose one of {', '.join(sorted(FLAT_DIVERGENCES))}")
+        names = ", ".join(sorted(FLAT_DIVERGENCES))
+        raise ConfigError(f"unknown f-divergence {name!r}; choose one of {names}")
     return _FLAT_PAIRS[key]
 
 
