@@ -1,4 +1,9 @@
-"""Model-level per-token log-probs and per-sequence NLL through :mod:`sga_jax.kernels`.
+"""Model-level per-token log-probs and per-sequence NLL through :mod:`sga_jax.kernels`: the one home
+of "shift by one, mask, NLL".
+
+``targets`` (the shift and the loss mask), ``token_logprobs`` (chunked LM head), ``sequence_nll``
+(token mean or sum per row), ``token_logprobs_full`` (full logits plus the moments Min-K%++ needs),
+and ``padded_runner`` / ``batched_nll`` (host-side, fixed-shape micro-batches: one compilation).
 
 Token t+1 is predicted from the final hidden state at t (the causal shift): for a batch
 ``{"input_ids", "attention_mask", "loss_mask"}`` each ``[B, T]``, the log-probs are ``[B, T-1]``
@@ -21,6 +26,22 @@ from sga_jax import kernels
 from sga_jax.errors import DataError
 
 
+def targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``(labels [B, T-1] int32, mask [B, T-1] bool)``: the causal shift and the loss mask, once.
+
+    Token t+1 is the target of position t; it counts where ``loss_mask[:, 1:]`` is set (answer
+    tokens; prompt and padding are 0 in a batch from ``sga_jax.data``). Labels are -1 off the mask.
+    """
+    for key in ("input_ids", "loss_mask"):
+        if key not in batch:
+            raise DataError(f"batch has no {key!r} (keys: {sorted(batch)})")
+    ids = jnp.asarray(batch["input_ids"])
+    if ids.ndim != 2 or ids.shape[1] < 2:
+        raise DataError(f"input_ids must be [B, T] with T >= 2, got shape {ids.shape}")
+    mask = jnp.asarray(batch["loss_mask"])[:, 1:].astype(bool)
+    return jnp.where(mask, ids[:, 1:], -1).astype(jnp.int32), mask
+
+
 def token_logprobs(
     model,
     batch: Mapping[str, jax.Array],
@@ -32,18 +53,10 @@ def token_logprobs(
     ``logp`` is 0 where the mask is false. ``kernel_kwargs`` go to
     :func:`sga_jax.kernels.token_logprobs` (``chunk_size``, ``token_chunk_size``).
     """
-    for key in ("input_ids", "loss_mask"):
-        if key not in batch:
-            raise DataError(f"batch has no {key!r} (keys: {sorted(batch)})")
-    ids = jnp.asarray(batch["input_ids"])
-    if ids.ndim != 2 or ids.shape[1] < 2:
-        raise DataError(f"input_ids must be [B, T] with T >= 2, got shape {ids.shape}")
-    attn = batch.get("attention_mask")
-    hidden = model.hidden_states(ids, attention_mask=attn)
+    labels, mask = targets(batch)
+    hidden = model.hidden_states(jnp.asarray(batch["input_ids"]), attention_mask=batch.get("attention_mask"))
     weight, bias = model.lm_head_weights()
     b, t, d = hidden.shape
-    mask = jnp.asarray(batch["loss_mask"])[:, 1:].astype(bool)
-    labels = jnp.where(mask, ids[:, 1:], -1).astype(jnp.int32)
     logp = kernels.token_logprobs(
         hidden[:, :-1].reshape(b * (t - 1), d),
         weight.astype(hidden.dtype),
@@ -54,6 +67,25 @@ def token_logprobs(
         **kernel_kwargs,
     )
     return logp.reshape(b, t - 1), mask
+
+
+def token_logprobs_full(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, ...]:
+    """``(logp, mask, mu, sigma)``, each ``[B, T-1]``, from the full float32 logits: what Min-K%++
+    (Zhang et al. 2024, arXiv 2404.02936, eq. 3) needs besides the log-probs, the mean and standard
+    deviation of ``log p`` under the model's own next-token distribution (``mu = Σ_v p_v log p_v``,
+    ``sigma² = Σ_v p_v (log p_v)² − mu²``). This path materialises ``[B, T-1, V]`` logits; use
+    :func:`token_logprobs` whenever the whole distribution is not needed."""
+    _, mask = targets(batch)
+    ids = jnp.asarray(batch["input_ids"])
+    logits = model(ids, batch.get("attention_mask"))[:, :-1].astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, ids[:, 1:, None], axis=-1)[..., 0]
+    logp = (picked - logz) * mask
+    log_probs = logits - logz[..., None]
+    probs = jnp.exp(log_probs)
+    mu = jnp.sum(probs * log_probs, axis=-1)
+    var = jnp.sum(probs * jnp.square(log_probs), axis=-1) - jnp.square(mu)
+    return logp, mask, mu, jnp.sqrt(jnp.maximum(var, 0.0))
 
 
 def sequence_nll(
