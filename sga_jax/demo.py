@@ -194,7 +194,7 @@ def run_demo(
     from sga_jax import config as C
     from sga_jax import runner, train
     from sga_jax.models import hf
-    from sga_jax.models.resolve import resolve_model_path
+    from sga_jax.models.locate import resolve_model_path
 
     t_start = time.perf_counter()
     base = json.loads(json.dumps(DEMO_CONFIG))

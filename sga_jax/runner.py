@@ -33,7 +33,7 @@ from sga_jax.eval.tofu import _read_logs  # noqa: PLC2701 - eval/ offers no publ
 from sga_jax.kfade_driver import run_kfade
 from sga_jax.logprobs import batched_nll
 from sga_jax.models import hf
-from sga_jax.models.resolve import resolve_model_path
+from sga_jax.models.locate import resolve_model_path
 from sga_jax.models.sharding import make_mesh
 from sga_jax.paths import benchmark_dir
 from sga_jax.rundir import check_output_dir, locked, start_afresh, write_text

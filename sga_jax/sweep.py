@@ -30,7 +30,7 @@ from sga_jax.data.jsonl import write_json_atomic
 from sga_jax.data.splits import load_rows
 from sga_jax.errors import ConfigError, SgaJaxError
 from sga_jax.eval.run import evaluate
-from sga_jax.models.resolve import resolve_model_path
+from sga_jax.models.locate import resolve_model_path
 from sga_jax.rundir import check_output_dir
 
 
