@@ -29,6 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from sga_jax.errors import ConfigError
+from sga_jax.eval.options import check_options
 
 GROUPS = ("model", "method", "benchmark", "experiment")
 BASE_METHODS = ("ga", "graddiff", "npo", "simnpo", "sga", "flat")
@@ -561,8 +562,6 @@ class EvalConfig:
         )
         _check(isinstance(self.options, dict), "eval.options", "must be a mapping of option: value")
         if self.benchmark != "none":  # checked now, not after the whole training run
-            from sga_jax.eval.options import check_options
-
             check_options(self.benchmark, self.options, where="eval.options")
 
 

@@ -27,6 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sga_jax import config as C
+from sga_jax import runner, train
+from sga_jax.data.batching import bucket_length, collate
+from sga_jax.data.formatting import Encoded
+from sga_jax.eval.generate import greedy_generate
+from sga_jax.logprobs import token_logprobs
+from sga_jax.models import hf
+from sga_jax.models.locate import resolve_model_path
+
 FORGET_TARGET = 0.25  # forget-set probability must fall to at most this fraction of its start
 RETAIN_TARGET = 0.75  # retain-set probability must stay at least this fraction of its start
 
@@ -72,8 +81,6 @@ def encode_facts(
     facts: Sequence[dict[str, str]], tokenizer, length: int | None = None
 ) -> dict[str, np.ndarray]:
     """Batch of ``chat_prompt(q) + lead`` (prompt, masked) + ``" " + answer`` (targets)."""
-    from sga_jax.data.batching import bucket_length, collate
-    from sga_jax.data.formatting import Encoded
 
     rows = []
     for f in facts:
@@ -108,14 +115,12 @@ def make_evaluator(graph_model, forget: dict, retain: dict):
 
 def _probs(model, batch):
     """P(answer | prompt) per row: the product of the answer tokens' probabilities."""
-    from sga_jax.logprobs import token_logprobs
 
     logp, mask = token_logprobs(model, batch)
     return jnp.exp(jnp.sum(jnp.where(mask, logp, 0.0), axis=-1))
 
 
 def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 12) -> list[str]:
-    from sga_jax.eval.generate import greedy_generate
 
     prompts = [tokenizer(chat_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
     eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
@@ -191,10 +196,6 @@ def run_demo(
 ) -> dict[str, Any]:
     """The demo as a function (``main`` prints its results). ``model_path``/``facts`` let tests run
     the same pipeline on a small model; returns the measurements."""
-    from sga_jax import config as C
-    from sga_jax import runner, train
-    from sga_jax.models import hf
-    from sga_jax.models.locate import resolve_model_path
 
     t_start = time.perf_counter()
     base = json.loads(json.dumps(DEMO_CONFIG))

@@ -18,6 +18,7 @@ from typing import Any
 
 from sga_jax.data.jsonl import Row, check_rows, read_records, strings_to_rows
 from sga_jax.errors import DataError
+from sga_jax.paths import data_root
 
 HUB_NAME = "locuslab/TOFU"
 
@@ -52,8 +53,6 @@ EVAL_TASKS: dict[str, tuple[str, str]] = {
 def _local_dir(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is not None:
         return Path(data_dir).expanduser()
-    from sga_jax.paths import data_root
-
     root = data_root()
     return root / "tofu" if (root / "tofu").is_dir() else root
 

@@ -691,6 +691,22 @@ class DecoderLM(nnx.Module):
     remat: str | None
     attention: str = "auto"
 
+    def _setup(
+        self, config: Any, dtype: Any, param_dtype: Any, scan_layers: bool, remat: str | None, attention: str
+    ) -> tuple[Any, Any]:
+        """The start of every port's ``__init__``: store the settings, validate ``remat`` and the
+        attention implementation early; returns ``(dtype, param_dtype)`` (param_dtype None: dtype)."""
+        dtype = as_dtype(dtype)
+        param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
+        remat_policy(remat, scan_layers)  # validate early
+        self.config = config
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat = remat
+        self.attention = attention
+        self.attention_impl()  # validate early (windows / soft-capping rule cuDNN out)
+        return dtype, param_dtype
+
     # --- hooks -------------------------------------------------------------------------------
     def _embed(self, input_ids: Array, positions: Array) -> Array:
         raise NotImplementedError
