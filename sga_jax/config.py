@@ -56,6 +56,14 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def check_smoothing_rate(r: float, what: str = "SGA smoothing rate r") -> None:
+    """SGA's smoothing rate must be <= 1 (arXiv 2510.22376): the one check, used by the config
+    schema, the ``sga`` transform factory and ``objectives.sga_loss`` (for a Python / numpy r; a
+    traced r comes from a schedule clipped to ``r_max <= 1``)."""
+    if r > 1:
+        raise ConfigError(f"{what} must be <= 1 (arXiv 2510.22376), got {r}")
+
+
 # ------------------------------------------------------------------------------------------ model
 
 # The same names as sga_jax.models.layers.REMAT_CHOICES / ATTENTION_IMPLEMENTATIONS (a test checks
@@ -236,7 +244,7 @@ class SGAConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.r <= 1, "method.r", f"the smoothing rate must be <= 1 (arXiv 2510.22376), got {self.r}")
+        check_smoothing_rate(self.r, "method.r: the smoothing rate")
         _check(self.k >= 1, "method.k", f"K (1 forget + K-1 normal samples) must be >= 1, got {self.k}")
         _check(
             self.rate != "optimal",

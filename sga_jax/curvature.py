@@ -269,7 +269,7 @@ def _exact_stats(t: Targets, g_stats: Callable[[Array], dict[str, Array]]) -> di
     def at_position(carry, n):
         def for_class(c):
             onehot_n = (jnp.arange(n_pos) == n).astype(jnp.float32)[None, :, None]
-            ct = onehot_n * w[:, :, None] * jnp.sqrt(p[:, :, c])[..., None] * (eye[c] - p)
+            ct = onehot_n * w[:, :, None] * jnp.sqrt(p[:, :, c])[..., None] * (eye[c][None, None, :] - p)
             return g_stats(ct.reshape(logits.shape))
 
         per_class = jax.vmap(for_class)(jnp.arange(v))

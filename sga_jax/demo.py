@@ -183,6 +183,58 @@ def plot(
 # ------------------------------------------------------------------------------------------- run
 
 
+def _demo_config(out, steps: int | None, overrides: Sequence[str], model_path: str | None, progress: bool):
+    """The demo's run config: ``DEMO_CONFIG`` with the caller's choices and overrides."""
+    base = json.loads(json.dumps(DEMO_CONFIG))
+    base["output_dir"] = str(out)
+    if model_path is not None:
+        base["model"]["path"] = model_path
+    if steps is not None:
+        base["train"]["steps"] = steps
+    base["train"]["progress"] = progress
+    return C.compose([], list(overrides), base=base)
+
+
+def _title(cfg: C.RunConfig, steps: int) -> str:
+    m = cfg.method
+    name = "SmolLM2-135M-Instruct" if cfg.model.path == "smollm2" else Path(str(cfg.model.path)).name
+    if isinstance(m, C.SGAConfig) and m.name == "sga":
+        return f"{name}: SGA (K={m.k}, r={m.r:g}, lr={cfg.train.lr:g}, {steps} steps)"
+    return f"{name}: {m.name.upper()}"
+
+
+def _report(result, facts, shown, answers, seen, png, times) -> dict[str, Any]:
+    """The demo's measurements: probabilities before / after, ratios, timings, examples, per fact."""
+    start = result.history[0]
+    end = [h for h in result.history if "forget_prob" in h][-1]
+    report = {
+        "forget_prob_before": start["forget_prob"],
+        "forget_prob_after": end["forget_prob"],
+        "retain_prob_before": start["retain_prob"],
+        "retain_prob_after": end["retain_prob"],
+        "forget_ratio": end["forget_prob"] / start["forget_prob"],
+        "retain_ratio": end["retain_prob"] / start["retain_prob"],
+        "steps": result.steps,
+        **times,
+        "examples": [
+            {"set": "forget" if i < SHOW else "retain", "question": f["question"], "before": b, "after": a}
+            for i, (f, b, a) in enumerate(zip(shown, *answers))
+        ],
+        "plot": str(png),
+        "model_dir": str(result.model_dir) if result.model_dir else None,
+        "per_fact": [
+            dict(set=g, question=f["question"], answer=f["answer"], before=float(b), after=float(z))
+            for g, f, b, z in zip(
+                ["forget"] * len(facts["forget"]) + ["retain"] * len(facts["retain"]),
+                facts["forget"] + facts["retain"],
+                seen[0],
+                seen[-1],
+            )
+        ],
+    }
+    return report
+
+
 def run_demo(
     *,
     out: str | Path = "runs/demo",
@@ -198,14 +250,7 @@ def run_demo(
     the same pipeline on a small model; returns the measurements."""
 
     t_start = time.perf_counter()
-    base = json.loads(json.dumps(DEMO_CONFIG))
-    base["output_dir"] = str(out)
-    if model_path is not None:
-        base["model"]["path"] = model_path
-    if steps is not None:
-        base["train"]["steps"] = steps
-    base["train"]["progress"] = progress
-    cfg = C.compose([], list(overrides), base=base)
+    cfg = _demo_config(out, steps, overrides, model_path, progress)
     facts = facts or load_facts()
 
     path = resolve_model_path(cfg.model.path)
@@ -214,8 +259,7 @@ def run_demo(
         path, cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers
     )
     t_loaded = time.perf_counter()
-    length = None
-    forget = encode_facts(facts["forget"], tokenizer, length)
+    forget = encode_facts(facts["forget"], tokenizer, None)
     retain = encode_facts(facts["retain"], tokenizer, forget["input_ids"].shape[1])
     if retain["input_ids"].shape[1] != forget["input_ids"].shape[1]:  # pragma: no cover
         raise AssertionError("forget and retain batches must share a length")
@@ -229,58 +273,21 @@ def run_demo(
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_train = time.perf_counter()
-    result = train.train_loop(
-        model,
-        data,
-        cfg,
-        out_dir,
-        evaluate=evaluate,
-        eval_every=EVAL_EVERY,
-        tokenizer=tokenizer,
-        export=export,
-    )
+    loop = {"evaluate": evaluate, "eval_every": EVAL_EVERY, "tokenizer": tokenizer, "export": export}
+    result = train.train_loop(model, data, cfg, out_dir, **loop)
     t_trained = time.perf_counter()
     after_answers = (
         generate_answers(result.model, tokenizer, [f["question"] for f in shown]) if generate else []
     )
     start = result.history[0]
-    end = [h for h in result.history if "forget_prob" in h][-1]
-    m = cfg.method
-    name = "SmolLM2-135M-Instruct" if cfg.model.path == "smollm2" else Path(str(cfg.model.path)).name
-    title = f"{name}: {m.name.upper()}" + (
-        f" (K={m.k}, r={m.r:g}, lr={cfg.train.lr:g}, {result.steps} steps)" if m.name == "sga" else ""
-    )
     png = plot(
-        result.history, out_dir / "probabilities.png", start, title=title,
+        result.history, out_dir / "probabilities.png", start, title=_title(cfg, result.steps),
         sizes=(len(facts["forget"]), len(facts["retain"])),
     )  # fmt: skip
-    report = {
-        "forget_prob_before": start["forget_prob"],
-        "forget_prob_after": end["forget_prob"],
-        "retain_prob_before": start["retain_prob"],
-        "retain_prob_after": end["retain_prob"],
-        "forget_ratio": end["forget_prob"] / start["forget_prob"],
-        "retain_ratio": end["retain_prob"] / start["retain_prob"],
-        "steps": result.steps,
-        "seconds_total": time.perf_counter() - t_start,
-        "seconds_load": t_loaded - t_start,
-        "seconds_train": t_trained - t_train,
-        "examples": [
-            {"set": "forget" if i < SHOW else "retain", "question": f["question"], "before": b, "after": a}
-            for i, (f, b, a) in enumerate(zip(shown, before_answers, after_answers))
-        ],
-        "plot": str(png),
-        "model_dir": str(result.model_dir) if result.model_dir else None,
-        "per_fact": [
-            dict(set=g, question=f["question"], answer=f["answer"], before=float(b), after=float(z))
-            for g, f, b, z in zip(
-                ["forget"] * len(facts["forget"]) + ["retain"] * len(facts["retain"]),
-                facts["forget"] + facts["retain"],
-                evaluate.seen[0],  # type: ignore[attr-defined]
-                evaluate.seen[-1],  # type: ignore[attr-defined]
-            )
-        ],
-    }
+    times = {"seconds_total": time.perf_counter() - t_start, "seconds_load": t_loaded - t_start,
+             "seconds_train": t_trained - t_train}  # fmt: skip
+    seen = evaluate.seen  # type: ignore[attr-defined]
+    report = _report(result, facts, shown, (before_answers, after_answers), seen, png, times)
     report["forget_target_met"] = report["forget_ratio"] <= FORGET_TARGET
     report["retain_target_met"] = report["retain_ratio"] >= RETAIN_TARGET
     (out_dir / "demo_report.json").write_text(json.dumps(report, indent=2))

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sga_jax.config import FLAT_DIVERGENCE_ALIASES, FLAT_DIVERGENCES
+from sga_jax.config import FLAT_DIVERGENCE_ALIASES, FLAT_DIVERGENCES, check_smoothing_rate
 from sga_jax.errors import ConfigError
 
 Array = jax.Array
@@ -34,23 +34,21 @@ Array = jax.Array
 
 
 def _host(x) -> np.ndarray | None:
-    """``x`` as a numpy array when it is concrete, ``None`` under tracing (inside ``jit``/``grad``)."""
-    try:
+    """``x`` when it is host data (a numpy array or a Python / numpy scalar), else ``None``.
+
+    Value checks (empty rows, the range of r) run on host inputs only: inputs validated before
+    they reach a jitted step (the runner's data path, the config) are not re-checked on device
+    arrays or tracers, and nothing here needs to tell a tracer apart.
+    """
+    if isinstance(x, np.ndarray | np.generic | int | float):
         return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def _concrete(x) -> float | None:
-    """``float(x)`` when ``x`` is a concrete scalar, ``None`` under tracing."""
-    value = _host(x)
-    return None if value is None or value.size != 1 else float(value)
+    return None
 
 
 def _check_r(r) -> None:
-    value = _concrete(r)
-    if value is not None and value > 1:
-        raise ConfigError(f"SGA smoothing rate r must be <= 1 (arXiv 2510.22376), got r={value}")
+    value = _host(r)
+    if value is not None and value.size == 1:
+        check_smoothing_rate(float(value))
 
 
 def _check_1d(name: str, x: Array) -> None:

@@ -401,14 +401,10 @@ def train_loop(
     hooks: Sequence[Hook] = (),
     step_cache: StepCache | None = None,
 ) -> RunResult:
-    """Train ``model`` in place on ``data`` as ``cfg`` says; checkpoints, metrics and the exported
-    model go to ``output_dir`` (which must already be validated: this function writes).
-
-    ``evaluate(model) -> {name: float}`` is called before the first step and every ``eval_every``
-    steps (and after the last); its values join the metrics. ``hooks`` run after the built-in
-    ones (guard, evaluation, logging, progress, checkpoint). ``step_cache``: where compiled steps
-    are reused (default :data:`SHARED_STEPS`).
-    """
+    """Train ``model`` in place on ``data`` as ``cfg`` says into ``output_dir`` (validated: this
+    writes). ``evaluate(model) -> {name: float}`` runs before the first step, every ``eval_every``
+    steps and after the last; ``hooks`` run after the built-in ones (guard, evaluation, logging,
+    progress, checkpoint); ``step_cache`` reuses compiled steps (default :data:`SHARED_STEPS`)."""
     t_cfg, out = cfg.train, Path(output_dir)
     method = build_method(cfg.method, cfg.mode)
     steps = total_steps(t_cfg, data.num_forget)
@@ -417,30 +413,18 @@ def train_loop(
     opt_state = tx.init(params)
     # In progress: keep two, so that the guard can drop the newest and still name a good one.
     ckpt = Checkpointer(out / "checkpoints", keep=max(t_cfg.keep_checkpoints, 2))
-    start = 0
-    if t_cfg.resume and ckpt.latest_step() is not None:
-        abstract = jax.eval_shape(lambda: {"params": params, "opt_state": opt_state})
-        restored, meta = ckpt.restore(None, abstract)
-        params, opt_state, start = restored["params"], restored["opt_state"], int(meta["step"])
+    params, opt_state, start = _resumed(ckpt, params, opt_state, t_cfg.resume)
     step_fn = (step_cache or SHARED_STEPS).step(graphdef, rest, method, tx, step_key(cfg, steps))
     device_batch = _device_batches(data, t_cfg, mesh)
     stop = steps if t_cfg.stop_after is None else min(steps, t_cfg.stop_after)
     history: list[dict[str, Any]] = []
     log = MetricsLog(out / "metrics.jsonl", start)
     progress = _progress(cfg, steps, start)
-    all_hooks = [
-        Hook(1, lambda i: _guard(i.record, i.step - 1, t_cfg, ckpt, cfg)),
-        *_eval_hooks(evaluate, eval_every),
-        Hook(t_cfg.log_every, lambda i: log.write(i.record)),
-        *([Hook(1, progress.update_from)] if progress else []),
-        Hook(t_cfg.checkpoint_every, _checkpoint_hook(t_cfg, ckpt)),
-        *hooks,
-    ]
+    all_hooks = [*_builtin_hooks(cfg, ckpt, log, progress, evaluate, eval_every), *hooks]
     try:
-        if start == 0 and evaluate is not None:
-            rec = {"step": 0, **_evaluated(evaluate, nnx.merge(graphdef, params, rest))}
-            history.append(rec)
-            log.write(rec)
+        if start == 0 and evaluate is not None:  # the starting model, as step 0
+            history.append({"step": 0, **_evaluated(evaluate, nnx.merge(graphdef, params, rest))})
+            log.write(history[-1])
         for s in range(start, stop):
             t0 = time.perf_counter()
             params, opt_state, metrics = step_fn(params, opt_state, device_batch(s))
@@ -453,18 +437,44 @@ def train_loop(
                 if (hook.every and (s + 1) % hook.every == 0) or s + 1 == stop:
                     hook.fn(info)
     finally:
-        if progress is not None:
-            progress.close()
-        log.close()
-        ckpt.close()
+        for closable in (progress, log, ckpt):
+            if closable is not None:
+                closable.close()
     # The step donated the arrays ``model`` held: give it the trained ones (trained in place).
     nnx.update(model, params)
     model_dir = None
     if stop == steps and export:
-        model_dir = save_model(model, out / "model", tokenizer=tokenizer, overwrite=True)
-        # The run ended well and its result is exported: the checkpoints only served resuming.
-        prune_checkpoints(out / "checkpoints", t_cfg.keep_checkpoints)
+        model_dir = _export(model, out, tokenizer, t_cfg.keep_checkpoints)
     return RunResult(out, model_dir, stop, history, model)
+
+
+def _resumed(ckpt: Checkpointer, params, opt_state, resume: bool) -> tuple[Any, Any, int]:
+    """``(params, opt_state, first step)``: from the newest intact checkpoint when resuming."""
+    if not resume or ckpt.latest_step() is None:
+        return params, opt_state, 0
+    abstract = jax.eval_shape(lambda: {"params": params, "opt_state": opt_state})
+    restored, meta = ckpt.restore(None, abstract)
+    return restored["params"], restored["opt_state"], int(meta["step"])
+
+
+def _export(model, out: Path, tokenizer: Any, keep_checkpoints: int) -> Path:
+    model_dir = save_model(model, out / "model", tokenizer=tokenizer, overwrite=True)
+    # The run ended well and its result is exported: the checkpoints only served resuming.
+    prune_checkpoints(out / "checkpoints", keep_checkpoints)
+    return model_dir
+
+
+def _builtin_hooks(cfg: C.RunConfig, ckpt, log, progress, evaluate, eval_every: int) -> list[Hook]:
+    """The loop's own hooks, in order: the divergence guard (before anything records the step),
+    evaluation, logging, the progress bar, checkpointing."""
+    t_cfg = cfg.train
+    return [
+        Hook(1, lambda i: _guard(i.record, i.step - 1, t_cfg, ckpt, cfg)),
+        *_eval_hooks(evaluate, eval_every),
+        Hook(t_cfg.log_every, lambda i: log.write(i.record)),
+        *([Hook(1, progress.update_from)] if progress else []),
+        Hook(t_cfg.checkpoint_every, _checkpoint_hook(t_cfg, ckpt)),
+    ]
 
 
 def _device_batches(data: TrainData, t_cfg: C.TrainConfig, mesh: Any) -> Callable[[int], Any]:

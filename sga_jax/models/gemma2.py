@@ -135,7 +135,7 @@ class GemmaRMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+        return (y * L.expand_to(1.0 + self.scale[...].astype(jnp.float32), y.ndim)).astype(self.dtype)
 
 
 class Gemma2DecoderLayer(nnx.Module):

@@ -44,6 +44,12 @@ _DTYPES = {
 }
 
 
+def expand_to(v: Array, ndim: int) -> Array:
+    """``v`` with leading axes of size 1 up to ``ndim`` axes: an explicit broadcast of a vector
+    (bias, scale, frequencies) against ``[..., d]`` (the tests run with rank promotion raising)."""
+    return jnp.reshape(v, (1,) * (ndim - jnp.ndim(v)) + jnp.shape(v))
+
+
 def as_dtype(dtype: Any) -> Any:
     """``"bfloat16"`` / ``jnp.bfloat16`` / ``np.dtype`` -> a JAX dtype (ConfigError when unknown)."""
     if isinstance(dtype, str):
@@ -98,7 +104,7 @@ class Linear(nnx.Module):
         y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel, preferred_element_type=out_dtype)
         y = y.reshape(*lead, y.shape[-1])
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = y + expand_to(self.bias[...].astype(y.dtype), y.ndim)
         if self.kfac_tap:
             y = self.perturb("kfac_out", y)
         return y
@@ -138,7 +144,7 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         # HF casts back to the compute dtype before multiplying by the weight.
-        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+        return expand_to(self.scale[...].astype(self.dtype), y.ndim) * y.astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -165,9 +171,9 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         if self.scale is not None:
-            y = y * self.scale[...].astype(jnp.float32)
+            y = y * expand_to(self.scale[...].astype(jnp.float32), y.ndim)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + expand_to(self.bias[...].astype(jnp.float32), y.ndim)
         return y.astype(self.dtype)
 
 
@@ -312,7 +318,7 @@ class RopeConfig:
             inv = jnp.where(long, jnp.asarray(self.inv_freq(long=True)), jnp.asarray(self.inv_freq()))
         else:
             inv = jnp.asarray(self.inv_freq())
-        freqs = pos[..., None] * inv
+        freqs = pos[..., None] * expand_to(inv, pos.ndim + 1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         if self.attention_factor != 1.0:
             return jnp.cos(emb) * self.attention_factor, jnp.sin(emb) * self.attention_factor
@@ -735,7 +741,7 @@ class DecoderLM(nnx.Module):
         w, b = self.lm_head_weights()
         logits = jnp.dot(h, w.astype(self.dtype), preferred_element_type=jnp.float32)
         if b is not None:
-            logits = logits + b.astype(jnp.float32)
+            logits = logits + expand_to(b.astype(jnp.float32), logits.ndim)
         return softcap_logits(logits, self.logit_softcap)
 
     # --- sliding windows ---------------------------------------------------------------------
