@@ -15,7 +15,7 @@ soft-cap (``model.logit_softcap``, Gemma 2) is applied inside the kernel.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,31 @@ from flax import nnx
 
 from sga_jax import kernels
 from sga_jax.errors import DataError
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What log-probs, the methods and K-FAC need of a model (docs/interfaces.md, "Models"): every
+    port in :mod:`sga_jax.models` satisfies it (``models.layers.DecoderLM``)."""
+
+    config: Any
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Logits ``[B, T, V]`` float32 (soft-capped where the model caps them)."""
+        ...
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """Final hidden states ``[B, T, d]``, after the final norm."""
+        ...
+
+    def lm_head_weights(self) -> tuple[jax.Array, jax.Array | None]:
+        """``(W [d, V], b [V] | None)``."""
+        ...
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The final logit soft-cap the log-prob kernels must apply, or None."""
+        ...
 
 
 def targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
@@ -43,7 +68,7 @@ def targets(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
 
 
 def token_logprobs(
-    model,
+    model: Model,
     batch: Mapping[str, jax.Array],
     implementation: str = "chunked",
     **kernel_kwargs,
@@ -69,7 +94,7 @@ def token_logprobs(
     return logp.reshape(b, t - 1), mask
 
 
-def token_logprobs_full(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, ...]:
+def token_logprobs_full(model: Model, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, ...]:
     """``(logp, mask, mu, sigma)``, each ``[B, T-1]``, from the full float32 logits: what Min-K%++
     (Zhang et al. 2024, arXiv 2404.02936, eq. 3) needs besides the log-probs, the mean and standard
     deviation of ``log p`` under the model's own next-token distribution (``mu = Σ_v p_v log p_v``,
@@ -89,7 +114,7 @@ def token_logprobs_full(model, batch: Mapping[str, jax.Array]) -> tuple[jax.Arra
 
 
 def sequence_nll(
-    model,
+    model: Model,
     batch: Mapping[str, jax.Array],
     implementation: str = "chunked",
     *,
