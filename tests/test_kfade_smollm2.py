@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from sga_jax import curvature as C
+from sga_jax import kfac_math as M
 from sga_jax import kfade_driver as KD
 from sga_jax import logprobs
 
@@ -85,7 +86,7 @@ def test_kfade_beats_gradient_ascent_on_retain(smollm2_jax, smollm2_tokenizer, d
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     grads = jax.jit(jax.grad(lambda p: KD.forget_nll(nnx.merge(graphdef, p, rest), forget)))(params)
     direction = jax.tree_util.tree_map_with_path(
-        lambda path, g: g if C._key_names(path)[-2:] == ("o_proj", "kernel") else jnp.zeros_like(g), grads
+        lambda path, g: g if M._key_names(path)[-2:] == ("o_proj", "kernel") else jnp.zeros_like(g), grads
     )
 
     def ga_model(step):
