@@ -57,6 +57,7 @@ def main(argv=None) -> dict:
 
     import sga_jax
     from sga_jax import curvature as C
+    from sga_jax import logprobs
     from sga_jax.paths import smollm2_gguf
 
     model = sga_jax.load_model(smollm2_gguf(), dtype="float32", scan_layers=True)
@@ -76,7 +77,7 @@ def main(argv=None) -> dict:
     @jax.jit
     def train_step(params, opt_state):
         loss, grads = jax.value_and_grad(
-            lambda p: jnp.mean(C.sequence_nll(nnx.merge(graphdef, p, rest), batch))
+            lambda p: jnp.mean(logprobs.sequence_nll(nnx.merge(graphdef, p, rest), batch))
         )(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss

@@ -52,7 +52,7 @@ def _logits(h: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
     # Inputs stay in their own dtype (bf16 on accelerators); products accumulate in float32.
     z = jnp.dot(h, w, preferred_element_type=jnp.float32)
     if b is not None:
-        z = z + b.astype(jnp.float32)
+        z = z + b.astype(jnp.float32)[None, :]  # explicit: z is [N, V]
     return z
 
 

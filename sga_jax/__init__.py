@@ -25,7 +25,7 @@ _LAZY_FUNCTIONS = {
     "load_model": "sga_jax.models.hf",
     "save_model": "sga_jax.models.hf",
     "load_tokenizer": "sga_jax.models.hf",
-    "unlearn": "sga_jax.train",
+    "unlearn": "sga_jax.runner",
 }
 _LAZY_MODULES = {
     "transforms",
@@ -35,6 +35,8 @@ _LAZY_MODULES = {
     "eval",
     "curvature",
     "train",
+    "runner",
+    "methods",
     "errors",
     "paths",
     "distributed",

@@ -203,6 +203,18 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["meta"] or {})
 
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the ``params`` of checkpoint ``step`` (a partial restore: the optimizer state is
+        not read); leaves the checkpoint lacks stay ``ShapeDtypeStruct``s for the caller to name."""
+        target = jax.tree.map(_abstract, abstract_params)
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)
+            ),
+        )
+        return restored["state"]["params"]
+
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self.latest_step() if step is None else step
         if step is None:
@@ -261,14 +273,7 @@ def load_params(checkpoint_dir: str | Path, abstract_params: Any, step: int | No
             raise ConfigError(f"no intact checkpoint in {checkpoint_dir}")
         if not ckpt.verify(step):
             raise ConfigError(f"checkpoint {ckpt.path(step)} does not match its checksum (damaged)")
-        target = jax.tree.map(_abstract, abstract_params)
-        restored = ckpt._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.PyTreeRestore(item={"params": target}, partial_restore=True)
-            ),
-        )
-        params = restored["state"]["params"]
+        params = ckpt.restore_params(step, abstract_params)
         missing = [
             jax.tree_util.keystr(path)
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]

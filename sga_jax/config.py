@@ -29,16 +29,39 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
 from sga_jax.errors import ConfigError
+from sga_jax.eval.options import check_options
 
 GROUPS = ("model", "method", "benchmark", "experiment")
 BASE_METHODS = ("ga", "graddiff", "npo", "simnpo", "sga", "flat")
 METHODS = (*BASE_METHODS, "gru", "kfade")
+# FLAT's f-divergences (f-GAN, arXiv 1606.00709, Table 2), listed once: the names a config accepts;
+# sga_jax.objectives implements one pair (g, f*∘g) per name and also takes these aliases.
 FLAT_DIVERGENCES = ("kl", "js", "pearson", "tv", "reverse_kl", "jeffrey", "hellinger", "neyman")
+FLAT_DIVERGENCE_ALIASES = {
+    "kld": "kl",
+    "reverse-kl": "reverse_kl",
+    "rkl": "reverse_kl",
+    "jensen-shannon": "js",
+    "jensen_shannon": "js",
+    "jenson-shannon": "js",
+    "total_variation": "tv",
+    "total-variation": "tv",
+    "squared_hellinger": "hellinger",
+    "squared-hellinger": "hellinger",
+}
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def check_smoothing_rate(r: float, what: str = "SGA smoothing rate r") -> None:
+    """SGA's smoothing rate must be <= 1 (arXiv 2510.22376): the one check, used by the config
+    schema, the ``sga`` transform factory and ``objectives.sga_loss`` (for a Python / numpy r; a
+    traced r comes from a schedule clipped to ``r_max <= 1``)."""
+    if r > 1:
+        raise ConfigError(f"{what} must be <= 1 (arXiv 2510.22376), got {r}")
 
 
 # ------------------------------------------------------------------------------------------ model
@@ -117,6 +140,13 @@ class MethodConfig:
     retain_weight: float = 0.0
     loss_reduction: str = "token"
 
+    @property
+    def needs(self) -> frozenset[str]:
+        """Which data the method trains on besides the forget rows: ``retain`` (the retain pool),
+        ``normal`` (SGA's normal samples), ``template`` (FLAT's template rows), ``ref_nll`` (the
+        starting model's summed forget NLLs). The runner loads exactly these."""
+        return frozenset({"retain"} if self.retain_weight else ())
+
     def __post_init__(self) -> None:
         _check(self.retain_weight >= 0, "method.retain_weight", f"must be >= 0, got {self.retain_weight}")
         _check(
@@ -140,6 +170,10 @@ class GradDiffConfig(MethodConfig):
     name: str = "graddiff"
     retain_weight: float = 1.0
 
+    @property
+    def needs(self) -> frozenset[str]:
+        return super().needs | {"retain"}
+
 
 @dataclass
 class NPOConfig(MethodConfig):
@@ -150,6 +184,10 @@ class NPOConfig(MethodConfig):
     name: str = "npo"
     beta: float = 0.1
     retain_weight: float = 1.0
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return super().needs | {"ref_nll"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -197,9 +235,16 @@ class SGAConfig(MethodConfig):
     normal_file: str | None = None
     loss_reduction: str = "sequence"
 
+    @property
+    def needs(self) -> frozenset[str]:
+        if self.k <= 1:
+            return super().needs
+        extra = {"normal"} if self.normal_samples == "file" else {"normal", "retain"}
+        return super().needs | extra
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(self.r <= 1, "method.r", f"the smoothing rate must be <= 1 (arXiv 2510.22376), got {self.r}")
+        check_smoothing_rate(self.r, "method.r: the smoothing rate")
         _check(self.k >= 1, "method.k", f"K (1 forget + K-1 normal samples) must be >= 1, got {self.k}")
         _check(
             self.rate != "optimal",
@@ -242,6 +287,10 @@ class FLATConfig(MethodConfig):
     template_sampling: str = "epoch"
     loss_reduction: str = "sequence"
 
+    @property
+    def needs(self) -> frozenset[str]:
+        return super().needs | {"template"}
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(
@@ -276,6 +325,10 @@ class KFADEConfig(MethodConfig):
     fisher: str = "sampled"
     ekfac: bool = False
 
+    @property
+    def needs(self) -> frozenset[str]:
+        return super().needs | {"retain"}  # the retain set's curvature
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.steps >= 1, "method.steps", f"must be >= 1, got {self.steps}")
@@ -303,6 +356,19 @@ _BASE_SCHEMAS: dict[str, type[MethodConfig]] = {
 }
 
 
+class GRUMixin:
+    """Marks the GRU schemas (one per base method, made by :func:`method_schema`): GRU needs the
+    retain pool for its retain gradient, besides what its base method needs."""
+
+    base: str
+    momentum: float
+    clip: float | None
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return super().needs | {"retain"}  # type: ignore[misc]
+
+
 def _gru_schema(base: str) -> type[MethodConfig]:
     """GRU (arXiv 2503.09117, eq. 5) over a base method: the base's fields plus GRU's own."""
     base_cls = _BASE_SCHEMAS[base]
@@ -319,7 +385,7 @@ def _gru_schema(base: str) -> type[MethodConfig]:
             ("momentum", float, field(default=0.8)),
             ("clip", float | None, field(default=None)),
         ],
-        bases=(base_cls,),
+        bases=(GRUMixin, base_cls),
         namespace={"__post_init__": post_init, "__doc__": _gru_schema.__doc__},
     )
     return cls
@@ -504,8 +570,6 @@ class EvalConfig:
         )
         _check(isinstance(self.options, dict), "eval.options", "must be a mapping of option: value")
         if self.benchmark != "none":  # checked now, not after the whole training run
-            from sga_jax.eval.options import check_options
-
             check_options(self.benchmark, self.options, where="eval.options")
 
 
@@ -518,7 +582,7 @@ class RunConfig:
     mode: str = "unlearn"
     output_dir: str = "runs/unlearn"
     model: ModelConfig = field(default_factory=ModelConfig)
-    method: Any = field(default_factory=SGAConfig)
+    method: MethodConfig = field(default_factory=SGAConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig | None = None
@@ -724,6 +788,7 @@ __all__ = [
     "EvalConfig",
     "FLATConfig",
     "GAConfig",
+    "GRUMixin",
     "GradDiffConfig",
     "KFADEConfig",
     "MeshConfig",

@@ -1,4 +1,4 @@
-"""K-FAC curvature of the retain set and K-FADE's uphill Gauss-Newton unlearning steps.
+"""K-FAC curvature estimation: the Kronecker factors (and EK-FAC diagonal) of a model on a data set.
 
 For every dense layer (``sga_jax.models.layers.Linear``, kernel ``[in, out]``) K-FAC (Martens &
 Grosse 2015, arXiv 1503.05671, eq. 1) approximates the layer's block of the Fisher / Gauss-Newton
@@ -23,12 +23,13 @@ Collection uses Flax NNX's own mechanisms: each tapped ``Linear`` sows its input
 the cotangent of the perturbation is ``g``. Under ``scan_layers=True`` both are stacked ``[L, ...]``
 by ``nnx.scan`` and so are the factors. One jitted step per batch (shape) accumulates float32 sums.
 
-K-FADE (McKinney et al. 2026, "Gauss-Newton Unlearning for the LLM Era", arXiv 2602.10568):
-``θ ← θ + η (F_retain + λI)⁻¹ ∇L_forget`` for a few steps, with ``η`` from a trust region on the
-retain outputs (``½ ΔθᵀFΔθ ≤ δ``): ``η = min(η_max, √(2δ / gᵀ(F + λI)⁻¹g))``. Because A and G
-are each divided by M, the number of *attended* (non-padding) tokens — prompt tokens included, not
-only the answer tokens the loss scores — ``½ ΔθᵀFΔθ`` approximates the retain outputs' KL change
-summed over answer tokens and divided by M: a budget of about δ per attended token.
+Layers (as kfac-jax): this module only *estimates*; the algebra (eigenbases, damping,
+preconditioning, the trust-region step) is :mod:`sga_jax.kfac_math`, the optax transform
+:mod:`sga_jax.transforms.kfade` receives the curvature, and K-FADE's driver is
+:mod:`sga_jax.kfade_driver`. Because A and G are each divided by M, the number of *attended*
+(non-padding) tokens — prompt tokens included, not only the answer tokens the loss scores — K-FADE's
+``½ ΔθᵀFΔθ`` approximates the retain outputs' KL change summed over answer tokens and divided by
+M: a budget of about δ per attended token.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from sga_jax.models.layers import Linear
 
 Array = jax.Array
 FISHER_TYPES = ("sampled", "empirical", "exact")
-UNTAPPED = ("freeze", "identity")
 _KFAC_IN = "kfac_in"
 _KFAC_OUT = "kfac_out"
 
@@ -269,7 +269,7 @@ def _exact_stats(t: Targets, g_stats: Callable[[Array], dict[str, Array]]) -> di
     def at_position(carry, n):
         def for_class(c):
             onehot_n = (jnp.arange(n_pos) == n).astype(jnp.float32)[None, :, None]
-            ct = onehot_n * w[:, :, None] * jnp.sqrt(p[:, :, c])[..., None] * (eye[c] - p)
+            ct = onehot_n * w[:, :, None] * jnp.sqrt(p[:, :, c])[..., None] * (eye[c][None, None, :] - p)
             return g_stats(ct.reshape(logits.shape))
 
         per_class = jax.vmap(for_class)(jnp.arange(v))
@@ -496,161 +496,6 @@ def estimate_curvature(
     return eigen
 
 
-# --------------------------------------------------------------------------- preconditioning
-
-
-def _key_names(path: tuple) -> tuple[str, ...]:
-    names = []
-    for p in path:
-        if isinstance(p, jax.tree_util.DictKey):
-            names.append(str(p.key))
-        elif isinstance(p, jax.tree_util.GetAttrKey):
-            names.append(p.name)
-        elif isinstance(p, jax.tree_util.SequenceKey):
-            names.append(str(p.idx))
-        elif isinstance(p, jax.tree_util.FlattenedIndexKey):
-            names.append(str(p.key))
-        else:
-            names.append(str(p))
-    while names and names[-1] in ("value", "raw_value"):  # nnx.Variable leaves
-        names.pop()
-    return tuple(names)
-
-
-def precondition(
-    eigen: Mapping[str, KronEigen],
-    grads: Any,
-    damping: float | Array,
-    *,
-    untapped: str = "freeze",
-) -> tuple[Any, Array]:
-    """``(F + λI)⁻¹ g`` for a gradient pytree (an ``nnx.State`` of params or any tree whose paths
-    end in ``<layer key>/kernel`` and ``<layer key>/bias``); returns ``(P g, gᵀ P g)``.
-
-    Parameters without curvature (embeddings, norms, untapped layers) get 0 (``"freeze"``: they are
-    not moved) or ``g / λ`` (``"identity"``: zero curvature assumed).
-    """
-    if untapped not in UNTAPPED:
-        raise ConfigError(f"unknown untapped={untapped!r}; use one of {', '.join(UNTAPPED)}")
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
-    names = [_key_names(p) for p, _ in leaves]
-    by_layer: dict[str, dict[str, int]] = {}
-    for i, n in enumerate(names):
-        if len(n) >= 2 and n[-1] in ("kernel", "bias") and "/".join(n[:-1]) in eigen:
-            by_layer.setdefault("/".join(n[:-1]), {})[n[-1]] = i
-    missing = sorted(set(eigen) - set(by_layer))
-    if missing:
-        raise ConfigError(f"the gradient has no kernel for the curvature layers {missing[:3]}...")
-    out: list[Any] = [None] * len(leaves)
-    quad = jnp.zeros((), jnp.float32)
-    for k, idx in by_layer.items():
-        kern = leaves[idx["kernel"]][1]
-        v = kern.astype(jnp.float32)
-        has_bias = "bias" in idx and eigen[k].qa.shape[-1] == kern.shape[-2] + 1
-        if has_bias:
-            v = jnp.concatenate([v, leaves[idx["bias"]][1].astype(jnp.float32)[..., None, :]], axis=-2)
-        x = kfac_math.damped_inverse(eigen[k], v, damping)
-        quad = quad + jnp.sum(x * v)
-        out[idx["kernel"]] = x[..., : kern.shape[-2], :].astype(kern.dtype)
-        if has_bias:
-            bias = leaves[idx["bias"]][1]
-            out[idx["bias"]] = x[..., -1, :].astype(bias.dtype)
-    for i, (_, leaf) in enumerate(leaves):
-        if out[i] is None:
-            if untapped == "freeze":
-                out[i] = jnp.zeros_like(leaf)
-            else:
-                out[i] = (leaf / damping).astype(leaf.dtype)
-                quad = quad + jnp.sum(jnp.square(leaf.astype(jnp.float32))) / damping
-    return jax.tree_util.tree_unflatten(treedef, out), quad
-
-
-def trust_region_step_size(quad: Array, trust_region: float, max_step_size: float | None) -> Array:
-    """``η = min(η_max, √(2δ / gᵀPg))`` so that ``½ (ηPg)ᵀ(F + λI)(ηPg) = δ``."""
-    eta = jnp.sqrt(2.0 * trust_region / jnp.maximum(quad, jnp.finfo(jnp.float32).tiny))
-    if max_step_size is not None:
-        eta = jnp.minimum(eta, max_step_size)
-    return eta
-
-
-# -------------------------------------------------------------------------------------- K-FADE
-
-
-def sequence_nll(model: nnx.Module, batch: Mapping[str, Array]) -> Array:
-    """Token-mean NLL ``[B]`` of the ``loss_mask`` tokens (the default forget objective's terms)."""
-    t = lm_forward(model, batch)
-    logp = jax.nn.log_softmax(t.logits.astype(jnp.float32), axis=-1)
-    tok = -jnp.take_along_axis(logp, t.labels[..., None], axis=-1)[..., 0]
-    return jnp.sum(tok * t.weights, axis=-1) / jnp.maximum(jnp.sum(t.weights, axis=-1), 1.0)
-
-
-def forget_nll(model: nnx.Module, batch: Mapping[str, Array]) -> Array:
-    """The default K-FADE objective (to be *increased*): mean forget NLL of the batch."""
-    return jnp.mean(sequence_nll(model, batch))
-
-
-def kfade_unlearn(
-    model: nnx.Module,
-    forget_batches: Iterable[Mapping[str, Array]],
-    retain_batches: Iterable[Mapping[str, Array]] | None = None,
-    *,
-    steps: int = 3,
-    damping: float = 1e-3,
-    trust_region: float = 1e-2,
-    max_step_size: float | None = None,
-    objective: Callable[[nnx.Module, Mapping[str, Array]], Array] = forget_nll,
-    curvature: Mapping[str, KronEigen] | None = None,
-    ekfac: bool = False,
-    untapped: str = "freeze",
-    **curvature_kwargs: Any,
-) -> tuple[nnx.Module, nnx.State]:
-    """K-FADE: ``steps`` uphill Gauss-Newton steps on ``objective`` (forget NLL by default), with
-    the retain set's K-FAC curvature (estimated once from ``retain_batches`` unless ``curvature``,
-    the output of :func:`estimate_curvature`, is given).
-
-    Returns ``(new_model, delta)`` where ``delta`` (an ``nnx.State`` of params) is the total update
-    ``θ_new − θ`` (save it with ``sga_jax.reapply.save_delta``). ``model`` is left unchanged.
-    """
-    from sga_jax.transforms.kfade import kfade
-
-    if int(steps) < 1:
-        raise ConfigError(f"steps must be >= 1, got {steps}")
-    forget_batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in forget_batches]
-    if not forget_batches:
-        raise DataError("no forget batches given")
-    if curvature is None:
-        if retain_batches is None:
-            raise ConfigError("give retain_batches (or a precomputed curvature)")
-        curvature = estimate_curvature(model, retain_batches, ekfac=ekfac, **curvature_kwargs)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = kfade(
-        curvature, damping=damping, trust_region=trust_region, max_step_size=max_step_size, untapped=untapped
-    )
-    state = tx.init(params)
-
-    @jax.jit
-    def grad_fn(params, batch):
-        return jax.grad(lambda p: objective(nnx.merge(graphdef, p, rest), batch))(params)
-
-    @jax.jit
-    def apply(params, grads, state):
-        updates, state = tx.update(grads, state, params)
-        return jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates), state
-
-    # Each batch's gradient is of its mean over rows: weight by rows so that a last, smaller batch
-    # counts as many rows as it holds (the gradient is of the mean over every forget row).
-    rows = [int(jnp.shape(b["input_ids"])[0]) for b in forget_batches]
-    new = params
-    for _ in range(int(steps)):
-        grads = None
-        for b, n in zip(forget_batches, rows):
-            g = jax.tree.map(lambda x, n=n: x * (n / sum(rows)), grad_fn(new, b))
-            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-        new, state = apply(new, grads, state)
-    delta = jax.tree.map(lambda n, o: n - o, new, params)
-    return nnx.merge(graphdef, new, rest), delta
-
-
 __all__ = [
     "FISHER_TYPES",
     "Factors",
@@ -661,11 +506,6 @@ __all__ = [
     "estimate_curvature",
     "estimate_ekfac",
     "estimate_factors",
-    "forget_nll",
-    "kfade_unlearn",
     "lm_forward",
-    "precondition",
-    "sequence_nll",
     "taps",
-    "trust_region_step_size",
 ]

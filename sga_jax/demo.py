@@ -27,6 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sga_jax import config as C
+from sga_jax import runner, train
+from sga_jax.data.batching import bucket_length, collate
+from sga_jax.data.formatting import Encoded
+from sga_jax.eval.generate import greedy_generate
+from sga_jax.logprobs import token_logprobs
+from sga_jax.models import hf
+from sga_jax.models.locate import resolve_model_path
+
 FORGET_TARGET = 0.25  # forget-set probability must fall to at most this fraction of its start
 RETAIN_TARGET = 0.75  # retain-set probability must stay at least this fraction of its start
 
@@ -72,8 +81,6 @@ def encode_facts(
     facts: Sequence[dict[str, str]], tokenizer, length: int | None = None
 ) -> dict[str, np.ndarray]:
     """Batch of ``chat_prompt(q) + lead`` (prompt, masked) + ``" " + answer`` (targets)."""
-    from sga_jax.data.batching import bucket_length, collate
-    from sga_jax.data.formatting import Encoded
 
     rows = []
     for f in facts:
@@ -108,14 +115,12 @@ def make_evaluator(graph_model, forget: dict, retain: dict):
 
 def _probs(model, batch):
     """P(answer | prompt) per row: the product of the answer tokens' probabilities."""
-    from sga_jax.logprobs import token_logprobs
 
     logp, mask = token_logprobs(model, batch)
     return jnp.exp(jnp.sum(jnp.where(mask, logp, 0.0), axis=-1))
 
 
 def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 12) -> list[str]:
-    from sga_jax.eval.generate import greedy_generate
 
     prompts = [tokenizer(chat_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
     eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
@@ -178,6 +183,58 @@ def plot(
 # ------------------------------------------------------------------------------------------- run
 
 
+def _demo_config(out, steps: int | None, overrides: Sequence[str], model_path: str | None, progress: bool):
+    """The demo's run config: ``DEMO_CONFIG`` with the caller's choices and overrides."""
+    base = json.loads(json.dumps(DEMO_CONFIG))
+    base["output_dir"] = str(out)
+    if model_path is not None:
+        base["model"]["path"] = model_path
+    if steps is not None:
+        base["train"]["steps"] = steps
+    base["train"]["progress"] = progress
+    return C.compose([], list(overrides), base=base)
+
+
+def _title(cfg: C.RunConfig, steps: int) -> str:
+    m = cfg.method
+    name = "SmolLM2-135M-Instruct" if cfg.model.path == "smollm2" else Path(str(cfg.model.path)).name
+    if isinstance(m, C.SGAConfig) and m.name == "sga":
+        return f"{name}: SGA (K={m.k}, r={m.r:g}, lr={cfg.train.lr:g}, {steps} steps)"
+    return f"{name}: {m.name.upper()}"
+
+
+def _report(result, facts, shown, answers, seen, png, times) -> dict[str, Any]:
+    """The demo's measurements: probabilities before / after, ratios, timings, examples, per fact."""
+    start = result.history[0]
+    end = [h for h in result.history if "forget_prob" in h][-1]
+    report = {
+        "forget_prob_before": start["forget_prob"],
+        "forget_prob_after": end["forget_prob"],
+        "retain_prob_before": start["retain_prob"],
+        "retain_prob_after": end["retain_prob"],
+        "forget_ratio": end["forget_prob"] / start["forget_prob"],
+        "retain_ratio": end["retain_prob"] / start["retain_prob"],
+        "steps": result.steps,
+        **times,
+        "examples": [
+            {"set": "forget" if i < SHOW else "retain", "question": f["question"], "before": b, "after": a}
+            for i, (f, b, a) in enumerate(zip(shown, *answers))
+        ],
+        "plot": str(png),
+        "model_dir": str(result.model_dir) if result.model_dir else None,
+        "per_fact": [
+            dict(set=g, question=f["question"], answer=f["answer"], before=float(b), after=float(z))
+            for g, f, b, z in zip(
+                ["forget"] * len(facts["forget"]) + ["retain"] * len(facts["retain"]),
+                facts["forget"] + facts["retain"],
+                seen[0],
+                seen[-1],
+            )
+        ],
+    }
+    return report
+
+
 def run_demo(
     *,
     out: str | Path = "runs/demo",
@@ -191,38 +248,23 @@ def run_demo(
 ) -> dict[str, Any]:
     """The demo as a function (``main`` prints its results). ``model_path``/``facts`` let tests run
     the same pipeline on a small model; returns the measurements."""
-    from sga_jax import config as C
-    from sga_jax import train
-    from sga_jax.models import hf
 
     t_start = time.perf_counter()
-    base = json.loads(json.dumps(DEMO_CONFIG))
-    base["output_dir"] = str(out)
-    if model_path is not None:
-        base["model"]["path"] = model_path
-    if steps is not None:
-        base["train"]["steps"] = steps
-    base["train"]["progress"] = progress
-    cfg = C.compose([], list(overrides), base=base)
+    cfg = _demo_config(out, steps, overrides, model_path, progress)
     facts = facts or load_facts()
-    k = getattr(cfg.method, "k", 1)
 
-    path = train.resolve_model_path(cfg.model.path)
+    path = resolve_model_path(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
     model = hf.load_model(
         path, cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers
     )
     t_loaded = time.perf_counter()
-    length = None
-    forget = encode_facts(facts["forget"], tokenizer, length)
+    forget = encode_facts(facts["forget"], tokenizer, None)
     retain = encode_facts(facts["retain"], tokenizer, forget["input_ids"].shape[1])
     if retain["input_ids"].shape[1] != forget["input_ids"].shape[1]:  # pragma: no cover
         raise AssertionError("forget and retain batches must share a length")
     data = train.TrainData(forget=forget, retain=retain)
-    if cfg.method.name in ("sga", "gru") and k > 1:
-        data.normal_index = train.normal_index(model, data, cfg.method, seed=cfg.train.seed)
-    if "ref_nll" in train.build_method(cfg.method).needs:
-        data.ref_nll = train.batched_nll(model, forget)
+    runner.attach_method_data(model, data, cfg.method, runner.needs(cfg), seed=cfg.train.seed)
 
     evaluate = make_evaluator(model, forget, retain)
     shown = facts["forget"][:SHOW] + facts["retain"][:SHOW]
@@ -231,58 +273,21 @@ def run_demo(
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_train = time.perf_counter()
-    result = train.train_loop(
-        model,
-        data,
-        cfg,
-        out_dir,
-        evaluate=evaluate,
-        eval_every=EVAL_EVERY,
-        tokenizer=tokenizer,
-        export=export,
-    )
+    loop = {"evaluate": evaluate, "eval_every": EVAL_EVERY, "tokenizer": tokenizer, "export": export}
+    result = train.train_loop(model, data, cfg, out_dir, **loop)
     t_trained = time.perf_counter()
     after_answers = (
         generate_answers(result.model, tokenizer, [f["question"] for f in shown]) if generate else []
     )
     start = result.history[0]
-    end = [h for h in result.history if "forget_prob" in h][-1]
-    m = cfg.method
-    name = "SmolLM2-135M-Instruct" if cfg.model.path == "smollm2" else Path(str(cfg.model.path)).name
-    title = f"{name}: {m.name.upper()}" + (
-        f" (K={m.k}, r={m.r:g}, lr={cfg.train.lr:g}, {result.steps} steps)" if m.name == "sga" else ""
-    )
     png = plot(
-        result.history, out_dir / "probabilities.png", start, title=title,
+        result.history, out_dir / "probabilities.png", start, title=_title(cfg, result.steps),
         sizes=(len(facts["forget"]), len(facts["retain"])),
     )  # fmt: skip
-    report = {
-        "forget_prob_before": start["forget_prob"],
-        "forget_prob_after": end["forget_prob"],
-        "retain_prob_before": start["retain_prob"],
-        "retain_prob_after": end["retain_prob"],
-        "forget_ratio": end["forget_prob"] / start["forget_prob"],
-        "retain_ratio": end["retain_prob"] / start["retain_prob"],
-        "steps": result.steps,
-        "seconds_total": time.perf_counter() - t_start,
-        "seconds_load": t_loaded - t_start,
-        "seconds_train": t_trained - t_train,
-        "examples": [
-            {"set": "forget" if i < SHOW else "retain", "question": f["question"], "before": b, "after": a}
-            for i, (f, b, a) in enumerate(zip(shown, before_answers, after_answers))
-        ],
-        "plot": str(png),
-        "model_dir": str(result.model_dir) if result.model_dir else None,
-        "per_fact": [
-            dict(set=g, question=f["question"], answer=f["answer"], before=float(b), after=float(z))
-            for g, f, b, z in zip(
-                ["forget"] * len(facts["forget"]) + ["retain"] * len(facts["retain"]),
-                facts["forget"] + facts["retain"],
-                evaluate.seen[0],  # type: ignore[attr-defined]
-                evaluate.seen[-1],  # type: ignore[attr-defined]
-            )
-        ],
-    }
+    times = {"seconds_total": time.perf_counter() - t_start, "seconds_load": t_loaded - t_start,
+             "seconds_train": t_trained - t_train}  # fmt: skip
+    seen = evaluate.seen  # type: ignore[attr-defined]
+    report = _report(result, facts, shown, (before_answers, after_answers), seen, png, times)
     report["forget_target_met"] = report["forget_ratio"] <= FORGET_TARGET
     report["retain_target_met"] = report["retain_ratio"] >= RETAIN_TARGET
     (out_dir / "demo_report.json").write_text(json.dumps(report, indent=2))

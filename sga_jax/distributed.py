@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sga_jax.errors import ConfigError
+
 ENV_FLAG = "SGA_JAX_DISTRIBUTED"
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -44,8 +46,6 @@ def _env_int(*names: str) -> int | None:
             try:
                 return int(value)
             except ValueError:
-                from sga_jax.errors import ConfigError
-
                 raise ConfigError(f"${name}={value!r} is not a whole number") from None
     return None
 
@@ -106,8 +106,6 @@ def maybe_initialize(
             initialization_timeout=initialization_timeout,
         )
     except ValueError as e:  # no coordinator given and none auto-detected (not a cluster job)
-        from sga_jax.errors import ConfigError
-
         raise ConfigError(
             f"distributed=true but no coordinator was found ({' '.join(str(e).split())}): set "
             "JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES=N and JAX_PROCESS_ID=i on every "

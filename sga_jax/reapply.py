@@ -23,14 +23,14 @@ import numpy as np
 from flax import nnx
 
 from sga_jax.errors import ModelLoadError
+from sga_jax.fsutil import check_destination
+from sga_jax.models import hf
 
 FORMAT = "sga_jax.delta/1"
 
 
 def _hf_names(model: nnx.Module, path: tuple) -> tuple[list[str], bool, bool]:
     """HF tensor names of the parameter at ``path`` (one per layer when stacked), transpose, stacked."""
-    from sga_jax.models import hf
-
     tmpl, index, stacked = hf.template(path)
     table = type(model).HF_NAMES
     if tmpl not in table:
@@ -163,9 +163,6 @@ def reapply(
     """Load ``model_dir`` (HF dir or .gguf), add the delta at ``delta_path`` and save an HF
     directory to ``out_dir`` (temporary directory renamed into place). Returns ``out_dir``.
     ``out_dir`` must be new, empty or a previous export unless ``overwrite``; never the model's folder."""
-    from sga_jax.fsutil import check_destination
-    from sga_jax.models import hf
-
     if not math.isfinite(scale):
         raise ModelLoadError(f"reapply: --scale must be a finite number, got {scale}")
     check_destination(out_dir, sources=(model_dir, delta_path), overwrite=overwrite)

@@ -4,7 +4,7 @@ Model Utility scatter (``sweep.png``) and a markdown table (``sweep.md``).
 The base config (files + overrides) lists the runs under ``sweep:``, each entry a string of
 overrides applied on top of it (``"method=sga method.r=-2.0"``). Every entry is composed and
 validated before the first run starts, so a typo in the fifth entry is reported at once and nothing
-is written. Run ``i`` goes to ``<output_dir>/<i>_<slug>``; its results are ``train.run``'s TOFU
+is written. Run ``i`` goes to ``<output_dir>/<i>_<slug>``; its results are ``runner.run``'s TOFU
 evaluation (``eval.benchmark: tofu``, forced).
 
 ``eval.retain_logs`` names the retain model's TOFU eval-log folder (Forget Quality is the KS-test
@@ -25,7 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from sga_jax import config as C
+from sga_jax import runner
+from sga_jax.data.jsonl import write_json_atomic
+from sga_jax.data.splits import load_rows
 from sga_jax.errors import ConfigError, SgaJaxError
+from sga_jax.eval.run import evaluate
+from sga_jax.models.locate import resolve_model_path
+from sga_jax.rundir import check_output_dir
 
 
 @dataclasses.dataclass
@@ -78,8 +84,6 @@ def plan(
 def _retain_logs(base: C.RunConfig, root: Path) -> str | None:
     """The retain model's eval-log folder: ``eval.retain_logs`` itself, or its evaluation when it
     names a model directory (evaluated into ``root/retain_eval``)."""
-    from sga_jax import train
-
     spec = base.eval.retain_logs
     if not spec:
         return None
@@ -87,9 +91,7 @@ def _retain_logs(base: C.RunConfig, root: Path) -> str | None:
     if (p / "eval_log_forget.json").is_file():
         return str(p)
     if (p / "config.json").is_file() or p.suffix == ".gguf":
-        from sga_jax.eval.run import evaluate
-
-        opts = train._eval_options(
+        opts = runner.eval_options(
             dataclasses.replace(base, eval=dataclasses.replace(base.eval, benchmark="tofu"))
         )
         opts.pop("retain_logs", None)
@@ -103,18 +105,15 @@ def _retain_logs(base: C.RunConfig, root: Path) -> str | None:
 def sweep(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> SweepResult:
     """Run every entry of the config's ``sweep`` list; write ``sweep.md``, ``sweep.json`` and
     ``sweep.png`` into the base ``output_dir``."""
-    from sga_jax import train
-    from sga_jax.eval.run import evaluate
-
     base, runs = plan(files, overrides)
     # Check every entry's model, data files and output folder before anything is written: a typo
     # in the fifth entry must not wait for four runs to finish.
-    train.resolve_model_path(base.model.path)
+    resolve_model_path(base.model.path)
     for i, (entry, cfg) in enumerate(runs):
         try:
-            train.resolve_model_path(cfg.model.path)
-            train.load_rows(cfg.data, need_retain=False)
-            train._output_dir_check(cfg)
+            resolve_model_path(cfg.model.path)
+            load_rows(cfg.data, need_retain=False)
+            check_output_dir(cfg)
         except SgaJaxError as e:
             raise type(e)(f"sweep[{i}] {entry!r}: {e}") from None
     spec = base.eval.retain_logs
@@ -125,17 +124,17 @@ def sweep(files: Sequence[str | Path], overrides: Sequence[str] = ()) -> SweepRe
     root.mkdir(parents=True, exist_ok=True)
     retain_logs = _retain_logs(base, root)
     first = runs[0][1]
-    opts = train._eval_options(first)
+    opts = runner.eval_options(first)
     opts.pop("retain_logs", None)
     if retain_logs:
         opts["retain_logs"] = retain_logs
     rows: list[dict[str, Any]] = []
-    original = evaluate("tofu", train.resolve_model_path(base.model.path), root / "original_eval", **opts)
+    original = evaluate("tofu", resolve_model_path(base.model.path), root / "original_eval", **opts)
     rows.append({"run": "original", **_row(original)})
     for entry, cfg in runs:
         if retain_logs:
             cfg.eval.retain_logs = retain_logs
-        result = train.run(cfg)
+        result = runner.run(cfg)
         rows.append({"run": entry, "output_dir": str(result.output_dir), **_row(result.eval or {})})
         _write(root, rows)  # keep partial results if a later run fails
     table, png = _write(root, rows)
@@ -161,8 +160,6 @@ def _fmt(v: Any) -> str:
 
 
 def _write(root: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
-    from sga_jax.data.jsonl import write_json_atomic
-
     cols = COLUMNS
     lines = [
         "| run | " + " | ".join(cols) + " |",

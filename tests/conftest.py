@@ -11,6 +11,8 @@
 * Strict dtype promotion, so silent float32 <-> bfloat16 / int <-> float mixing is an error, for
   our own code (models, kernels, objectives) through the ``strict_dtypes`` fixture. It is not global
   because optax's own Adam bias correction mixes an int32 count with floats and fails under it.
+* Rank promotion is an error (``jax_numpy_rank_promotion="raise"``, as equinox's tests): an
+  implicit broadcast of a [B] array against a [B, T] one is a bug until written out.
 The device count must be configured before JAX initialises its backends.
 """
 
@@ -24,6 +26,7 @@ import jax
 import pytest
 
 jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_rank_promotion", "raise")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # Set before transformers / huggingface_hub / datasets are imported (they read these at import).

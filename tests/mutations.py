@@ -138,7 +138,7 @@ MUTANTS: tuple[Mutant, ...] = (
     # tests/test_runner_methods.py
     Mutant(
         "npo_reference_is_current_model",
-        "sga_jax/train.py",
+        "sga_jax/methods.py",
         'loss = O.npo_loss(nll, batch["ref_nll"], beta=m.beta)',
         "loss = O.npo_loss(nll, nll, beta=m.beta)",
         _runner("npo"),
@@ -146,19 +146,19 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "npo_reference_token_mean",
-        "sga_jax/train.py",
-        'data.ref_nll = batched_nll(model, forget, reduction="sum")',
-        "data.ref_nll = batched_nll(model, forget)",
+        "sga_jax/runner.py",
+        'data.ref_nll = batched_nll(model, data.forget, reduction="sum")',
+        "data.ref_nll = batched_nll(model, data.forget)",
         _runner("npo"),
         "NPO's reference NLL the token mean while the trained NLL is the sum",
     ),
     Mutant(
         "gru_retain_grad_from_forget_batch",
-        "sga_jax/train.py",
+        "sga_jax/methods.py",
         """def retain_loss(model, batch):
-            return _plain_nll(m, model, batch["retain"])""",
+        return plain_nll(m, model, batch["retain"])""",
         """def retain_loss(model, batch):
-            return _plain_nll(m, model, batch["forget"])""",
+        return plain_nll(m, model, batch["forget"])""",
         _runner("gru_ga"),
         "GRU's retain gradient computed on the forget batch",
     ),
@@ -212,16 +212,16 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "simnpo_forget_weight_dropped",
-        "sga_jax/train.py",
-        "forget_weight=m.forget_weight,",
-        "forget_weight=1.0,",
+        "sga_jax/methods.py",
+        "forget_weight=m.forget_weight)",
+        "forget_weight=1.0)",
         _runner("simnpo"),
         "SimNPO's forget weight (open-unlearning's gamma, 0.125) ignored",
     ),
     Mutant(
         "flat_template_fixed",
-        "sga_jax/train.py",
-        'per_epoch=cfg.method.template_sampling == "epoch",',
+        "sga_jax/runner.py",
+        'per_epoch=m.template_sampling == "epoch",',
         "per_epoch=False,",
         ("tests/test_runner_methods.py::test_flat_draws_a_new_template_per_row_each_epoch",),
         "FLAT's template fixed per row for the whole run instead of drawn anew each epoch",

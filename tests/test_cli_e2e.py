@@ -16,8 +16,9 @@ import tofu_reference
 from tiny_models import write_tiny_llama_for
 
 import sga_jax
-from sga_jax import train
+from sga_jax import logprobs
 from sga_jax.cli import main
+from sga_jax.data import splits
 from sga_jax.data.formatting import PromptFormatter
 from sga_jax.data.tofu import load_tofu
 
@@ -35,8 +36,8 @@ def tiny_dir(tmp_path_factory, smollm2_tokenizer):
 
 def _forget_nll(model_dir: Path, tokenizer, data_dir: Path, n: int) -> float:
     rows = load_tofu("forget01", data_dir=data_dir / "tofu", limit=n)
-    batch = train.encode(rows, PromptFormatter(tokenizer, "auto", 256), source="forget01")
-    return float(np.mean(train.batched_nll(sga_jax.load_model(model_dir), batch)))
+    batch = splits.encode(rows, PromptFormatter(tokenizer, "auto", 256), source="forget01")
+    return float(np.mean(logprobs.batched_nll(sga_jax.load_model(model_dir), batch)))
 
 
 def test_tofu_protocol_end_to_end(tiny_dir, tmp_path, data_dir, smollm2_tokenizer, capsys):

@@ -282,7 +282,7 @@ def test_precondition_on_a_parameter_tree(mlp_example):
     )
     grads["extra"] = {"scale": jnp.ones((3,))}  # e.g. a norm: no curvature
     lam = 1e-1
-    pg, quad = C.precondition(eigen, grads, lam)
+    pg, quad = M.precondition(eigen, grads, lam)
     total = 0.0
     for k in ("l1", "l2", "l3"):
         v = grads[k]["kernel"]
@@ -295,10 +295,10 @@ def test_precondition_on_a_parameter_tree(mlp_example):
         total += float(jnp.sum(x * v))
     np.testing.assert_allclose(float(quad), total, rtol=1e-5)
     assert not np.any(np.asarray(pg["extra"]["scale"]))
-    pg_id, _ = C.precondition(eigen, grads, lam, untapped="identity")
+    pg_id, _ = M.precondition(eigen, grads, lam, untapped="identity")
     np.testing.assert_allclose(np.asarray(pg_id["extra"]["scale"]), 1 / lam, rtol=1e-6)
     with pytest.raises(ConfigError, match="untapped"):
-        C.precondition(eigen, grads, lam, untapped="thaw")
+        M.precondition(eigen, grads, lam, untapped="thaw")
 
 
 def test_ekfac_diagonal():

@@ -9,8 +9,7 @@ import json
 import pytest
 
 from sga_jax import config as C
-from sga_jax import train
-from sga_jax.data import tofu
+from sga_jax.data import splits, tofu
 from sga_jax.errors import ConfigError
 
 N = 3
@@ -37,7 +36,7 @@ def hub_copy(tmp_path, data_dir, monkeypatch):
 def test_hub_source_reads_the_configs_through_datasets(hub_copy, data_dir):
     cfg = C.compose([], ["data.source=hub", f"data.hub_repo={hub_copy}", "data.forget=forget01"])
     assert (cfg.data.source, cfg.data.hub_repo) == ("hub", str(hub_copy))
-    forget, retain = train.load_rows(cfg.data, need_retain=True)  # retain: forget01's retain99
+    forget, retain = splits.load_rows(cfg.data, need_retain=True)  # retain: forget01's retain99
     for got, name in ((forget, "forget01"), (retain, "retain99")):
         want = tofu.load_tofu(name, data_dir=data_dir / "tofu", limit=N)
         assert len(got) == N
@@ -47,7 +46,7 @@ def test_hub_source_reads_the_configs_through_datasets(hub_copy, data_dir):
 def test_hub_source_errors_are_one_line(hub_copy):
     cfg = C.compose([], ["data.source=hub", f"data.hub_repo={hub_copy}", "data.forget=forget05"])
     with pytest.raises(tofu.DataError, match="cannot load .* config 'forget05' with datasets") as e:
-        train.load_rows(cfg.data, need_retain=False)
+        splits.load_rows(cfg.data, need_retain=False)
     assert "\n" not in str(e.value)
     with pytest.raises(ConfigError, match="data.source"):
         C.compose([], ["data.source=web"])

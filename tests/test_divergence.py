@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from tiny_models import write_tiny_llama_for
 
-from sga_jax import checkpoint, config, train
+from sga_jax import checkpoint, config, logprobs, runner, train
 from sga_jax.cli import main
 from sga_jax.errors import DivergenceError
 
@@ -59,14 +59,14 @@ def test_guard_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_path,
     ckpt.close()
     assert good is not None and good < bad_step and f"(step {good})" in err[0]
     cfg = config.compose([], _overrides(root, model_dir, out))
-    prep = train.prepare(cfg)  # the run's own model structure (scanned layers) and forget batch
-    start = float(np.mean(train.batched_nll(prep.model, prep.data.forget)))
+    prep = runner.prepare(cfg)  # the run's own model structure (scanned layers) and forget batch
+    start = float(np.mean(logprobs.batched_nll(prep.model, prep.data.forget)))
     graphdef, params, rest = train.split_model(prep.model)
     restored = checkpoint.load_params(out / "checkpoints", params)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored))
     # its parameters are the ones the guard measured good: forget NLL within the bound
     good_model = nnx.merge(graphdef, restored, rest)
-    nll = float(np.mean(train.batched_nll(good_model, prep.data.forget)))
+    nll = float(np.mean(logprobs.batched_nll(good_model, prep.data.forget)))
     assert start < nll <= BOUND  # it had ascended, but not past the bound
 
 
@@ -76,4 +76,4 @@ def test_nan_is_caught_in_process(setup, tmp_path):
         [], _overrides(root, model_dir, tmp_path / "nan", "train.lr=1e30", "train.max_forget_nll=null")
     )
     with pytest.raises(DivergenceError, match=r"diverged (at|after) step \d+: .*(nan|inf|NaN)"):
-        train.run(cfg)
+        runner.run(cfg)

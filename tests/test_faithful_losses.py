@@ -27,7 +27,7 @@ from tiny_models import write_tiny_hf
 
 import sga_jax
 from sga_jax import config as C
-from sga_jax import train
+from sga_jax import logprobs, methods
 
 T, V = 14, 96
 
@@ -109,11 +109,11 @@ def ou_simnpo(model, b, delta=0.0, beta=4.5, alpha=1.0, gamma=0.125):
 
 
 def _runner_loss(method_cfg, model, batch, ref_model=None):
-    m = train.build_method(method_cfg)
+    m = methods.build_method(method_cfg)
     batch = {k: {kk: jnp.asarray(vv) for kk, vv in v.items()} for k, v in batch.items()}
     if "ref_nll" in m.needs:
         # as train.prepare does: the starting model's summed forget NLLs
-        batch["ref_nll"] = jnp.asarray(train.batched_nll(ref_model, batch["forget"], reduction="sum"))
+        batch["ref_nll"] = jnp.asarray(logprobs.batched_nll(ref_model, batch["forget"], reduction="sum"))
     loss, _ = m.loss(model, batch)
     return float(loss)
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from sga_jax import config as C
+from sga_jax import methods, train
 from sga_jax import objectives as O
-from sga_jax import train
+from sga_jax.data import normal_samples, splits
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.transforms.gru import gru
 from sga_jax.transforms.sga import sga
@@ -132,12 +133,12 @@ def test_flat_template_per_row_per_epoch():
     sees a fresh, uniformly drawn template each epoch. ``fixed`` keeps one per row."""
     n, templates = 6, [f"idk {i}" for i in range(10)]
     forget_rows = [{"question": f"q{i}", "answer": "a"} for i in range(n)]
-    blocks, rows = train.template_rows(forget_rows, templates, per_epoch=True, epochs=5, seed=0)
+    blocks, rows = splits.template_rows(forget_rows, templates, per_epoch=True, epochs=5, seed=0)
     assert blocks == 5 and len(rows) == 5 * n
     per_row = [{rows[e * n + i]["answer"] for e in range(5)} for i in range(n)]
     assert sum(len(s) > 1 for s in per_row) >= n - 1  # templates change across epochs
     assert all(rows[e * n + i]["question"] == f"q{i}" for e in range(5) for i in range(n))
-    blocks1, fixed = train.template_rows(forget_rows, templates, per_epoch=False, epochs=5, seed=0)
+    blocks1, fixed = splits.template_rows(forget_rows, templates, per_epoch=False, epochs=5, seed=0)
     assert blocks1 == 1 and len(fixed) == n
     # step_batch serves epoch e's block: token id = 100·block + row
     tmpl = _ids_batch([[100 * e + i] * 4 for e in range(5) for i in range(n)])
@@ -154,16 +155,16 @@ def test_flat_template_per_row_per_epoch():
 def test_normal_file_rows_and_errors(tmp_path):
     p = tmp_path / "normal.jsonl"
     p.write_text('{"texts": ["a", "b", "c"]}\n{"texts": ["d", "e", "f"]}\n')
-    rows = train.load_normal_file(str(p), 2, 3)
+    rows = splits.load_normal_file(str(p), 2, 3)
     assert [r["text"] for r in rows] == list("abcdef")
     with pytest.raises(DataError, match="one per forget row"):
-        train.load_normal_file(str(p), 3, 3)
+        splits.load_normal_file(str(p), 3, 3)
     with pytest.raises(DataError, match="line 1 must be"):
-        train.load_normal_file(str(p), 2, 2)
+        splits.load_normal_file(str(p), 2, 2)
     with pytest.raises(ConfigError, match="method.normal_file"):
         C.compose([], ["method=sga", "method.normal_samples=file"])
     cfg = C.compose([], ["method=sga", "method.normal_samples=file", f"method.normal_file={p}"]).method
-    needs = train.build_method(cfg).needs
+    needs = methods.build_method(cfg).needs
     assert "normal" in needs and "retain" not in needs  # the file replaces retain retrieval
     # step_batch takes normal rows from data.normal when it is given
     data = train.TrainData(
@@ -190,11 +191,11 @@ def test_retrieval_never_returns_a_forget_row(tmp_path):
     forget = _ids_batch(rng.integers(3, 96, size=(3, 8)), t=8)
     others = _ids_batch(rng.integers(3, 96, size=(6, 8)), t=8)
     pool = {k: np.concatenate([others[k][:3], forget[k], others[k][3:]]) for k in forget}
-    assert train.forget_rows_in_pool(forget, pool) == [3, 4, 5]
+    assert normal_samples.forget_rows_in_pool(forget, pool) == [3, 4, 5]
     data = train.TrainData(forget=forget, retain=pool)
     for how in ("embedding", "random"):
         m = C.compose([], ["method=sga", f"method.normal_samples={how}"]).method
-        idx = train.normal_index(model, data, m, seed=0)
+        idx = normal_samples.normal_index(model, data, m, seed=0)
         assert idx.shape == (3, 3) and not set(idx.ravel()) & {3, 4, 5}
 
 
@@ -208,6 +209,7 @@ def test_kfade_keeps_the_last_partial_batch(tmp_path):
 
     import sga_jax
     from sga_jax import curvature as CV
+    from sga_jax import kfade_driver as KD
 
     path, _ = write_tiny_hf("llama", tmp_path / "m", seed=1)
     model = sga_jax.load_model(path)
@@ -221,7 +223,7 @@ def test_kfade_keeps_the_last_partial_batch(tmp_path):
     split = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]
     eigen = CV.estimate_curvature(model, [full], fisher="sampled", key=0)
     kw = dict(curvature=eigen, steps=1, damping=1e-3, trust_region=1e-2)
-    _, d_one = CV.kfade_unlearn(model, [full], **kw)
-    _, d_two = CV.kfade_unlearn(model, split, **kw)
+    _, d_one = KD.kfade_unlearn(model, [full], **kw)
+    _, d_two = KD.kfade_unlearn(model, split, **kw)
     for a, b in zip(jax.tree.leaves(d_one), jax.tree.leaves(d_two)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-7)

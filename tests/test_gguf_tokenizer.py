@@ -89,9 +89,8 @@ _NO_TORCH_CHILD = textwrap.dedent(
     import sys
     sys.modules["torch"] = None  # import torch -> ImportError; importlib.util.find_spec("torch") -> None
     import json
-    from sga_jax import train
-    from sga_jax.models import hf
-    path = train.resolve_model_path("smollm2")
+    from sga_jax.models import hf, locate
+    path = locate.resolve_model_path("smollm2")
     tok = hf.load_tokenizer(path)
     chat = tok.apply_chat_template([{"role": "user", "content": "Where is Tokyo?"}], tokenize=False)
     assert sys.modules["torch"] is None, "torch was imported"

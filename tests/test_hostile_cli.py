@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_models import write_tiny_llama_for
 
-from sga_jax import config, train
+from sga_jax import config, runner
 from sga_jax.cli import main
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.eval import tofu
@@ -83,7 +83,7 @@ def test_forget_rows_in_retain_are_never_normal_samples(tmp_path, smollm2_tokeni
             "method.normal_samples=random", f"output_dir={tmp_path / 'run'}",
         ],
     )  # fmt: skip
-    prep = train.prepare(cfg)
+    prep = runner.prepare(cfg)
     assert "3 retain rows are also forget rows" in capsys.readouterr().err
     assert set(np.asarray(prep.data.normal_index).ravel()) <= {3, 4, 5}
 

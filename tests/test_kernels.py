@@ -123,7 +123,7 @@ def test_softcap_matches_capped_log_softmax(kw, strict_dtypes):
     cap = 2.0  # |z| reaches ~10 on these inputs: the cap bites
 
     def direct(h, w, b):
-        z = cap * jnp.tanh((h @ w + b) / cap)
+        z = cap * jnp.tanh((h @ w + b[None, :]) / cap)
         lp = jax.nn.log_softmax(z, axis=-1)
         picked = jnp.take_along_axis(lp, jnp.maximum(y, 0)[:, None], axis=1)[:, 0]
         return jnp.where(y >= 0, picked, 0.0)

@@ -13,6 +13,7 @@ from flax import nnx
 import sga_jax
 from sga_jax import curvature as C
 from sga_jax import kfac_math as M
+from sga_jax import kfade_driver as KD
 from sga_jax import reapply as R
 from sga_jax.errors import ConfigError, ModelLoadError
 from sga_jax.transforms import KFADEState, kfade
@@ -43,7 +44,7 @@ def setup(tmp_path_factory):
 
 def _forget_grads(model, batch):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return params, jax.grad(lambda p: C.forget_nll(nnx.merge(graphdef, p, rest), batch))(params)
+    return params, jax.grad(lambda p: KD.forget_nll(nnx.merge(graphdef, p, rest), batch))(params)
 
 
 def test_transform_takes_a_trust_region_step(setup):
@@ -84,10 +85,10 @@ def test_transform_takes_a_trust_region_step(setup):
 
 def test_kfade_unlearn_raises_forget_nll(setup):
     _, model, retain, forget, eigen, _ = setup
-    before = float(C.forget_nll(model, forget[0]))
+    before = float(KD.forget_nll(model, forget[0]))
     snapshot = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
-    new, delta = C.kfade_unlearn(model, forget, curvature=eigen, steps=3, damping=1e-3, trust_region=0.05)
-    after = float(C.forget_nll(new, forget[0]))
+    new, delta = KD.kfade_unlearn(model, forget, curvature=eigen, steps=3, damping=1e-3, trust_region=0.05)
+    after = float(KD.forget_nll(new, forget[0]))
     assert after > before + 0.05, (before, after)
     # the original model is untouched and delta = new − old
     for a, b in zip(jax.tree.leaves(snapshot), jax.tree.leaves(nnx.state(model, nnx.Param)), strict=True):
@@ -96,10 +97,10 @@ def test_kfade_unlearn_raises_forget_nll(setup):
     for d, n, o in zip(jax.tree.leaves(delta), jax.tree.leaves(new_p), jax.tree.leaves(old_p), strict=True):
         np.testing.assert_allclose(np.asarray(d), np.asarray(n) - np.asarray(o), atol=1e-7)
     # the high-level entry point estimates the curvature itself (EK-FAC here)
-    new2, _ = C.kfade_unlearn(
+    new2, _ = KD.kfade_unlearn(
         model, forget, retain, steps=1, trust_region=0.05, ekfac=True, fisher="empirical"
     )
-    assert float(C.forget_nll(new2, forget[0])) > before
+    assert float(KD.forget_nll(new2, forget[0])) > before
 
 
 def test_save_and_reapply_delta(setup, tmp_path):
@@ -107,7 +108,7 @@ def test_save_and_reapply_delta(setup, tmp_path):
     import transformers
 
     path, model, _, forget, eigen, _ = setup
-    new, delta = C.kfade_unlearn(model, forget, curvature=eigen, steps=2, trust_region=0.05)
+    new, delta = KD.kfade_unlearn(model, forget, curvature=eigen, steps=2, trust_region=0.05)
     delta_file = R.save_delta(delta, model, tmp_path / "delta.safetensors", metadata={"method": "kfade"})
     tensors, meta = R.load_delta(delta_file)
     assert meta["model_type"] == "llama" and meta["extra"] == {"method": "kfade"}
@@ -136,9 +137,9 @@ def test_bad_input(setup, tmp_path):
     with pytest.raises(ConfigError, match="trust_region"):
         kfade(eigen, trust_region=-1.0)
     with pytest.raises(ConfigError, match="steps"):
-        C.kfade_unlearn(model, forget, curvature=eigen, steps=0)
+        KD.kfade_unlearn(model, forget, curvature=eigen, steps=0)
     with pytest.raises(ConfigError, match="retain_batches"):
-        C.kfade_unlearn(model, forget)
+        KD.kfade_unlearn(model, forget)
     with pytest.raises(ModelLoadError, match="does not exist"):
         R.load_delta(tmp_path / "missing.safetensors")
     # a delta from a wider model does not fit

@@ -313,7 +313,7 @@ def test_from_config_random_init_runs():
         assert w.shape[1] == 96
         h = model.hidden_states(ids, mask)
         assert h.shape[:2] == (B, T) and h.shape[2] == w.shape[0]
-        logits = jnp.dot(h, w, preferred_element_type=jnp.float32) + (0 if b is None else b)
+        logits = jnp.dot(h, w, preferred_element_type=jnp.float32) + (0 if b is None else b[None, None, :])
         cap = model.logit_softcap  # Gemma 2's final soft-cap; None elsewhere
         if cap is not None:
             logits = cap * jnp.tanh(logits / cap)

@@ -18,7 +18,7 @@ import pytest
 from tiny_models import write_tiny_llama_for
 
 import sga_jax
-from sga_jax import checkpoint, config, train
+from sga_jax import checkpoint, config, runner, train
 from sga_jax.cli import main
 from sga_jax.errors import ConfigError
 
@@ -95,7 +95,7 @@ def test_resume_refuses_a_changed_config(setup, uninterrupted):
     with pytest.raises(
         ConfigError, match=r"holds a run with a different config \(train.lr: 0.003 there, 0.01 now\)"
     ):
-        train.run(config.compose([], [*_overrides(root, model, uninterrupted), "train.lr=1e-2"]))
+        runner.run(config.compose([], [*_overrides(root, model, uninterrupted), "train.lr=1e-2"]))
     assert sorted(p.name for p in uninterrupted.rglob("*")) == before
 
 

@@ -43,7 +43,7 @@ from tiny_models import write_tiny_llama_for
 
 import sga_jax
 from sga_jax import config as C
-from sga_jax import train
+from sga_jax import methods, runner, train
 from sga_jax.cli import main
 
 N_FORGET, N_RETAIN, BATCH, STEPS, LR = 6, 8, 2, 3, 2e-3
@@ -302,7 +302,7 @@ def test_method_through_cli_and_runner_step(name, setup, tmp_path, smollm2_token
     assert [r["step"] for r in metrics] == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for r in metrics for v in r.values() if isinstance(v, float))
     cfg = C.compose([], overrides)
-    prep = train.prepare(cfg)
+    prep = runner.prepare(cfg)
     data = prep.data
     before, after = _forget_nll(model_path, data), _forget_nll(out / "model", data)
     assert after > before + 0.02, (before, after)
@@ -310,12 +310,13 @@ def test_method_through_cli_and_runner_step(name, setup, tmp_path, smollm2_token
     # ---- 2. two steps through the runner's own step function, against the reference
     m = cfg.method
     base = m.base if m.name == "gru" else m.name
-    method = train.build_method(m, cfg.mode)
+    method = methods.build_method(m, cfg.mode)
     steps = train.total_steps(cfg.train, data.num_forget)
     tx, _ = train.make_optimizer(cfg.train, steps, method.transform)
     graphdef, params, rest = train.split_model(prep.model, cfg.model.freeze)
     opt_state = tx.init(params)
-    step_fn = train._cached_step(graphdef, rest, method, tx, cfg, steps)  # the CLI's compiled step
+    key = train.step_key(cfg, steps)
+    step_fn = train.SHARED_STEPS.step(graphdef, rest, method, tx, key)  # the CLI's compiled step
     pairing = None
     if base == "sga":
         pairing = json.loads((out / "normal_samples.json").read_text())["forget_to_retain_rows"]
@@ -379,7 +380,7 @@ def test_flat_draws_a_new_template_per_row_each_epoch(setup, tmp_path, smollm2_t
         f"train.steps={2 * N_FORGET // BATCH}",
     ]
     cfg = C.compose([], over)
-    data = train.prepare(cfg).data
+    data = runner.prepare(cfg).data
     per_epoch = steps_per_epoch = N_FORGET // BATCH
     seen: list[dict[int, str]] = [{}, {}]
     for s in range(2 * steps_per_epoch):
@@ -403,7 +404,7 @@ def test_kfade_through_cli(setup, tmp_path):
     assert main(["unlearn", *overrides]) == 0
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["forget_nll"]) for r in metrics)
-    data = train.prepare(C.compose([], [*overrides[:5], "method=graddiff"])).data
+    data = runner.prepare(C.compose([], [*overrides[:5], "method=graddiff"])).data
     before, after = _forget_nll(model_path, data), _forget_nll(out / "model", data)
     assert after > before + 1e-3, (before, after)
     assert metrics[0]["forget_nll"] == pytest.approx(before, rel=1e-4)

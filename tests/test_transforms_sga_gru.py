@@ -33,7 +33,7 @@ def _data(seed=1):
 
 def _nll(p, x):
     """A smooth per-example 'NLL' of a tiny nonlinear model (a stand-in for token-mean NLL)."""
-    h = jnp.tanh(x @ p["w"] + p["layer"]["b"])
+    h = jnp.tanh(x @ p["w"] + p["layer"]["b"][(None,) * (x.ndim - 1)])
     return jax.nn.logsumexp(p["layer"]["s"] * h, axis=-1) - p["layer"]["s"] * h[..., 0]
 
 

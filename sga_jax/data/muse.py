@@ -18,6 +18,7 @@ from pathlib import Path
 
 from sga_jax.data.jsonl import Row, check_rows, read_records, strings_to_rows
 from sga_jax.errors import DataError
+from sga_jax.paths import data_root
 
 HUB_NAME = "muse-bench/MUSE-News"
 
@@ -29,8 +30,6 @@ RAW_SPLITS = ("forget", "retain1", "retain2", "holdout")
 def _root(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is not None:
         return Path(data_dir).expanduser()
-    from sga_jax.paths import data_root
-
     root = data_root()
     return root / "muse_news" if (root / "muse_news").is_dir() else root
 

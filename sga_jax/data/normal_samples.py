@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sga_jax.errors import ConfigError, DataError
+from sga_jax.logprobs import padded_runner
 
 Batch = Mapping[str, np.ndarray]
 
@@ -46,16 +47,13 @@ def embed(
         ``[N, T]``), split here into micro-batches of ``batch_size``, or an iterable of batch dicts.
       mask: which mask to average over: ``"attention_mask"`` (question + answer) or ``"loss_mask"``.
     """
-    from flax import nnx
-
     if isinstance(batches, Mapping):
         batches = [batches]
-    graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def f(state, ids, attn, pool):
-        return _mean_hidden(nnx.merge(graphdef, state), ids, attn, pool)
+    def mean_hidden(model, b):
+        return _mean_hidden(model, b["input_ids"], b["attention_mask"], b["pool"])
 
+    run = padded_runner(mean_hidden, model, batch_size)
     out = []
     for batch in batches:
         if mask not in batch:
@@ -63,13 +61,8 @@ def embed(
         ids = np.asarray(batch["input_ids"], np.int32)
         attn = np.asarray(batch.get("attention_mask", np.ones_like(ids)), np.int32)
         pool = np.asarray(batch[mask], np.int32)
-        n = ids.shape[0]
-        for start in range(0, n, batch_size):
-            chunk = [x[start : start + batch_size] for x in (ids, attn, pool)]
-            pad = batch_size - chunk[0].shape[0]
-            if pad:  # a fixed micro-batch shape: one compilation
-                chunk = [np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in chunk]
-            out.append(np.asarray(f(state, *chunk))[: batch_size - pad])
+        if ids.shape[0]:
+            out.append(run({"input_ids": ids, "attention_mask": attn, "pool": pool}))
     if not out:
         raise DataError("embed: no rows to embed")
     return np.concatenate(out).astype(np.float32)
@@ -202,3 +195,46 @@ def load_pairing(path: str | os.PathLike) -> np.ndarray:
     if arr.ndim != 2:
         raise DataError(f"{path}: the pairing must be a list of equal-length rows")
     return arr
+
+
+def forget_rows_in_pool(forget: Batch, pool: Batch) -> list[int]:
+    """Pool rows whose tokens (and answer mask) equal a forget row's: never to be normal samples."""
+
+    def keys(b: Batch) -> list[bytes]:
+        out = []
+        for ids, attn, loss in zip(b["input_ids"], b["attention_mask"], b["loss_mask"]):
+            on = attn.astype(bool)
+            out.append(ids[on].astype(np.int64).tobytes() + b"|" + loss[on].astype(np.int8).tobytes())
+        return out
+
+    forget_keys = set(keys(forget))
+    return [j for j, key in enumerate(keys(pool)) if key in forget_keys]
+
+
+def normal_index(model, data: Any, m: Any, *, seed: int) -> np.ndarray:
+    """``[N, K-1]`` row indices of each forget row's SGA normal samples (``m``: an SGA method config;
+    ``data``: a :class:`sga_jax.train.TrainData`): into ``data.normal`` (the rows of
+    ``method.normal_file``, in order) or into the retain pool, where retrieval and random pairing
+    are told which pool rows are forget rows so that they never return one."""
+    k, n = m.k, data.num_forget
+    if m.normal_samples == "file":
+        return np.arange(n * (k - 1), dtype=np.int64).reshape(n, k - 1)
+    assert data.retain is not None
+    n_pool = data.retain["input_ids"].shape[0]
+    banned = forget_rows_in_pool(data.forget, data.retain)
+    if banned:
+        print(
+            f"sga-jax: warning: {len(banned)} retain rows are also forget rows; they are never used as "
+            "normal samples",
+            file=sys.stderr,
+        )
+    if n_pool - len(banned) < k - 1:
+        raise DataError(
+            f"data.retain: {n_pool - len(banned)} retain rows that are not forget rows; method.k - 1 = "
+            f"{k - 1} normal samples are needed"
+        )
+    if m.normal_samples == "random":
+        idx = random_pairing(n, n_pool, k - 1, forget_ids_in_pool=banned, seed=seed)
+    else:
+        idx = retrieve(model, data.forget, data.retain, k - 1, forget_ids_in_pool=banned, seed=seed)
+    return np.asarray(idx, dtype=np.int64).reshape(n, k - 1)

@@ -18,6 +18,7 @@ from typing import Any
 
 from sga_jax.data.jsonl import Row, check_rows, read_records, strings_to_rows
 from sga_jax.errors import DataError
+from sga_jax.paths import data_root
 
 HUB_NAME = "locuslab/TOFU"
 
@@ -37,6 +38,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any], int | None]] = {
 }
 ALL_CONFIGS = (*CONFIGS, "full")
 
+# Each forget split's complement, the retain split a run pairs with it by default.
+RETAIN_FOR_FORGET = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
+
 # The four evaluation splits of TOFU's eval_everything.yaml: task -> (config, base answer key).
 EVAL_TASKS: dict[str, tuple[str, str]] = {
     "eval_log": ("retain_perturbed", "paraphrased_answer"),
@@ -49,8 +53,6 @@ EVAL_TASKS: dict[str, tuple[str, str]] = {
 def _local_dir(data_dir: str | os.PathLike | None) -> Path:
     if data_dir is not None:
         return Path(data_dir).expanduser()
-    from sga_jax.paths import data_root
-
     root = data_root()
     return root / "tofu" if (root / "tofu").is_dir() else root
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -34,17 +33,8 @@ def _token_logprobs(model, input_ids, attention_mask, loss_mask, *, stats: bool 
         logp, mask = logprobs.token_logprobs(model, batch)
         return logp, mask.astype(jnp.int32)
     # Min-K%++ needs the whole next-token distribution, so this path takes the full logits.
-    logits = model(input_ids, attention_mask)[:, :-1].astype(jnp.float32)
-    labels = input_ids[:, 1:]
-    mask = batch["loss_mask"][:, 1:]
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    logp = (picked - logz) * mask
-    log_probs = logits - logz[..., None]
-    probs = jnp.exp(log_probs)
-    mu = jnp.sum(probs * log_probs, axis=-1)
-    var = jnp.sum(probs * jnp.square(log_probs), axis=-1) - jnp.square(mu)
-    return logp, mask, mu, jnp.sqrt(jnp.maximum(var, 0.0))
+    logp, mask, mu, sigma = logprobs.token_logprobs_full(model, batch)
+    return logp, mask.astype(jnp.int32), mu, sigma
 
 
 def batch_token_logprobs(model: Any, batch: dict[str, np.ndarray], *, stats: bool = False):

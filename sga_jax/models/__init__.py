@@ -13,6 +13,7 @@ from typing import Any
 from flax import nnx
 
 from sga_jax.errors import ModelLoadError
+from sga_jax.models.layers import activation
 
 # model_type -> (module, config class, model class)
 _REGISTRY: dict[str, tuple[str, str, str]] = {
@@ -58,8 +59,6 @@ def resolve(hf_config: Any) -> tuple[Any, type]:
         raise ModelLoadError(f"{model_type} config is missing the field {e.args[0]!r}") from None
     except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ModelLoadError(f"{model_type} config has a malformed field: {e}") from None
-    from sga_jax.models.layers import activation
-
     activation(getattr(config, "hidden_act", None) or getattr(config, "activation_function", "silu"))
     if config.hidden_size % config.num_attention_heads and not hf.get("head_dim"):
         raise ModelLoadError(

@@ -135,7 +135,7 @@ class GemmaRMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+        return (y * L.expand_to(1.0 + self.scale[...].astype(jnp.float32), y.ndim)).astype(self.dtype)
 
 
 class Gemma2DecoderLayer(nnx.Module):
@@ -190,15 +190,7 @@ class Gemma2ForCausalLM(llama.LlamaForCausalLM):
         remat: str | None = None,
         attention: str = "auto",
     ):
-        dtype = L.as_dtype(dtype)
-        param_dtype = L.as_dtype(param_dtype) if param_dtype is not None else dtype
-        L.remat_policy(remat, scan_layers)  # validate early
-        self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.remat = remat
-        self.attention = attention
-        self.attention_impl()  # validate early: soft-capping or per-layer windows rule cuDNN out
+        dtype, param_dtype = self._setup(config, dtype, param_dtype, scan_layers, remat, attention)
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = L.Embed(c.vocab_size, c.hidden_size, rngs=rngs, **kw)

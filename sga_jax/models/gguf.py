@@ -13,10 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 
 from sga_jax.errors import ModelLoadError
-from sga_jax.models.hf import TensorSource
+from sga_jax.models.sources import TensorSource
 
 # GGUF name (``{i}`` = block) -> HF name, for general.architecture == "llama".
 LLAMA_GGUF_NAMES: dict[str, str] = {
@@ -72,8 +73,6 @@ class GGUFSource(TensorSource):
         return set(self._tensors)
 
     def get(self, name: str) -> np.ndarray:
-        import gguf
-
         t = self._tensors[name]
         try:
             w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32)
@@ -93,8 +92,6 @@ class GGUFSource(TensorSource):
 
 def open_gguf(path: str | Path) -> tuple[dict[str, Any], GGUFSource]:
     """(HF config dict, tensor source with HF names) for a GGUF file."""
-    import gguf
-
     path = Path(path)
     try:
         reader = gguf.GGUFReader(str(path))

@@ -23,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import gguf
+
 from sga_jax.errors import ModelLoadError
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -59,8 +61,6 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The ``tokenizer.*`` and ``general.architecture`` fields of a GGUF file."""
-    import gguf
-
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:

@@ -36,171 +36,17 @@ from sga_jax.fsutil import (
     remove_stale_partials,
     write_marker,
 )
+from sga_jax.models import gguf, resolve
 from sga_jax.models import layers as L
-from sga_jax.models import resolve
-
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-# --------------------------------------------------------------------------------- tensor sources
-
-
-class TensorSource:
-    """Random access to named HF tensors (numpy, HF layout) from one or more files."""
-
-    def names(self) -> set[str]:
-        raise NotImplementedError
-
-    def get(self, name: str) -> np.ndarray:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-class SafetensorsSource(TensorSource):
-    """Safetensors files of an HF directory (single file or sharded with an index)."""
-
-    def __init__(self, weight_map: dict[str, Path]):
-        self.weight_map = weight_map
-        self._handles: dict[Path, Any] = {}
-
-    def _handle(self, file: Path):
-        from safetensors import safe_open
-
-        if file not in self._handles:
-            try:
-                self._handles[file] = safe_open(str(file), framework="numpy")
-            except Exception as e:  # SafetensorError, OSError: truncated / corrupt header
-                raise ModelLoadError(f"cannot read safetensors file {file}: {e}") from None
-        return self._handles[file]
-
-    def names(self) -> set[str]:
-        return set(self.weight_map)
-
-    def get(self, name: str) -> np.ndarray:
-        file = self.weight_map[name]
-        try:
-            return self._handle(file).get_tensor(name)
-        except ModelLoadError:
-            raise
-        except Exception as e:
-            raise ModelLoadError(f"cannot read tensor {name!r} from {file}: {e}") from None
-
-    def close(self) -> None:
-        self._handles.clear()
-
-
-def _template_regex(tmpl: str) -> re.Pattern:
-    return re.compile(re.escape(tmpl).replace(r"\{i\}", r"(\d+)"))
-
-
-def _fused_parts(fused: dict[str, tuple[str, ...]], names) -> dict[str, tuple[str, list[str]]]:
-    """Each name of ``names`` that is a part of a fused tensor -> (fused name, its part names in order)."""
-    out: dict[str, tuple[str, list[str]]] = {}
-    for fused_tmpl, parts in fused.items():
-        regexes = [_template_regex(p) for p in parts]
-        for name in names:
-            for rx in regexes:
-                m = rx.fullmatch(name)
-                if m:
-                    fmt = {"i": m.group(1)} if m.groups() else {}
-                    out[name] = (fused_tmpl.format(**fmt), [p.format(**fmt) for p in parts])
-    return out
-
-
-class FusedSource(TensorSource):
-    """``source`` with each fused tensor also readable as its parts: part k is HF rows
-    ``[sum(rows[:k]), sum(rows[:k + 1]))`` of the fused tensor, ``rows`` the parts' first dims."""
-
-    def __init__(self, source: TensorSource, fused: dict[str, tuple[str, ...]], rows: dict[str, int]):
-        self.source = source
-        self.rows = rows  # part name -> rows of the part in HF layout
-        wanted = _fused_parts(fused, rows)
-        self.parts = {p: f for p, (f, _) in wanted.items() if f in source.names()}
-        self.members = {f: ps for _, (f, ps) in wanted.items()}
-        self._last: tuple[str, np.ndarray] | None = None  # the last fused tensor read (3 parts each)
-
-    def names(self) -> set[str]:
-        return self.source.names() | set(self.parts)
-
-    def get(self, name: str) -> np.ndarray:
-        if name not in self.parts:
-            return self.source.get(name)
-        fused = self.parts[name]
-        if self._last is None or self._last[0] != fused:
-            self._last = (fused, self.source.get(fused))
-        t = self._last[1]
-        sizes = [self.rows[p] for p in self.members[fused]]
-        if t.shape[0] != sum(sizes):
-            raise ModelLoadError(
-                f"tensor {fused!r} has {t.shape[0]} rows, expected {sum(sizes)} (its parts: {sizes})"
-            )
-        k = self.members[fused].index(name)
-        return t[sum(sizes[:k]) : sum(sizes[: k + 1])]
-
-    def close(self) -> None:
-        self._last = None
-        self.source.close()
-
-
-def _safetensors_weight_map(directory: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        return _index_weight_map(directory, index)
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
-        if pickles:
-            raise ModelLoadError(
-                f"{directory} holds only pickled PyTorch weights ({', '.join(pickles)}); sga_jax "
-                "never unpickles files (arbitrary code execution). Convert them to safetensors "
-                "first, in an environment you trust (transformers: save_pretrained(..., "
-                "safe_serialization=True))"
-            )
-        raise ModelLoadError(f"no model.safetensors (or safetensors index) in {directory}")
-    weight_map: dict[str, Path] = {}
-    for f in files:
-        regular_file(f, "safetensors file")  # a FIFO would block safe_open forever
-        try:
-            with safe_open(str(f), framework="numpy") as h:
-                for name in h.keys():
-                    weight_map[name] = f
-        except Exception as e:
-            raise ModelLoadError(f"cannot read safetensors file {f}: {e}") from None
-    return weight_map
-
-
-def _index_weight_map(directory: Path, index: Path) -> dict[str, Path]:
-    """The weight map of a sharded checkpoint's index. Shard names must be plain file names of
-    regular files inside ``directory``: an absolute or ``../`` name would read outside the model."""
-    regular_file(index, "safetensors index")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as e:
-        raise ModelLoadError(f"{index} is not a valid safetensors index: {e}") from None
-    if not isinstance(weight_map, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
-    ):
-        raise ModelLoadError(f"{index}: weight_map must map tensor names to shard file names (strings)")
-    root = directory.resolve()
-    for f in sorted(set(weight_map.values())):
-        if not f or Path(f).name != f or f in (".", ".."):
-            raise ModelLoadError(f"{index} names shard {f!r}: only plain file names inside {directory}")
-        if not (directory / f).exists():
-            raise ModelLoadError(f"{index} names a shard file that is missing: {f}")
-        if (directory / f).resolve().parent != root:
-            raise ModelLoadError(f"{index} names shard {f!r}, which resolves outside {directory}")
-        regular_file(directory / f, "safetensors shard")
-    return {name: directory / f for name, f in weight_map.items()}
+from sga_jax.models import sharding as S
+from sga_jax.models.gguf_tokenizer import load_gguf_tokenizer
+from sga_jax.models.sources import (  # noqa: F401 - TensorSource / FusedSource: hf's names for them
+    FusedSource,
+    SafetensorsSource,
+    TensorSource,
+    fused_parts,
+    safetensors_weight_map,
+)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
@@ -223,15 +69,13 @@ def _open(path: str | os.PathLike) -> tuple[dict[str, Any], TensorSource, Path]:
     if p.exists() and not p.is_dir():
         regular_file(p, "model file")
         if p.suffix.lower() == ".gguf":
-            from sga_jax.models import gguf
-
             hf, source = gguf.open_gguf(p)
             return hf, source, p
         raise ModelLoadError(f"{p} is a file but not a .gguf file; give an HF directory or a .gguf")
     if p.is_dir():
         hf = read_config(p)
         resolve(hf)  # unknown model_type / remote code: fail before touching the weights
-        return hf, SafetensorsSource(_safetensors_weight_map(p)), p
+        return hf, SafetensorsSource(safetensors_weight_map(p)), p
     if isinstance(path, str) and path.count("/") == 1 and not path.startswith((".", "/", "~")):
         return _open(_hub_download(path))
     raise ModelLoadError(f"model path {p} does not exist")
@@ -358,8 +202,6 @@ def load_model(
     ``remat`` / ``attention``: see ``sga_jax.models.layers.remat_policy`` / ``attention_implementation``.
     Raises ModelLoadError (naming the problem) and returns nothing half-loaded.
     """
-    from sga_jax.models import sharding as S
-
     hf, source, resolved = _open(path)
     config, cls = resolve(hf)
     pdtype = L.as_dtype(param_dtype if param_dtype is not None else dtype)
@@ -437,7 +279,7 @@ def hf_tensors(model) -> Iterator[tuple[str, Any, bool, int | None]]:
 def _write_safetensors(model, file: Path) -> None:
     """Stream every tensor into one safetensors file (header first, then one tensor at a time)."""
     tensors = {name: (value, transpose, i) for name, value, transpose, i in hf_tensors(model)}
-    fused = _fused_parts(getattr(type(model), "HF_FUSED", None) or {}, tensors)
+    fused = fused_parts(getattr(type(model), "HF_FUSED", None) or {}, tensors)
     entries = []
     offset = 0
     for name, (value, _, _) in tensors.items():
@@ -582,8 +424,6 @@ def load_tokenizer(path: str | os.PathLike):
     p = Path(path).expanduser()
     try:
         if p.is_file() and p.suffix.lower() == ".gguf":
-            from sga_jax.models.gguf_tokenizer import load_gguf_tokenizer
-
             return load_gguf_tokenizer(p)
         return transformers.AutoTokenizer.from_pretrained(str(p))
     except ModelLoadError:

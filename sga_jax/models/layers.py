@@ -44,6 +44,12 @@ _DTYPES = {
 }
 
 
+def expand_to(v: Array, ndim: int) -> Array:
+    """``v`` with leading axes of size 1 up to ``ndim`` axes: an explicit broadcast of a vector
+    (bias, scale, frequencies) against ``[..., d]`` (the tests run with rank promotion raising)."""
+    return jnp.reshape(v, (1,) * (ndim - jnp.ndim(v)) + jnp.shape(v))
+
+
 def as_dtype(dtype: Any) -> Any:
     """``"bfloat16"`` / ``jnp.bfloat16`` / ``np.dtype`` -> a JAX dtype (ConfigError when unknown)."""
     if isinstance(dtype, str):
@@ -98,7 +104,7 @@ class Linear(nnx.Module):
         y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel, preferred_element_type=out_dtype)
         y = y.reshape(*lead, y.shape[-1])
         if self.bias is not None:
-            y = y + self.bias[...].astype(y.dtype)
+            y = y + expand_to(self.bias[...].astype(y.dtype), y.ndim)
         if self.kfac_tap:
             y = self.perturb("kfac_out", y)
         return y
@@ -138,7 +144,7 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         # HF casts back to the compute dtype before multiplying by the weight.
-        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+        return expand_to(self.scale[...].astype(self.dtype), y.ndim) * y.astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -165,9 +171,9 @@ class LayerNorm(nnx.Module):
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
         if self.scale is not None:
-            y = y * self.scale[...].astype(jnp.float32)
+            y = y * expand_to(self.scale[...].astype(jnp.float32), y.ndim)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y + expand_to(self.bias[...].astype(jnp.float32), y.ndim)
         return y.astype(self.dtype)
 
 
@@ -312,7 +318,7 @@ class RopeConfig:
             inv = jnp.where(long, jnp.asarray(self.inv_freq(long=True)), jnp.asarray(self.inv_freq()))
         else:
             inv = jnp.asarray(self.inv_freq())
-        freqs = pos[..., None] * inv
+        freqs = pos[..., None] * expand_to(inv, pos.ndim + 1)
         emb = jnp.concatenate([freqs, freqs], axis=-1)
         if self.attention_factor != 1.0:
             return jnp.cos(emb) * self.attention_factor, jnp.sin(emb) * self.attention_factor
@@ -691,6 +697,22 @@ class DecoderLM(nnx.Module):
     remat: str | None
     attention: str = "auto"
 
+    def _setup(
+        self, config: Any, dtype: Any, param_dtype: Any, scan_layers: bool, remat: str | None, attention: str
+    ) -> tuple[Any, Any]:
+        """The start of every port's ``__init__``: store the settings, validate ``remat`` and the
+        attention implementation early; returns ``(dtype, param_dtype)`` (param_dtype None: dtype)."""
+        dtype = as_dtype(dtype)
+        param_dtype = as_dtype(param_dtype) if param_dtype is not None else dtype
+        remat_policy(remat, scan_layers)  # validate early
+        self.config = config
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.remat = remat
+        self.attention = attention
+        self.attention_impl()  # validate early (windows / soft-capping rule cuDNN out)
+        return dtype, param_dtype
+
     # --- hooks -------------------------------------------------------------------------------
     def _embed(self, input_ids: Array, positions: Array) -> Array:
         raise NotImplementedError
@@ -719,7 +741,7 @@ class DecoderLM(nnx.Module):
         w, b = self.lm_head_weights()
         logits = jnp.dot(h, w.astype(self.dtype), preferred_element_type=jnp.float32)
         if b is not None:
-            logits = logits + b.astype(jnp.float32)
+            logits = logits + expand_to(b.astype(jnp.float32), logits.ndim)
         return softcap_logits(logits, self.logit_softcap)
 
     # --- sliding windows ---------------------------------------------------------------------

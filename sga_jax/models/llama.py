@@ -169,15 +169,7 @@ class LlamaForCausalLM(L.DecoderLM):
         remat: str | None = None,
         attention: str = "auto",
     ):
-        dtype = L.as_dtype(dtype)
-        param_dtype = L.as_dtype(param_dtype) if param_dtype is not None else dtype
-        L.remat_policy(remat, scan_layers)  # validate early
-        self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.remat = remat
-        self.attention = attention
-        self.attention_impl()  # validate early (windows / soft-capping rule cuDNN out)
+        dtype, param_dtype = self._setup(config, dtype, param_dtype, scan_layers, remat, attention)
         c = config
         self.embed_tokens = L.Embed(
             c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs

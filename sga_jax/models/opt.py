@@ -156,15 +156,7 @@ class OPTForCausalLM(L.DecoderLM):
         remat: str | None = None,
         attention: str = "auto",
     ):
-        dtype = L.as_dtype(dtype)
-        param_dtype = L.as_dtype(param_dtype) if param_dtype is not None else dtype
-        L.remat_policy(remat, scan_layers)
-        self.config = config
-        self.dtype = dtype
-        self.scan_layers = scan_layers
-        self.remat = remat
-        self.attention = attention
-        L.attention_implementation(attention, dtype, config.head_dim)  # validate early
+        dtype, param_dtype = self._setup(config, dtype, param_dtype, scan_layers, remat, attention)
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_tokens = L.Embed(c.vocab_size, c.word_embed_proj_dim, **kw)

@@ -42,10 +42,9 @@ class GRUState(NamedTuple):
 
 
 def _vdot(a: Any, b: Any) -> jax.Array:
-    leaves = jax.tree.leaves(
-        jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b)
-    )
-    return sum(leaves, jnp.float32(0.0))
+    """⟨a, b⟩ over all leaves, accumulated in float32 (bf16 parameters included)."""
+    f32 = optax.tree_utils.tree_cast
+    return jnp.asarray(optax.tree_utils.tree_vdot(f32(a, jnp.float32), f32(b, jnp.float32)), jnp.float32)
 
 
 def gru(

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sga_jax.config import check_smoothing_rate
 from sga_jax.errors import ConfigError
 
 
@@ -46,10 +47,8 @@ class SGAState(NamedTuple):
 
 def _vdot(a: Any, b: Any) -> jax.Array:
     """⟨a, b⟩ over all leaves, accumulated in float32 (bf16 parameters included)."""
-    leaves = jax.tree.leaves(
-        jax.tree.map(lambda x, y: jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32)), a, b)
-    )
-    return sum(leaves, jnp.float32(0.0))
+    f32 = optax.tree_utils.tree_cast
+    return jnp.asarray(optax.tree_utils.tree_vdot(f32(a, jnp.float32), f32(b, jnp.float32)), jnp.float32)
 
 
 PER_STEP_RATES = ("paper", "min_norm")
@@ -104,8 +103,7 @@ def sga(
     """
     if int(K) != K or K < 1:
         raise ConfigError(f"SGA K (1 forget + K-1 normal samples) must be an integer >= 1, got {K}")
-    if r > 1:
-        raise ConfigError(f"SGA smoothing rate r must be <= 1 (arXiv 2510.22376), got r={r}")
+    check_smoothing_rate(r)
     if r_max > 1:
         raise ConfigError(f"SGA r_max must be <= 1, got {r_max}")
     if r_min > r_max:

@@ -1,0 +1,154 @@
+"""Which rows a run reads: the data-file rules of ``data.*`` and the method-side row files.
+
+``load_rows(data_config, need_retain=...)`` gives the forget (or finetuning) rows and, when the
+method needs them, the retain rows (TOFU's retain default: :data:`sga_jax.data.tofu.RETAIN_FOR_FORGET`);
+``encode`` turns rows into one fixed-shape batch; ``flat_templates`` / ``template_rows`` give FLAT's
+template answers; ``load_normal_file`` reads SGA's normal samples from a file. Nothing here runs a
+model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sga_jax import config as C
+from sga_jax.data import jsonl, muse, tofu
+from sga_jax.data.batching import bucket_length, collate
+from sga_jax.errors import ConfigError, DataError
+from sga_jax.paths import benchmark_dir
+
+Batch = dict[str, np.ndarray]
+
+BUILTIN_IDK = "I'm not sure about that; I don't know the answer."
+
+
+def data_file(path: str, key: str) -> Path:
+    """``path`` as an existing file, or one error naming the config ``key``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"{key}: data file not found: {p}")
+    return p
+
+
+def _tofu_rows(
+    d: C.DataConfig, kw: dict[str, Any], need_retain: bool
+) -> tuple[list[dict], list[dict] | None]:
+    forget = tofu.load_tofu(d.forget, **kw)
+    if not need_retain:
+        return forget, None
+    name = d.retain or tofu.RETAIN_FOR_FORGET.get(d.forget)
+    if name is None:
+        raise ConfigError(f"data.retain: no default retain split for TOFU {d.forget!r}; set data.retain")
+    return forget, tofu.load_tofu(name, **kw)
+
+
+def _muse_rows(
+    d: C.DataConfig, kw: dict[str, Any], need_retain: bool
+) -> tuple[list[dict], list[dict] | None]:
+    loaders = {
+        "raw": lambda: muse.load_raw("forget", **kw),
+        "knowmem": lambda: muse.load_knowmem("forget", **kw),
+        "retain2": lambda: muse.load_privleak("retain2", **kw),
+        "knowmem_retain": lambda: muse.load_knowmem("retain", **kw),
+    }
+    for key, value in (("data.forget", d.forget), ("data.retain", d.retain or "retain2")):
+        if value not in loaders:
+            raise ConfigError(f"{key}: unknown MUSE-News split {value!r}; choose one of {', '.join(loaders)}")
+    return loaders[d.forget](), (loaders[d.retain or "retain2"]() if need_retain else None)
+
+
+def _jsonl_rows(d: C.DataConfig, need_retain: bool) -> tuple[list[dict], list[dict] | None]:
+    forget = jsonl.load_user_rows(data_file(d.forget, "data.forget"))[: d.limit]
+    if not need_retain:
+        return forget, None
+    if not d.retain:
+        raise ConfigError("data.retain: this method needs a retain file (data.retain=PATH)")
+    return forget, jsonl.load_user_rows(data_file(d.retain, "data.retain"))[: d.limit]
+
+
+def load_rows(d: C.DataConfig, *, need_retain: bool) -> tuple[list[dict], list[dict] | None]:
+    """The forget (or finetuning) rows and, when needed, the retain rows of ``d``."""
+    sub = {"tofu": "tofu", "muse_news": "muse_news"}.get(d.benchmark)
+    kw: dict[str, Any] = {"data_dir": benchmark_dir(d.data_dir, sub) if sub else d.data_dir, "limit": d.limit}
+    if sub and d.source == "hub":
+        kw = {"source": "hub", "hub_repo": d.hub_repo, "limit": d.limit}
+    if d.benchmark == "tofu":
+        forget, retain = _tofu_rows(d, kw, need_retain)
+    elif d.benchmark == "muse_news":
+        forget, retain = _muse_rows(d, kw, need_retain)
+    else:
+        forget, retain = _jsonl_rows(d, need_retain)
+    if not forget:
+        raise DataError(f"data.forget: {d.forget!r} has no rows")
+    if need_retain and not retain:
+        raise DataError(f"data.retain: {d.retain!r} has no rows")
+    return forget, retain
+
+
+def encode(
+    rows: Sequence[dict], formatter, *, source: str, length: int | None = None, strict: bool = False
+) -> Batch:
+    """Rows -> a fixed-shape batch ``[len(rows), T]`` (T: the longest row rounded up to 16).
+    ``strict``: an unusable row is an error instead of being dropped (rows aligned to others)."""
+    encoded, _ = formatter.encode_rows(rows, source=source, strict=strict)
+    kept = [e for e in encoded if e is not None]
+    t = length or bucket_length(max(len(e) for e in kept), 16, cap=formatter.max_length)
+    return collate(kept, pad_id=formatter.pad_token_id, length=t)
+
+
+def flat_templates(m: C.FLATConfig, d: C.DataConfig) -> list[str]:
+    """FLAT's template answers: method.template file, else TOFU's idontknow.jsonl, else built-in."""
+    if m.template:
+        rows = jsonl.load_user_rows(data_file(m.template, "method.template"), kind="text")
+        return [r["text"] for r in rows]
+    try:
+        return tofu.load_idontknow(data_dir=benchmark_dir(d.data_dir, "tofu"))
+    except DataError:
+        return [BUILTIN_IDK]
+
+
+def template_rows(
+    forget_rows: Sequence[dict], templates: Sequence[str], *, per_epoch: bool, epochs: int, seed: int
+) -> tuple[int, list[dict]]:
+    """FLAT's template rows: ``(E, rows)`` with ``E`` blocks of one ``{"question", "answer"}`` row per
+    forget row. ``per_epoch``: block e draws a new template for every row (``default_rng((seed, 2,
+    e))``), as the official dataset draws ``torch.randint`` in each ``__getitem__`` (UCSC-REAL/FLAT
+    data_module.py l. 623-625); otherwise one block, one template per row for the whole run."""
+    n_blocks = max(1, int(epochs)) if per_epoch else 1
+    rows = []
+    for e in range(n_blocks):
+        picks = np.random.default_rng((seed, 2, e)).integers(0, len(templates), size=len(forget_rows))
+        rows += [
+            {"question": r.get("question", ""), "answer": templates[j]} for r, j in zip(forget_rows, picks)
+        ]
+    return n_blocks, rows
+
+
+def load_normal_file(path: str, num_forget: int, k_minus_1: int) -> list[dict]:
+    """SGA normal samples from a JSONL file: line i is ``{"texts": [K-1 strings]}`` for forget row i
+    (the paper generated MUSE / Harry Potter normal data with an external model). Returns the
+    ``N·(K-1)`` ``{"text"}`` rows grouped by forget row; one clear error for a malformed file."""
+    p = data_file(path, "method.normal_file")
+    records = jsonl.read_records(p)
+    if len(records) != num_forget:
+        raise DataError(
+            f"method.normal_file: {p} has {len(records)} lines; need one per forget row ({num_forget})"
+        )
+    rows = []
+    for i, rec in enumerate(records):
+        texts = rec.get("texts") if isinstance(rec, dict) else None
+        if not (
+            isinstance(texts, list)
+            and len(texts) == k_minus_1
+            and all(isinstance(t, str) and t for t in texts)
+        ):
+            raise DataError(
+                f"method.normal_file: {p} line {i + 1} must be "
+                f'{{"texts": [{k_minus_1} non-empty strings]}} (K-1 = {k_minus_1})'
+            )
+        rows += [{"text": t} for t in texts]
+    return rows

@@ -1,0 +1,267 @@
+"""The method registry: one typed builder per method config class, each giving a :class:`Method`.
+
+A :class:`Method` is what the training loop (:mod:`sga_jax.train`) needs from a method: the loss
+it differentiates, the extra gradients its optax transform takes, and that transform. The data a
+method trains on is declared on its schema (``method.needs``, in the jax-free :mod:`sga_jax.config`).
+Adding a method touches two known places: its schema in ``config.py`` and its builder in
+:data:`BUILDERS` here (or, for a method without a training loop such as K-FADE, its driver in
+:data:`sga_jax.runner.DRIVERS`)::
+
+    method = build_method(C.NPOConfig(beta=0.1))   # dispatched on the config class
+    loss, aux = method.loss(model, batch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sga_jax import config as C
+from sga_jax import objectives as O  # noqa: N812
+from sga_jax import transforms as T  # noqa: N812
+from sga_jax.errors import ConfigError
+from sga_jax.logprobs import num_targets, sequence_nll, token_logprobs
+
+LossFn = Callable[[Any, dict], tuple[jax.Array, dict]]
+
+
+@dataclasses.dataclass
+class Method:
+    """How a method turns batches into gradients.
+
+    ``loss(model, batch) -> (loss, aux)`` is differentiated for the updates; each of ``extra``
+    ``name -> fn(model, batch) -> scalar`` is differentiated too and its gradient handed to the
+    method's optax transform as the keyword ``name`` (SGA's normal-sample gradient, GRU's retain
+    gradient). ``needs``: which parts of :class:`~sga_jax.train.TrainData` the method uses (the
+    schema's ``needs``).
+    """
+
+    loss: LossFn
+    transform: optax.GradientTransformation | None = None
+    extra: dict[str, Callable[[Any, dict], jax.Array]] = dataclasses.field(default_factory=dict)
+    needs: frozenset[str] = frozenset()
+    report_loss: bool = True  # False when ``loss`` is not the method's objective (SGA's per-step r)
+
+
+def add_grads() -> optax.GradientTransformationExtraArgs:
+    """Adds the extra arg ``added_grads`` (a gradient pytree) to the incoming updates: a loss term
+    that must stay out of the updates of an earlier transform in the chain (SGA's per-step r)."""
+
+    def init_fn(params):
+        del params
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None, *, added_grads=None, **extra_args):
+        del params, extra_args
+        if added_grads is None:
+            return updates, state
+        return jax.tree.map(lambda u, g: u + g.astype(u.dtype), updates, added_grads), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ------------------------------------------------------------------------------------ NLL terms
+
+
+def plain_nll(m: C.MethodConfig, model, batch) -> jax.Array:
+    """The batch NLL of a plain NLL term under ``method.loss_reduction``: ``token`` averages over all
+    answer tokens of the (micro-)batch, as open-unlearning's HF ``outputs.loss``; ``sequence``
+    averages the per-row token means."""
+    nll = sequence_nll(model, batch)
+    return O.reduce_nll(nll, num_targets(batch) if m.loss_reduction == "token" else None)
+
+
+def _retain_term(m: C.MethodConfig, model, batch, aux: dict) -> jax.Array:
+    if m.retain_weight == 0:
+        return jnp.float32(0.0)
+    nll_r = plain_nll(m, model, batch["retain"])
+    aux["retain_nll"] = nll_r
+    return m.retain_weight * nll_r
+
+
+# ------------------------------------------------------------------------------------- builders
+
+
+def build_finetune() -> Method:
+    """Plain NLL on the ``forget`` (finetuning) rows: TOFU's first stage."""
+
+    def loss(model, batch):
+        nll = sequence_nll(model, batch["forget"])
+        return O.nll_loss(nll), {"forget_nll": jnp.mean(nll)}
+
+    return Method(loss)
+
+
+def build_ga(m: C.GAConfig) -> Method:
+    # open-unlearning src/trainer/unlearn/grad_ascent.py l. 12-13 (token average by default).
+    def loss(model, batch):
+        nll_f = plain_nll(m, model, batch["forget"])
+        aux = {"forget_nll": nll_f}
+        return O.ga_loss(nll_f[None]) + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs)
+
+
+def build_graddiff(m: C.GradDiffConfig) -> Method:
+    # open-unlearning src/trainer/unlearn/grad_diff.py l. 49-60: -forget loss + alpha * retain loss.
+    def loss(model, batch):
+        nll_f = plain_nll(m, model, batch["forget"])
+        nll_r = plain_nll(m, model, batch["retain"])
+        aux = {"forget_nll": nll_f, "retain_nll": nll_r}
+        return O.graddiff_loss(nll_f[None], nll_r[None], alpha=m.retain_weight), aux
+
+    return Method(loss, needs=m.needs)
+
+
+def build_npo(m: C.NPOConfig) -> Method:
+    # open-unlearning src/trainer/unlearn/npo.py l. 15-31 with utils.py compute_dpo_loss: the
+    # *summed* answer NLL against the reference (starting) model's summed NLL.
+    def loss(model, batch):
+        nll = sequence_nll(model, batch["forget"], reduction="sum")
+        aux = {"forget_nll": jnp.mean(sequence_nll(model, batch["forget"]))}
+        loss = O.npo_loss(nll, batch["ref_nll"], beta=m.beta)
+        return loss + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs)
+
+
+def build_simnpo(m: C.SimNPOConfig) -> Method:
+    # open-unlearning src/trainer/unlearn/simnpo.py l. 18-30 (token-mean NLL, margin delta).
+    def loss(model, batch):
+        nll = sequence_nll(model, batch["forget"])
+        aux = {"forget_nll": jnp.mean(nll)}
+        loss = O.simnpo_loss(nll, beta=m.beta, gamma=m.gamma, forget_weight=m.forget_weight)
+        return loss + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs)
+
+
+def build_flat(m: C.FLATConfig) -> Method:
+    def loss(model, batch):
+        logp_f, mask_f = token_logprobs(model, batch["forget"])
+        logp_t, mask_t = token_logprobs(model, batch["template"])
+        nll_f = O.sequence_nll_from_logprobs(logp_f, mask_f)
+        aux = {
+            "forget_nll": jnp.mean(nll_f),
+            "template_nll": jnp.mean(O.sequence_nll_from_logprobs(logp_t, mask_t)),
+        }
+        loss = O.flat_loss(logp_f, mask_f, logp_t, mask_t, divergence=m.divergence)
+        return loss + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs)
+
+
+def build_sga(m: C.SGAConfig) -> Method:
+    """SGA with a fixed r (the loss itself) or a per-step r* (the ``sga`` transform)."""
+    return _sga_fixed(m) if m.rate == "fixed" else _sga_per_step(m)
+
+
+def _sga_fixed(m: C.SGAConfig) -> Method:
+    # With a fixed r the SGA direction is exactly jax.grad of the SGA loss (eq. 6).
+    k = m.k
+
+    def loss(model, batch):
+        nll_f = sequence_nll(model, batch["forget"])
+        aux = {"forget_nll": jnp.mean(nll_f), "r": jnp.float32(m.r)}
+        if k > 1:
+            nll_n = sequence_nll(model, batch["normal"]).reshape(nll_f.shape[0], k - 1)
+            aux["normal_nll"] = jnp.mean(nll_n)
+        else:
+            nll_n = jnp.zeros((nll_f.shape[0], 0), jnp.float32)
+        loss = O.sga_loss(nll_f, nll_n, m.r)
+        return loss + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs)
+
+
+def _sga_per_step(m: C.SGAConfig) -> Method:
+    # Per-step r* ("paper" or "min_norm"): the transform takes g_f (the gradient of the mean forget
+    # NLL, and nothing else) as its updates and the normal-sample gradient as an extra arg; a retain
+    # term is added to its output afterwards (``add_grads``), never mixed into g_f.
+    def loss(model, batch):
+        nll_f = sequence_nll(model, batch["forget"])
+        aux = {"forget_nll": jnp.mean(nll_f)}
+        if m.retain_weight:
+            aux["retain_nll"] = plain_nll(m, model, batch["retain"])
+        return jnp.mean(nll_f), aux
+
+    extra: dict[str, Callable] = {}
+    if m.k > 1:
+
+        def normal_loss(model, batch):
+            return jnp.mean(sequence_nll(model, batch["normal"]))
+
+        extra["normal_grads"] = normal_loss
+    parts = [T.sga(r=m.r, K=m.k, rate=m.rate, r_min=m.r_min, r_max=m.r_max)]
+    if m.retain_weight:
+
+        def retain_term(model, batch):
+            return m.retain_weight * plain_nll(m, model, batch["retain"])
+
+        extra["added_grads"] = retain_term
+        parts.append(add_grads())
+    transform = optax.chain(*parts) if len(parts) > 1 else parts[0]
+    # report_loss=False: the loss is only l_f here; the SGA loss depends on the r* of the step.
+    return Method(loss, transform, extra, m.needs, report_loss=False)
+
+
+def build_gru(m: C.GRUMixin) -> Method:
+    """GRU (arXiv 2503.09117) over its base method: the base's Method with the ``gru`` transform
+    chained after the base's own, fed the retain-set gradient."""
+    base = _builder(C.method_schema(m.base))(m)
+
+    def retain_loss(model, batch):
+        return plain_nll(m, model, batch["retain"])  # type: ignore[arg-type]
+
+    gru = T.gru(m=m.momentum, clip=m.clip)
+    transform = gru if base.transform is None else optax.chain(base.transform, gru)
+    extra = {**base.extra, "retain_grads": retain_loss}
+    return Method(base.loss, transform, extra, m.needs, base.report_loss)  # type: ignore[attr-defined]
+
+
+BUILDERS: dict[type, Callable[[Any], Method]] = {
+    C.GAConfig: build_ga,
+    C.GradDiffConfig: build_graddiff,
+    C.NPOConfig: build_npo,
+    C.SimNPOConfig: build_simnpo,
+    C.SGAConfig: build_sga,
+    C.FLATConfig: build_flat,
+}
+
+
+def _builder(cls: type) -> Callable[[Any], Method]:
+    if issubclass(cls, C.GRUMixin):
+        return build_gru
+    for klass in cls.__mro__:
+        if klass in BUILDERS:
+            return BUILDERS[klass]
+    raise ConfigError(f"method: {cls.__name__} has no training loop (K-FADE runs through its own driver)")
+
+
+def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
+    """The :class:`Method` of a method config (``mode="finetune"``: plain NLL)."""
+    if mode == "finetune":
+        return build_finetune()
+    return _builder(type(m))(m)
+
+
+__all__ = [
+    "BUILDERS",
+    "Method",
+    "add_grads",
+    "build_finetune",
+    "build_flat",
+    "build_ga",
+    "build_graddiff",
+    "build_gru",
+    "build_method",
+    "build_npo",
+    "build_sga",
+    "build_simnpo",
+    "plain_nll",
+]

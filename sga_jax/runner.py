@@ -1,0 +1,275 @@
+"""The runner: a config in, a trained (unlearned) model, its metrics and its evaluation out.
+
+``prepare(cfg)`` loads and validates everything and writes nothing; ``run(cfg)`` checks the output
+folder, prepares, then hands the prepared model and data to the method's driver (the training loop
+of :mod:`sga_jax.train`, or a method's own driver such as K-FADE's) and evaluates the exported
+model; ``unlearn(...)`` is ``run`` from a YAML file / dict / overrides, the Python twin of
+``sga-jax unlearn``::
+
+    result = sga_jax.unlearn("configs/experiment/tofu_sga.yaml", "model.path=out/target", train__steps=10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from omegaconf import OmegaConf
+
+from sga_jax import config as C
+from sga_jax.data.formatting import PromptFormatter
+from sga_jax.data.normal_samples import normal_index
+from sga_jax.data.splits import encode, flat_templates, load_normal_file, load_rows, template_rows
+from sga_jax.errors import ConfigError, DataError
+from sga_jax.eval.run import evaluate as run_eval
+from sga_jax.eval.tofu import _read_logs  # noqa: PLC2701 - eval/ offers no public checker yet
+from sga_jax.kfade_driver import run_kfade
+from sga_jax.logprobs import batched_nll
+from sga_jax.models import hf
+from sga_jax.models.locate import resolve_model_path
+from sga_jax.models.sharding import make_mesh
+from sga_jax.paths import benchmark_dir
+from sga_jax.rundir import check_output_dir, locked, start_afresh, write_text
+from sga_jax.train import RunResult, StepCache, TrainData, total_steps, train_loop
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """Everything a run needs, loaded and validated; nothing written yet."""
+
+    cfg: C.RunConfig
+    model: Any
+    tokenizer: Any
+    data: TrainData
+    forget_rows: list[dict]
+    retain_rows: list[dict] | None
+    mesh: Any = None
+    pairing: list[list[int]] | None = None
+
+
+# ---------------------------------------------------------------------------------- preparation
+
+
+def _mesh(cfg: C.RunConfig):
+    if cfg.mesh is None:
+        return None
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    width = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % width:
+        raise ConfigError(
+            f"train.batch_size / train.grad_accum = {micro} rows per micro-batch must be a multiple of "
+            f"the mesh's data x fsdp = {width}"
+        )
+    return mesh
+
+
+def needs(cfg: C.RunConfig) -> frozenset[str]:
+    """The data a run trains on besides the forget rows (the method schema's ``needs``; none when
+    finetuning)."""
+    return cfg.method.needs if cfg.mode == "unlearn" else frozenset()
+
+
+def _method_rows(cfg: C.RunConfig, fmt, forget_rows: list[dict], forget: Batch) -> dict[str, Any]:
+    """FLAT's template rows and SGA's file-given normal rows, aligned to every forget row."""
+    need, m, out = needs(cfg), cfg.method, {}
+    if need & {"template", "normal"} and forget["input_ids"].shape[0] != len(forget_rows):
+        raise DataError(
+            f"data.forget: {len(forget_rows) - forget['input_ids'].shape[0]} rows could not be encoded; "
+            "FLAT templates / SGA normal-sample files are aligned to every row: fix or drop those rows"
+        )
+    if "template" in need:
+        assert isinstance(m, C.FLATConfig)
+        steps = total_steps(cfg.train, len(forget_rows))
+        out["template_epochs"], rows = template_rows(
+            forget_rows,
+            flat_templates(m, cfg.data),
+            per_epoch=m.template_sampling == "epoch",
+            epochs=math.ceil(steps * cfg.train.batch_size / len(forget_rows)),
+            seed=cfg.train.seed,
+        )
+        out["template"] = encode(rows, fmt, source="FLAT templates", strict=True)
+    if "normal" in need and isinstance(m, C.SGAConfig) and m.normal_samples == "file":
+        assert m.normal_file is not None
+        rows = load_normal_file(m.normal_file, len(forget_rows), m.k - 1)
+        out["normal"] = encode(rows, fmt, source=f"method.normal_file ({m.normal_file})", strict=True)
+    return out
+
+
+def attach_method_data(model, data: TrainData, m: C.MethodConfig, need: frozenset[str], *, seed: int) -> None:
+    """Fill in what needs the model: SGA's normal-sample index (``normal``) and NPO's reference
+    NLLs (``ref_nll``: the *summed* answer NLL under the starting model, open-unlearning's
+    compute_dpo_loss with the frozen ref_model, src/trainer/utils.py l. 61-64)."""
+    if "normal" in need:
+        data.normal_index = normal_index(model, data, m, seed=seed)
+    if "ref_nll" in need:
+        data.ref_nll = batched_nll(model, data.forget, reduction="sum")
+
+
+def prepare(cfg: C.RunConfig) -> Prepared:
+    """Load the model, tokenizer and data of ``cfg`` and build the :class:`TrainData`; raises an
+    :class:`~sga_jax.errors.SgaJaxError` on any problem and writes nothing."""
+    need = needs(cfg)
+    forget_rows, retain_rows = load_rows(cfg.data, need_retain="retain" in need)
+    mesh = _mesh(cfg)
+    path = resolve_model_path(cfg.model.path)
+    tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
+    fmt = PromptFormatter(tokenizer, cfg.data.prompt_format, cfg.data.max_length)
+    forget = encode(forget_rows, fmt, source=f"data.forget ({cfg.data.forget})")
+    retain = encode(retain_rows, fmt, source=f"data.retain ({cfg.data.retain})") if retain_rows else None
+    data = TrainData(forget=forget, retain=retain, **_method_rows(cfg, fmt, forget_rows, forget))
+    model = hf.load_model(
+        path,
+        cfg.model.dtype,
+        param_dtype=cfg.model.param_dtype,
+        mesh=mesh,
+        scan_layers=cfg.model.scan_layers,
+        remat=cfg.model.remat,
+        attention=cfg.model.attention,
+    )
+    attach_method_data(model, data, cfg.method, need, seed=cfg.train.seed)
+    pairing = data.normal_index.tolist() if data.normal_index is not None else None
+    return Prepared(cfg, model, tokenizer, data, forget_rows, retain_rows, mesh, pairing)
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def check_retain_logs(path: str) -> None:
+    """The retain model's TOFU eval logs must be readable: checked before a run, not after it."""
+    _read_logs(path)
+
+
+def check_before_training(cfg: C.RunConfig) -> None:
+    """What would otherwise fail only after the whole run: the retain logs of the final evaluation,
+    and a float16 run on the CPU (XLA:CPU has no float16 matmul with float32 accumulation, so the
+    first step would raise deep inside the compiled step)."""
+    if cfg.eval.benchmark == "tofu" and cfg.eval.retain_logs:
+        try:
+            check_retain_logs(cfg.eval.retain_logs)
+        except DataError as e:
+            raise ConfigError(f"eval.retain_logs: {e}") from None
+    half = [k for k in ("dtype", "param_dtype") if getattr(cfg.model, k) == "float16"]
+    if half and jax.default_backend() == "cpu":
+        raise ConfigError(
+            f"model.{half[0]}=float16 does not run on the CPU (XLA:CPU has no float16 matmul with "
+            "float32 accumulation); use bfloat16 or float32 there, float16 on a GPU"
+        )
+
+
+def eval_options(cfg: C.RunConfig) -> dict[str, Any]:
+    """The options of the evaluation after a run (``sga_jax.eval.run.evaluate``): ``eval.options``
+    plus what the run's own data settings imply (retain logs, TOFU forget split, hub source,
+    data folder)."""
+    opts = dict(cfg.eval.options)
+    if cfg.eval.retain_logs:
+        opts.setdefault("retain_logs", cfg.eval.retain_logs)
+    if cfg.eval.benchmark == "tofu" and cfg.data.benchmark == "tofu" and cfg.data.forget.startswith("forget"):
+        opts.setdefault("forget_split", cfg.data.forget)
+    if cfg.data.source == "hub" and cfg.eval.benchmark in ("tofu", "muse_news"):
+        opts.setdefault("source", "hub")
+    if cfg.data.data_dir and cfg.eval.benchmark in ("tofu", "muse_news"):
+        opts.setdefault("data_dir", benchmark_dir(cfg.data.data_dir, cfg.eval.benchmark))
+    return opts
+
+
+# Methods without a training loop and their drivers ``(cfg, locked out dir, prepared) -> RunResult``.
+DRIVERS: dict[type, Callable[[C.RunConfig, Path, Prepared], RunResult]] = {C.KFADEConfig: run_kfade}
+
+
+def run(
+    cfg: C.RunConfig,
+    *,
+    prepared: Prepared | None = None,
+    evaluate: Callable[[Any], dict[str, float]] | None = None,
+    eval_every: int = 0,
+    step_cache: StepCache | None = None,
+) -> RunResult:
+    """Validate and load everything, then create ``cfg.output_dir`` and train (or run the method's
+    own driver), export the model to ``output_dir/model`` and evaluate when ``cfg.eval.benchmark``
+    is set. ``evaluate`` / ``eval_every``: an in-loop evaluation (see :func:`sga_jax.train.train_loop`)."""
+    out = check_output_dir(cfg)
+    check_before_training(cfg)
+    prepared = prepared or prepare(cfg)
+    driver = DRIVERS.get(type(cfg.method)) if cfg.mode == "unlearn" else None
+    with locked(out):
+        if cfg.train.resume is False:
+            start_afresh(out)
+        write_text(out / "config.yaml", C.to_yaml(cfg))
+        if driver is not None:
+            result = driver(cfg, out, prepared)
+        else:
+            if prepared.pairing is not None:
+                pairing = json.dumps({"forget_to_retain_rows": prepared.pairing})
+                write_text(out / "normal_samples.json", pairing)
+            result = train_loop(
+                prepared.model, prepared.data, cfg, out, evaluate=evaluate, eval_every=eval_every,
+                tokenizer=prepared.tokenizer, mesh=prepared.mesh, step_cache=step_cache,
+            )  # fmt: skip
+    if result.model_dir is not None and cfg.eval.benchmark != "none":
+        result.eval = run_eval(cfg.eval.benchmark, result.model_dir, out / "eval", **eval_options(cfg))
+    return result
+
+
+def unlearn(
+    config: str | os.PathLike | Mapping[str, Any] | C.RunConfig | None = None,
+    /,
+    *overrides: str,
+    **options: Any,
+) -> RunResult:
+    """Run an unlearning (or finetuning) job; the Python twin of ``sga-jax unlearn``.
+
+    ``config``: a YAML file, a nested dict, a :class:`~sga_jax.config.RunConfig` or None (defaults);
+    ``overrides``: ``"method.r=-0.8"``-style strings; ``options``: dotted keys with ``__`` for dots
+    (``method__r=-0.8``) or whole sections (``method={"name": "npo"}``)::
+
+        sga_jax.unlearn("configs/experiment/tofu_sga.yaml", "model.path=out/target", train__steps=10)
+    """
+    extra = [
+        f"{k.replace('__', '.')}={_yaml_value(v)}" for k, v in options.items() if not isinstance(v, Mapping)
+    ]
+    sections = {k: dict(v) for k, v in options.items() if isinstance(v, Mapping)}
+    if isinstance(config, C.RunConfig):
+        base: Any = C.to_dict(config)
+        files: list = []
+    elif isinstance(config, Mapping):
+        base, files = dict(config), []
+    else:
+        base, files = None, ([config] if config is not None else [])
+    if sections:
+        base = OmegaConf.merge(OmegaConf.create(base or {}), sections)
+    cfg = C.compose(files, [*overrides, *extra], base=base)
+    return run(cfg)
+
+
+def _yaml_value(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, list | tuple):
+        return "[" + ",".join(_yaml_value(x) for x in v) + "]"
+    return str(v)
+
+
+__all__ = [
+    "DRIVERS",
+    "Prepared",
+    "attach_method_data",
+    "check_before_training",
+    "check_retain_logs",
+    "eval_options",
+    "needs",
+    "prepare",
+    "run",
+    "unlearn",
+]
