@@ -109,8 +109,14 @@ def dense_layers(
 ) -> dict[str, Linear]:
     """The model's ``Linear`` modules by key (``"layers/3/mlp/down_proj"``), embeddings excluded.
 
-    ``layer_filter``: a regex searched in the key, or a predicate on it.
+    ``layer_filter``: a regex searched in the key, or a predicate on it. A model with LoRA adapters
+    (:mod:`sga_jax.models.lora`) yields only its adapters' ``lora_a`` / ``lora_b`` matmuls
+    (``"layers/3/mlp/down_proj/lora/lora_a"``): the base weights are frozen, so their curvature is
+    not needed.
     """
+    from sga_jax.models.lora import LoRALinear, has_lora
+
+    adapters_only = has_lora(model)
     if isinstance(layer_filter, str):
         pattern = re.compile(layer_filter)
         keep: Callable[[str], bool] = lambda k: pattern.search(k) is not None  # noqa: E731
@@ -118,7 +124,7 @@ def dense_layers(
         keep = layer_filter or (lambda k: True)
     out = {}
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, Linear):
+        if not isinstance(node, Linear) or (adapters_only and not isinstance(node, LoRALinear)):
             continue
         key = _path_str(path)
         if "lm_head" in key and not include_lm_head:
@@ -622,7 +628,10 @@ def kfade_unlearn(
         if retain_batches is None:
             raise ConfigError("give retain_batches (or a precomputed curvature)")
         curvature = estimate_curvature(model, retain_batches, ekfac=ekfac, **curvature_kwargs)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    from sga_jax.models import lora
+
+    # With LoRA adapters only they move (the base is frozen); otherwise every parameter.
+    graphdef, params, rest = nnx.split(model, lora.lora_filter(model), ...)
     tx = kfade(
         curvature, damping=damping, trust_region=trust_region, max_step_size=max_step_size, untapped=untapped
     )
@@ -648,7 +657,13 @@ def kfade_unlearn(
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         new, state = apply(new, grads, state)
     delta = jax.tree.map(lambda n, o: n - o, new, params)
-    return nnx.merge(graphdef, new, rest), delta
+    new_model = nnx.merge(graphdef, new, rest)
+    if lora.has_lora(model):  # Δθ of the merged weights, (alpha/r)(A'B' - AB), under the base kernels' names
+        before, after = lora.adapters(model), lora.adapters(new_model)
+        delta = nnx.from_flat_state(
+            [((*p, "kernel"), nnx.Param(after[p].lora.delta() - lin.lora.delta())) for p, lin in before.items()]
+        )
+    return new_model, delta
 
 
 __all__ = [

@@ -377,8 +377,11 @@ def trainable_filter(freeze: Sequence[str]):
 
 
 def split_model(model, freeze: Sequence[str] = ()):
-    """``(graphdef, params, rest)``: trainable parameters apart from everything else."""
-    graphdef, params, rest = nnx.split(model, trainable_filter(freeze), ...)
+    """``(graphdef, params, rest)``: trainable parameters apart from everything else (with LoRA
+    adapters: the adapters only, :func:`sga_jax.models.lora.lora_filter`)."""
+    from sga_jax.models.lora import lora_filter
+
+    graphdef, params, rest = nnx.split(model, nnx.All(lora_filter(model), trainable_filter(freeze)), ...)
     if not jax.tree.leaves(params):
         raise ConfigError(f"model.freeze={list(freeze)} leaves no parameter to train")
     return graphdef, params, rest
@@ -668,7 +671,8 @@ def train_loop(
     if stop == steps and export:
         from sga_jax.models.hf import save_model
 
-        model_dir = save_model(model, out / "model", tokenizer=tokenizer, overwrite=True)
+        lora = cfg.model.lora.save if cfg.model.lora else "merged"  # PEFT adapter and/or merged weights
+        model_dir = save_model(model, out / "model", tokenizer=tokenizer, overwrite=True, lora=lora)
         # The run ended well and its result is exported: the checkpoints only served resuming.
         prune_checkpoints(out / "checkpoints", t_cfg.keep_checkpoints)
     return RunResult(out, model_dir, stop, history, model)
@@ -940,6 +944,10 @@ def prepare(cfg: C.RunConfig) -> Prepared:
         remat=cfg.model.remat,
         attention=cfg.model.attention,
     )
+    if cfg.model.lora is not None:  # adapters on the loaded model; only they train (split_model)
+        from sga_jax.models.lora import apply_lora
+
+        apply_lora(model, cfg.model.lora, nnx.Rngs(cfg.train.seed), mesh=mesh)
     data = TrainData(
         forget=forget, retain=retain, template=template, normal=normal, template_epochs=template_epochs
     )
@@ -1250,7 +1258,8 @@ def _kfade_write(cfg: C.RunConfig, out: Path, prepared: Prepared, batches) -> Ru
     )
     after = float(np.mean(batched_nll(model, data.forget)))
     save_delta(delta, model, out / "delta.safetensors", metadata={"method": "kfade"})
-    model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer, overwrite=True)
+    lora = cfg.model.lora.save if cfg.model.lora else "merged"
+    model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer, overwrite=True, lora=lora)
     history = [{"step": 0, "forget_nll": before}, {"step": m.steps, "forget_nll": after}]  # type: ignore[attr-defined]
     _write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     result = RunResult(out, model_dir, m.steps, history, model)  # type: ignore[attr-defined]

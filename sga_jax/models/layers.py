@@ -68,7 +68,12 @@ class Linear(nnx.Module):
     so that the gradient w.r.t. the perturbation is the gradient w.r.t. the layer output
     (Martens & Grosse 2015, arXiv 1503.05671, eq. 1: A = E[a aᵀ], G = E[g gᵀ]).
     Off by default: normal runs pay nothing.
+
+    ``lora``: LoRA adapters attached by :func:`sga_jax.models.lora.apply_lora` (None otherwise),
+    whose output ``(alpha / r) · B A x`` is added to ``x @ kernel``.
     """
+
+    lora: Any = None  # a class default: a plain Linear's state holds no adapter node
 
     def __init__(
         self,
@@ -97,6 +102,8 @@ class Linear(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel, preferred_element_type=out_dtype)
         y = y.reshape(*lead, y.shape[-1])
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(y.dtype)
         if self.kfac_tap:
