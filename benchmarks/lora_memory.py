@@ -153,10 +153,13 @@ def table(results: list[dict]) -> list[str]:
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['label']} | {r['spec'].get('compute')} | | failed: {r['error']} | | | | | | |")
+            lines.append(
+                f"| {r['label']} | {r['spec'].get('compute')} | | failed: {r['error']} | | | | | | |"
+            )
             continue
         lines.append(
-            f"| {r['label']} | {r['spec'].get('compute', 'bfloat16')} | {r['rows']} × {r['spec']['seq']} | {r['params_trainable'] / 1e6:,.1f} M "
+            f"| {r['label']} | {r['spec'].get('compute', 'bfloat16')} | {r['rows']} × {r['spec']['seq']} "
+            f"| {r['params_trainable'] / 1e6:,.1f} M "
             f"| {r['frozen_bytes'] / GiB:.2f} | {(r['trainable_bytes'] + r['optimizer_bytes']) / GiB:.2f} "
             f"| {r['temp_bytes'] / GiB:.2f} | {r['peak_bytes'] / GiB:.2f} "
             f"| {'yes' if r['peak_bytes'] < GPU_80GB else 'no'} | {r['compile_s']:.0f} |"

@@ -79,7 +79,7 @@ class LoRAConfig:
         _check(len(self.targets) > 0, "model.lora.targets", "must name at least one projection")
         for t in self.targets:
             hint = (
-                " (Phi-3's fused projection: name its parts, e.g. q_proj, k_proj, v_proj / gate_proj, up_proj)"
+                " (Phi-3's fused projection: name its parts: q_proj, k_proj, v_proj / gate_proj, up_proj)"
                 if t in ("qkv_proj", "gate_up_proj")
                 else ""
             )
@@ -98,7 +98,11 @@ class LoRAConfig:
             "model.lora.base_dtype",
             f"must be null, float32, bfloat16 or float16, got {self.base_dtype!r}",
         )
-        _check(self.save in LORA_SAVE, "model.lora.save", f"must be one of {', '.join(LORA_SAVE)}, got {self.save!r}")
+        _check(
+            self.save in LORA_SAVE,
+            "model.lora.save",
+            f"must be one of {', '.join(LORA_SAVE)}, got {self.save!r}",
+        )
 
 
 @dataclass

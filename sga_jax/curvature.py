@@ -661,7 +661,10 @@ def kfade_unlearn(
     if lora.has_lora(model):  # Δθ of the merged weights, (alpha/r)(A'B' - AB), under the base kernels' names
         before, after = lora.adapters(model), lora.adapters(new_model)
         delta = nnx.from_flat_state(
-            [((*p, "kernel"), nnx.Param(after[p].lora.delta() - lin.lora.delta())) for p, lin in before.items()]
+            [
+                ((*p, "kernel"), nnx.Param(after[p].lora.delta() - lin.lora.delta()))
+                for p, lin in before.items()
+            ]
         )
     return new_model, delta
 

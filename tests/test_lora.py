@@ -128,10 +128,14 @@ def run_setup(tmp_path_factory, smollm2_tokenizer):
     root = tmp_path_factory.mktemp("lora_runs")
     path, _ = write_tiny_llama_for(smollm2_tokenizer, root / "tiny")
     files = {
-        "forget.jsonl": [{"question": f"Code of agent {i}?", "answer": f"Agent {i} uses {i * 37}."} for i in range(N_FORGET)],
-        "retain.jsonl": [{"question": f"Author of novel {i}?", "answer": f"Author {i + 3}."} for i in range(N_RETAIN)],
+        "forget.jsonl": [
+            {"question": f"Code of agent {i}?", "answer": f"Uses {i * 37}."} for i in range(N_FORGET)
+        ],
+        "retain.jsonl": [
+            {"question": f"Author of novel {i}?", "answer": f"Author {i + 3}."} for i in range(N_RETAIN)
+        ],
         "templates.jsonl": [{"text": t} for t in ("I don't know.", "No idea.", "I cannot say.")],
-    }  # fmt: skip
+    }
     for name, rows in files.items():
         (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root, path
@@ -207,7 +211,9 @@ def test_kfade_curvature_and_steps_on_adapters_only(tiny):
     _random_b(model)
     layers = dense_layers(model)
     assert layers and all(isinstance(m, LoRALinear) for m in layers.values())
-    assert set(layers) == {f"{'/'.join(map(str, p))}/lora/{ab}" for p in adapters(model) for ab in ("lora_a", "lora_b")}
+    assert set(layers) == {
+        f"{'/'.join(map(str, p))}/lora/{ab}" for p in adapters(model) for ab in ("lora_a", "lora_b")
+    }
     batch = {"input_ids": IDS, "attention_mask": MASK, "loss_mask": MASK}
     f_lora = estimate_factors(model, [batch], fisher="empirical")
     # K-FAC's A = E[a aᵀ] of each adapter matmul's input: lora_a sees the projection's input x (the
@@ -215,7 +221,9 @@ def test_kfade_curvature_and_steps_on_adapters_only(tiny):
     # sees h = x A, so its A is Aᵀ E[x xᵀ] A.
     f_base = estimate_factors(base, [batch], fisher="empirical", layer_filter="layers/0/self_attn/q_proj")
     ax = np.asarray(f_base.a["layers/0/self_attn/q_proj"])
-    np.testing.assert_allclose(np.asarray(f_lora.a["layers/0/self_attn/q_proj/lora/lora_a"]), ax, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(f_lora.a["layers/0/self_attn/q_proj/lora/lora_a"]), ax, rtol=1e-4, atol=1e-6
+    )
     a0 = np.asarray(adapters(model)[("layers", 0, "self_attn", "q_proj")].lora.lora_a.kernel.get_value())
     np.testing.assert_allclose(
         np.asarray(f_lora.a["layers/0/self_attn/q_proj/lora/lora_b"]), a0.T @ ax @ a0, rtol=1e-4, atol=1e-6
@@ -249,7 +257,10 @@ def test_merged_export_matches_adapted_model_here_and_in_transformers(tiny, tmp_
     _random_b(model)
     want = np.asarray(model(IDS, MASK))
     out = hf.save_model(model, tmp_path / "merged")
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "config.json",
+        "model.safetensors",
+    ]
     np.testing.assert_allclose(np.asarray(hf.load_model(out)(IDS, MASK)), want, atol=1e-4)
     tm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -165,7 +165,9 @@ def apply_lora(
     dropout = config.dropout if dropout is None else float(dropout)
     unknown = sorted(set(config.targets) - set(LORA_TARGETS))
     if unknown:
-        raise ConfigError(f"model.lora.targets: unknown projection {unknown[0]!r}; use some of {LORA_TARGETS}")
+        raise ConfigError(
+            f"model.lora.targets: unknown projection {unknown[0]!r}; use some of {LORA_TARGETS}"
+        )
     linears = _linears(model)
     if any(lin.lora is not None for _, lin in linears):
         raise ConfigError("the model already carries LoRA adapters")
@@ -185,7 +187,7 @@ def apply_lora(
     if dropout > 0 and any(stacked for _, _, stacked in chosen):
         raise ConfigError("LoRA dropout needs an unrolled model (model.scan_layers=false)")
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    for path, lin, _ in chosen:
+    for _, lin, _ in chosen:
         kernel = lin.kernel.get_value()
         lead, (n_in, n_out) = kernel.shape[:-2], kernel.shape[-2:]
         a = _kaiming_a(rngs.params(), (*lead, n_in, config.rank), n_in)
@@ -275,7 +277,9 @@ def _config_json(model, info: dict[str, Any], base: str | None) -> dict[str, Any
     }
 
 
-def peft_files(model, base_model_name_or_path: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def peft_files(
+    model, base_model_name_or_path: str | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """``(adapter_config.json dict, PEFT-named tensors)`` of the model's adapters (ConfigError when
     it has none or they have no PEFT form)."""
     tensors, info = _peft_tensors(model)
@@ -302,7 +306,13 @@ def save_adapter(
     """Write the adapters alone in PEFT's layout to ``out_dir`` (a temporary folder renamed into
     place: complete or absent). ``base_model_name_or_path`` defaults to the model's source path. The
     same destination rules as ``save_model``: new, empty, a previous export, or ``overwrite``."""
-    from sga_jax.fsutil import PARTIAL_MARKER, check_destination, mark_partial, remove_stale_partials, write_marker
+    from sga_jax.fsutil import (
+        PARTIAL_MARKER,
+        check_destination,
+        mark_partial,
+        remove_stale_partials,
+        write_marker,
+    )
 
     src = model.config.hf.get("_name_or_path")
     out = check_destination(Path(out_dir).expanduser(), sources=(src,), overwrite=overwrite)
@@ -378,7 +388,9 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, mesh: jax.sharding.Me
                     t = h.get_tensor(name).T
                     want = shape[1:] if stacked else shape
                     if tuple(t.shape) != tuple(want):
-                        raise ModelLoadError(f"{weights}: {name!r} has shape {t.T.shape}, expected {want[::-1]}")
+                        raise ModelLoadError(
+                            f"{weights}: {name!r} has shape {t.T.shape}, expected {want[::-1]}"
+                        )
                     values.append(np.asarray(t, np.float32))
                     used.add(name)
                 value = jnp.asarray(np.stack(values) if stacked else values[0])
@@ -387,7 +399,9 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, mesh: jax.sharding.Me
                 var.set_value(value)
     extra = sorted(stored - used)
     if extra:
-        raise ModelLoadError(f"{weights}: {len(extra)} tensors match no adapter of this model (e.g. {extra[0]!r})")
+        raise ModelLoadError(
+            f"{weights}: {len(extra)} tensors match no adapter of this model (e.g. {extra[0]!r})"
+        )
     return model
 
 
