@@ -680,6 +680,31 @@ def _layer_body(x, layer, rope, mask, kv, cache_index, sliding):
     return layer(x, rope, mask.for_layer(sliding), kv, cache_index)
 
 
+def _tapped(layers: nnx.Module) -> bool:
+    """Whether a Linear of ``layers`` has its K-FAC hooks on (they write variables in the forward)."""
+    return any(isinstance(n, Linear) and n.kfac_tap for _, n in nnx.iter_graph(layers))
+
+
+def _scan_layers(layers, x, rope, mask, cache, cache_index, sliding, use_remat: bool, policy):
+    """The stacked layers as a ``jax.lax.scan`` over their state, a plain pytree, rebuilt into a
+    layer in each step. ``nnx.scan`` over the module would also return every layer's variables as
+    a stacked scan output: one more copy of all layer weights per step (≈ 26 GiB of float32 temporaries
+    for Llama-3.1-8B, docs/performance.md "LoRA memory"). A forward writes no variable here (the
+    K-FAC taps, which do, keep ``nnx.scan``), so nothing needs carrying out."""
+    graphdef, state = nnx.split(layers)
+
+    def body(x, st, kv, sl):
+        return _layer_body(x, nnx.merge(graphdef, st), rope, mask, kv, cache_index, sl)
+
+    if use_remat:  # as nnx.remat(prevent_cse=False) under scan
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+    def step(x, xs):
+        return body(x, *xs)
+
+    return jax.lax.scan(step, x, (state, cache, jnp.asarray(sliding)))
+
+
 class DecoderLM(nnx.Module):
     """Shared causal-LM plumbing: forward, hidden states, KV-cache decode, scan / remat.
 
@@ -748,7 +773,10 @@ class DecoderLM(nnx.Module):
             body = nnx.remat(body, policy=policy, prevent_cse=not self.scan_layers)
         _, flags = self._windows()
         sliding = np.zeros(self.config.num_layers, bool) if flags is None else flags
+        if self.scan_layers and not _tapped(self.layers):
+            return _scan_layers(self.layers, x, rope, mask, cache, cache_index, sliding, use_remat, policy)
         if self.scan_layers:
+            # K-FAC taps sow / perturb inside the layers: nnx.scan carries those variables out.
             scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None, 0, None, 0), out_axes=(nnx.Carry, 0))
             return scan(x, self.layers, rope, mask, cache, cache_index, jnp.asarray(sliding))
         new_cache = []
