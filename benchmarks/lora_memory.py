@@ -152,6 +152,8 @@ def table(results: list[dict]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
+        if r["spec"].get("compute") == "float32":  # float32 weights throughout
+            r = dict(r, label=r["label"].replace("(bf16 base)", "(fp32 base)"))
         if "error" in r:
             lines.append(
                 f"| {r['label']} | {r['spec'].get('compute')} | | failed: {r['error']} | | | | | | |"
