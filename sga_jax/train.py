@@ -399,7 +399,7 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_r
     def micro_grads(params, rest, mb):
         def main(p):
             # copy=True: fresh Variables at this trace level; the frozen ones (rest) would otherwise
-            # belong to the outer jit trace, which nnx.scan refuses (scan_layers with LoRA / freeze).
+            # belong to the outer jit trace, which NNX transforms refuse (nnx.scan: LoRA / freeze).
             model = nnx.merge(graphdef, p, rest, copy=True)
             return method.loss(model, mb)
 

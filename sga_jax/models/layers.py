@@ -13,8 +13,9 @@ Conventions (the same in every architecture):
 * a layer receives its mask as an :class:`AttentionMask` (either form), so the decoder layers of
   every architecture are the same for both paths;
 * a decoder layer is called as ``layer(x, rope, mask, kv, cache_index) -> (x, kv)`` so that the
-  stack can be run unrolled or with :func:`flax.nnx.scan` (``scan_layers``) and under
-  :func:`flax.nnx.remat`, with or without a KV cache.
+  stack can be run unrolled or scanned (``scan_layers``: :func:`jax.lax.scan` over the stacked
+  layer state, :func:`flax.nnx.scan` while K-FAC taps write variables) and under remat, with or
+  without a KV cache.
 """
 
 from __future__ import annotations
