@@ -17,13 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from tiny_models import write_tiny_hf, write_tiny_llama_for
+from tiny_models import tiny_config, write_tiny_hf, write_tiny_llama_for
 
 from sga_jax import config as C
 from sga_jax import train
 from sga_jax.curvature import dense_layers, estimate_factors, kfade_unlearn
 from sga_jax.errors import ConfigError
-from sga_jax.models import hf
+from sga_jax.models import from_config, hf
 from sga_jax.models.lora import LoRALinear, LoRAParam, adapters, apply_lora, load_adapter, save_adapter
 
 TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
@@ -308,3 +308,24 @@ def test_peft_layout_refusals(tmp_path):
     np.testing.assert_allclose(np.asarray(merged(ids)), np.asarray(model(ids)), atol=1e-4)
     with pytest.raises(ConfigError, match="no LoRA adapters"):
         save_adapter(hf.load_model(phi3), tmp_path / "none")
+
+
+def test_scanned_lora_step_holds_no_copy_of_the_frozen_layers():
+    """The runner's SGA step on a scanned LoRA model: XLA's temporaries stay below one copy of the
+    stacked layer weights. nnx.scan used to return every layer's variables as a stacked output,
+    which the second forward of the step (the normal rows after the forget rows) then read, so XLA
+    kept that copy (docs/performance.md "LoRA memory"). XLA's own buffer assignment, abstract arrays."""
+    cfg = tiny_config("llama", hidden_size=256, intermediate_size=1024, num_hidden_layers=4, vocab_size=128)
+    model = nnx.eval_shape(
+        lambda: apply_lora(from_config(cfg, rngs=nnx.Rngs(0), scan_layers=True), C.LoRAConfig(rank=2))
+    )
+    method = train.build_method(C.SGAConfig(k=2, rate="fixed"))
+    tx, _ = train.make_optimizer(C.TrainConfig(steps=1), 1, method.transform)
+    graphdef, params, rest = train.split_model(model)
+    opt_state = jax.eval_shape(tx.init, params)
+    rows = {k: jax.ShapeDtypeStruct((1, 2, 8), jnp.int32) for k in train._KEYS}
+    batch = {"forget": rows, "normal": rows}
+    step = train.make_step(graphdef, None, method, tx, bind_rest=False)
+    mem = step.lower(params, opt_state, rest, batch).compile().memory_analysis()
+    layers = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model.layers, nnx.Param)))
+    assert mem.temp_size_in_bytes < 0.5 * layers, (mem.temp_size_in_bytes, layers)
