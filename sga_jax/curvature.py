@@ -639,7 +639,7 @@ def kfade_unlearn(
 
     @jax.jit
     def grad_fn(params, batch):
-        return jax.grad(lambda p: objective(nnx.merge(graphdef, p, rest, copy=True), batch))(params)
+        return jax.grad(lambda p: objective(nnx.merge(graphdef, p, rest), batch))(params)
 
     @jax.jit
     def apply(params, grads, state):

@@ -398,16 +398,14 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_r
 
     def micro_grads(params, rest, mb):
         def main(p):
-            # copy=True: fresh Variables at this trace level; the frozen ones (rest) would otherwise
-            # belong to the outer jit trace, which NNX transforms refuse (nnx.scan: LoRA / freeze).
-            model = nnx.merge(graphdef, p, rest, copy=True)
+            model = nnx.merge(graphdef, p, rest)
             return method.loss(model, mb)
 
         (loss, aux), g = jax.value_and_grad(main, has_aux=True)(params)
         extra = {}
         for name in names:
             fn = method.extra[name]
-            extra[name] = jax.grad(lambda p, fn=fn: fn(nnx.merge(graphdef, p, rest, copy=True), mb))(params)
+            extra[name] = jax.grad(lambda p, fn=fn: fn(nnx.merge(graphdef, p, rest), mb))(params)
         return g, extra, loss, aux
 
     def step(params, opt_state, rest, batch):
