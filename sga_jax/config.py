@@ -70,6 +70,62 @@ def check_smoothing_rate(r: float, what: str = "SGA smoothing rate r") -> None:
 # it); spelled out here so that reading a config does not import JAX.
 REMAT_CHOICES = ("auto", "none", "full", "nothing", "minimal", "dots_no_batch", "dots", "everything")
 ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+# LoRA targets: the HF module names (PEFT's ``target_modules``) of the ports' projections.
+LORA_TARGETS = (
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",  # Llama-likes, Phi-3
+    "out_proj", "fc1", "fc2", "dense",  # OPT (out_proj, fc1, fc2), Phi-1.5 (dense, fc1, fc2)
+)  # fmt: skip
+LORA_SAVE = ("merged", "adapter", "both")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (Hu et al. 2021, arXiv 2106.09685) on the projections named in ``targets``
+    (HF module names, as PEFT's ``target_modules``): ``W x + (alpha / rank) · B A x`` with the base
+    ``W`` frozen (held in ``base_dtype`` when set) and only A, B trained. ``save``: what the run
+    exports to ``output_dir/model``: ``merged`` (a plain HF checkpoint with ``W + (alpha/rank) A B``),
+    ``adapter`` (the PEFT layout: ``adapter_config.json`` + ``adapter_model.safetensors``) or
+    ``both`` (merged in ``model``, the adapter in ``model/adapter``). ``dropout`` is written to
+    ``adapter_config.json``; the training step itself runs the adapters without dropout, so only 0
+    is accepted here (docs/interfaces.md, "LoRA")."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    dropout: float = 0.0
+    base_dtype: str | None = None
+    save: str = "merged"
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "model.lora.rank", f"must be >= 1, got {self.rank}")
+        _check(self.alpha > 0, "model.lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(len(self.targets) > 0, "model.lora.targets", "must name at least one projection")
+        for t in self.targets:
+            hint = (
+                " (Phi-3's fused projection: name its parts: q_proj, k_proj, v_proj / gate_proj, up_proj)"
+                if t in ("qkv_proj", "gate_up_proj")
+                else ""
+            )
+            _check(
+                t in LORA_TARGETS,
+                "model.lora.targets",
+                f"unknown projection {t!r}{hint}; use some of {', '.join(LORA_TARGETS)}",
+            )
+        _check(
+            self.dropout == 0.0,
+            "model.lora.dropout",
+            f"the training step runs adapters without dropout; use 0, got {self.dropout}",
+        )
+        _check(
+            self.base_dtype is None or self.base_dtype in ("float32", "bfloat16", "float16"),
+            "model.lora.base_dtype",
+            f"must be null, float32, bfloat16 or float16, got {self.base_dtype!r}",
+        )
+        _check(
+            self.save in LORA_SAVE,
+            "model.lora.save",
+            f"must be one of {', '.join(LORA_SAVE)}, got {self.save!r}",
+        )
 
 
 @dataclass
@@ -81,6 +137,7 @@ class ModelConfig:
     ``param_dtype`` the storage (master-weight) dtype: ``dtype=bfloat16, param_dtype=float32`` is
     mixed precision with float32 master weights. ``freeze``: regexes on parameter paths
     (``embed_tokens``) whose parameters are not trained (their gradients are never computed).
+    ``lora``: train LoRA adapters instead of the weights (:class:`LoRAConfig`; null: full training).
     ``remat``: how much of each decoder layer the backward pass recomputes (null = ``auto``: a
     full remat under ``scan_layers``, none unrolled; docs/performance.md measures each choice).
     ``attention``: ``auto`` (cuDNN flash attention on a CUDA GPU in bfloat16 / float16, else XLA),
@@ -95,6 +152,7 @@ class ModelConfig:
     remat: str | None = None
     attention: str = "auto"
     freeze: list[str] = field(default_factory=list)
+    lora: LoRAConfig | None = None
 
     def __post_init__(self) -> None:
         _check(
@@ -593,6 +651,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(
             self.mode in ("unlearn", "finetune"), "mode", f"must be unlearn or finetune, got {self.mode!r}"
+        )
+        lora = self.model.lora if isinstance(self.model, ModelConfig) else None
+        _check(
+            lora is None or lora.save != "adapter" or self.eval.benchmark == "none",
+            "model.lora.save",
+            "adapter writes no merged model for eval.benchmark to evaluate; use merged or both",
         )
 
 

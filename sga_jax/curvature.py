@@ -49,6 +49,7 @@ from sga_jax import kfac_math
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.kfac_math import KronEigen
 from sga_jax.models.layers import Linear
+from sga_jax.models.lora import LoRALinear, has_lora
 
 Array = jax.Array
 FISHER_TYPES = ("sampled", "empirical", "exact")
@@ -109,8 +110,12 @@ def dense_layers(
 ) -> dict[str, Linear]:
     """The model's ``Linear`` modules by key (``"layers/3/mlp/down_proj"``), embeddings excluded.
 
-    ``layer_filter``: a regex searched in the key, or a predicate on it.
+    ``layer_filter``: a regex searched in the key, or a predicate on it. A model with LoRA adapters
+    (:mod:`sga_jax.models.lora`) yields only its adapters' ``lora_a`` / ``lora_b`` matmuls
+    (``"layers/3/mlp/down_proj/lora/lora_a"``): the base weights are frozen, so their curvature is
+    not needed.
     """
+    adapters_only = has_lora(model)
     if isinstance(layer_filter, str):
         pattern = re.compile(layer_filter)
         keep: Callable[[str], bool] = lambda k: pattern.search(k) is not None  # noqa: E731
@@ -118,7 +123,7 @@ def dense_layers(
         keep = layer_filter or (lambda k: True)
     out = {}
     for path, node in nnx.iter_graph(model):
-        if not isinstance(node, Linear):
+        if not isinstance(node, Linear) or (adapters_only and not isinstance(node, LoRALinear)):
             continue
         key = _path_str(path)
         if "lm_head" in key and not include_lm_head:

@@ -24,6 +24,7 @@ from sga_jax.curvature import estimate_curvature
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.kfac_math import KronEigen
 from sga_jax.logprobs import batched_nll, sequence_nll
+from sga_jax.models import lora
 from sga_jax.models.hf import save_model
 from sga_jax.reapply import save_delta
 from sga_jax.rundir import write_text
@@ -73,7 +74,8 @@ def kfade_unlearn(
         if retain_batches is None:
             raise ConfigError("give retain_batches (or a precomputed curvature)")
         curvature = estimate_curvature(model, retain_batches, ekfac=ekfac, **curvature_kwargs)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # With LoRA adapters only they move (the base is frozen); otherwise every parameter.
+    graphdef, params, rest = nnx.split(model, lora.lora_filter(model), ...)
     tx = kfade(damping=damping, trust_region=trust_region, max_step_size=max_step_size, untapped=untapped)
     state = tx.init(params)
 
@@ -97,7 +99,17 @@ def kfade_unlearn(
             grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         new, state = apply(new, grads, state, curvature)
     delta = jax.tree.map(lambda n, o: n - o, new, params)
-    return nnx.merge(graphdef, new, rest), delta
+    new_model = nnx.merge(graphdef, new, rest)
+    return new_model, (_merged_delta(model, new_model) if lora.has_lora(model) else delta)
+
+
+def _merged_delta(model: nnx.Module, new_model: nnx.Module) -> nnx.State:
+    """Δθ of the merged weights of a LoRA model, ``(alpha/r)(A'B' − AB)`` per adapted layer, under
+    the base kernels' names (so that :mod:`sga_jax.reapply` applies it to a plain checkpoint)."""
+    before, after = lora.adapters(model), lora.adapters(new_model)
+    return nnx.from_flat_state(
+        [((*p, "kernel"), nnx.Param(after[p].lora.delta() - lin.lora.delta())) for p, lin in before.items()]
+    )
 
 
 def batches(b: Batch, size: int, limit: int | None = None, *, keep_last: bool = False) -> list[Batch]:
@@ -130,7 +142,8 @@ def run_kfade(cfg: C.RunConfig, out: Path, prepared: Any) -> RunResult:
     )
     after = float(np.mean(batched_nll(model, data.forget)))
     save_delta(delta, model, out / "delta.safetensors", metadata={"method": "kfade"})
-    model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer, overwrite=True)
+    lora_save = cfg.model.lora.save if cfg.model.lora else "merged"
+    model_dir = save_model(model, out / "model", tokenizer=prepared.tokenizer, overwrite=True, lora=lora_save)
     history = [{"step": 0, "forget_nll": before}, {"step": m.steps, "forget_nll": after}]
     write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
     return RunResult(out, model_dir, m.steps, history, model)

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from omegaconf import OmegaConf
 
 from sga_jax import config as C
@@ -34,6 +35,7 @@ from sga_jax.kfade_driver import run_kfade
 from sga_jax.logprobs import batched_nll
 from sga_jax.models import hf
 from sga_jax.models.locate import resolve_model_path
+from sga_jax.models.lora import apply_lora
 from sga_jax.models.sharding import make_mesh
 from sga_jax.paths import benchmark_dir
 from sga_jax.rundir import check_output_dir, locked, start_afresh, write_text
@@ -136,6 +138,8 @@ def prepare(cfg: C.RunConfig) -> Prepared:
         remat=cfg.model.remat,
         attention=cfg.model.attention,
     )
+    if cfg.model.lora is not None:  # adapters on the loaded model; only they train (train.split_model)
+        apply_lora(model, cfg.model.lora, nnx.Rngs(cfg.train.seed), mesh=mesh)
     attach_method_data(model, data, cfg.method, need, seed=cfg.train.seed)
     pairing = data.normal_index.tolist() if data.normal_index is not None else None
     return Prepared(cfg, model, tokenizer, data, forget_rows, retain_rows, mesh, pairing)

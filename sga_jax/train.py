@@ -48,6 +48,7 @@ from sga_jax.checkpoint import Checkpointer
 from sga_jax.errors import ConfigError, DivergenceError
 from sga_jax.methods import Method, build_method
 from sga_jax.models.hf import save_model
+from sga_jax.models.lora import lora_filter
 from sga_jax.models.sharding import batch_sharding
 
 Batch = dict[str, np.ndarray]
@@ -180,8 +181,9 @@ def trainable_filter(freeze: Sequence[str]):
 
 
 def split_model(model, freeze: Sequence[str] = ()):
-    """``(graphdef, params, rest)``: trainable parameters apart from everything else."""
-    graphdef, params, rest = nnx.split(model, trainable_filter(freeze), ...)
+    """``(graphdef, params, rest)``: trainable parameters apart from everything else (with LoRA
+    adapters: the adapters only, :func:`sga_jax.models.lora.lora_filter`)."""
+    graphdef, params, rest = nnx.split(model, nnx.All(lora_filter(model), trainable_filter(freeze)), ...)
     if not jax.tree.leaves(params):
         raise ConfigError(f"model.freeze={list(freeze)} leaves no parameter to train")
     return graphdef, params, rest
@@ -444,7 +446,8 @@ def train_loop(
     nnx.update(model, params)
     model_dir = None
     if stop == steps and export:
-        model_dir = _export(model, out, tokenizer, t_cfg.keep_checkpoints)
+        lora = cfg.model.lora.save if cfg.model.lora else "merged"  # PEFT adapter and/or merged weights
+        model_dir = _export(model, out, tokenizer, t_cfg.keep_checkpoints, lora=lora)
     return RunResult(out, model_dir, stop, history, model)
 
 
@@ -457,8 +460,8 @@ def _resumed(ckpt: Checkpointer, params, opt_state, resume: bool) -> tuple[Any, 
     return restored["params"], restored["opt_state"], int(meta["step"])
 
 
-def _export(model, out: Path, tokenizer: Any, keep_checkpoints: int) -> Path:
-    model_dir = save_model(model, out / "model", tokenizer=tokenizer, overwrite=True)
+def _export(model, out: Path, tokenizer: Any, keep_checkpoints: int, *, lora: str = "merged") -> Path:
+    model_dir = save_model(model, out / "model", tokenizer=tokenizer, overwrite=True, lora=lora)
     # The run ended well and its result is exported: the checkpoints only served resuming.
     prune_checkpoints(out / "checkpoints", keep_checkpoints)
     return model_dir

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -151,6 +152,30 @@ def _suffix_logprobs(model, cache, prefix_mask, group_row, ids, loss_mask):
     return (picked - jax.nn.logsumexp(logits, axis=-1)) * loss_mask[:, 1:]
 
 
+def _left_padded(prefixes: Sequence[Any], batch_size: int, length: int, pad_id: int):
+    """``(ids, mask)`` ``[batch_size, length]``: the prefixes left-padded (rows past them all pad)."""
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for row, prefix in enumerate(prefixes):
+        if prefix:
+            ids[row, length - len(prefix) :] = prefix
+            mask[row, length - len(prefix) :] = 1
+    return ids, mask
+
+
+def _suffix_batch(chunk: Sequence[tuple[int, Encoded]], batch_size: int, length: int, pad_id: int):
+    """``(ids, loss_mask, cache rows)`` of ``(cache row, suffix)`` pairs, right-padded to
+    ``[batch_size, length]`` (padding rows read cache row 0 and score nothing)."""
+    ids = np.full((batch_size, length), pad_id, np.int32)
+    loss = np.zeros((batch_size, length), np.int32)
+    rows = np.zeros((batch_size,), np.int32)
+    for b, (row, suffix) in enumerate(chunk):
+        ids[b, : len(suffix)] = suffix.input_ids
+        loss[b, : len(suffix)] = suffix.loss_mask
+        rows[b] = row
+    return ids, loss, rows
+
+
 def grouped_sequence_nll(
     model: Any,
     groups: Sequence[Sequence[Encoded]],
@@ -179,13 +204,7 @@ def grouped_sequence_nll(
         idx = [int(i) for i in order[start : start + batch_size]]
         p_len = bucket_length(max(len(split[i][0]) for i in idx), bucket)
         s_len = bucket_length(max((len(s) for i in idx for s in split[i][1]), default=1), bucket)
-        pre_ids = np.full((batch_size, p_len), pad_id, np.int32)
-        pre_mask = np.zeros((batch_size, p_len), np.int32)
-        for row, i in enumerate(idx):
-            prefix = split[i][0]
-            if prefix:
-                pre_ids[row, p_len - len(prefix) :] = prefix
-                pre_mask[row, p_len - len(prefix) :] = 1
+        pre_ids, pre_mask = _left_padded([split[i][0] for i in idx], batch_size, p_len, pad_id)
         pre_mask_j = jnp.asarray(pre_mask)
         # One cache for the longest suffix of these groups: every suffix batch reuses its shape.
         cache = _prefill(model, jnp.asarray(pre_ids), pre_mask_j, cache_len=p_len + s_len)
@@ -196,14 +215,9 @@ def grouped_sequence_nll(
         for first in range(0, len(items), batch_size):
             chunk = items[first : first + batch_size]
             t_len = bucket_length(max(len(split[i][1][k]) for _, i, k in chunk), bucket)
-            ids = np.full((batch_size, t_len), pad_id, np.int32)
-            loss = np.zeros((batch_size, t_len), np.int32)
-            rows = np.zeros((batch_size,), np.int32)
-            for b, (row, i, k) in enumerate(chunk):
-                suffix = split[i][1][k]
-                ids[b, : len(suffix)] = suffix.input_ids
-                loss[b, : len(suffix)] = suffix.loss_mask
-                rows[b] = row
+            ids, loss, rows = _suffix_batch(
+                [(row, split[i][1][k]) for row, i, k in chunk], batch_size, t_len, pad_id
+            )
             logp = _suffix_logprobs(
                 model, cache, pre_mask_j, jnp.asarray(rows), jnp.asarray(ids), jnp.asarray(loss)
             )

@@ -263,10 +263,16 @@ _ST_DTYPES = {
 
 def hf_tensors(model) -> Iterator[tuple[str, Any, bool, int | None]]:
     """Yield ``(hf_name, array, transpose, layer_index_or_None)`` for every parameter of ``model``
-    (stacked layer params yield once per layer)."""
+    (stacked layer params yield once per layer). LoRA adapters are merged into their base kernel
+    (``W + (alpha/r) · A B``, :func:`sga_jax.models.lora.merged_kernel`), never written apart."""
+    from sga_jax.models import lora
+
     table = type(model).HF_NAMES
+    merged = {(*path, "kernel"): lin for path, lin in lora.adapters(model).items()}
     for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = var.get_value()
+        if isinstance(var, lora.LoRAParam):
+            continue
+        value = lora.merged_kernel(merged[key]) if key in merged else var.get_value()
         tmpl, index, stacked = template(key)
         hf_name, transpose = _hf_entry(table, tmpl)
         if stacked:
@@ -318,7 +324,7 @@ def _write_safetensors(model, file: Path) -> None:
 def export_config(model) -> dict[str, Any]:
     """The HF config.json of ``model`` (its source config, GGUF quantisation info stripped)."""
     hf = {k: v for k, v in model.config.hf.items() if k not in ("quantization_config", "_name_or_path")}
-    dtype = str(np.dtype(nnx.to_flat_state(nnx.state(model, nnx.Param))[0][1].get_value().dtype))
+    dtype = str(np.dtype(next(hf_tensors(model))[1].dtype))  # the base weights' (never an adapter's)
     hf["torch_dtype"] = dtype
     hf["dtype"] = dtype
     hf.setdefault("architectures", [type(model).__name__])
@@ -349,7 +355,14 @@ def _replaceable(out: Path, model, overwrite: bool) -> Path:
     return check_destination(out, sources=(model.config.hf.get("_name_or_path"),), overwrite=overwrite)
 
 
-def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None, overwrite: bool = False) -> Path:
+def save_model(
+    model,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    lora: str = "merged",
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (+ the tokenizer when known) to ``out_dir``, via
     a temporary directory renamed into place, so ``out_dir`` is complete or absent.
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads the result and gives the same logits.
@@ -358,8 +371,18 @@ def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None, over
 
     Without ``tokenizer``, the one beside the model's source (a GGUF's metadata, an HF directory's
     tokenizer files) is copied; a source that has one that cannot be loaded is an error, not a
-    silently tokenizer-less output. A source without any tokenizer gives weights and config only."""
+    silently tokenizer-less output. A source without any tokenizer gives weights and config only.
+
+    A model with LoRA adapters (:mod:`sga_jax.models.lora`): ``lora="merged"`` writes the merged
+    weights ``W + (alpha/r) · A B``; ``"adapter"`` writes only PEFT's ``adapter_config.json`` +
+    ``adapter_model.safetensors`` (+ the tokenizer); ``"both"`` the merged checkpoint with the PEFT
+    adapter in its ``adapter/`` subfolder."""
+    from sga_jax.models import lora as lora_mod
+
+    if lora not in ("merged", "adapter", "both"):
+        raise ValueError(f"lora must be merged, adapter or both, got {lora!r}")
     out = _replaceable(Path(out_dir).expanduser(), model, overwrite)
+    peft = lora_mod.peft_files(model) if lora != "merged" else None  # refuses before writing
     if tokenizer is None:
         source = model.config.hf.get("_name_or_path")
         if source and has_tokenizer(Path(source)):
@@ -371,8 +394,11 @@ def save_model(model, out_dir: str | os.PathLike, *, tokenizer: Any = None, over
     try:
         mark_partial(tmp)
         write_marker(tmp)
-        (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
-        _write_safetensors(model, tmp / "model.safetensors")
+        if lora != "adapter":
+            (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
+            _write_safetensors(model, tmp / "model.safetensors")
+        if peft is not None:
+            lora_mod.write_peft(peft, tmp if lora == "adapter" else tmp / "adapter")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / PARTIAL_MARKER).unlink()

@@ -13,8 +13,9 @@ Conventions (the same in every architecture):
 * a layer receives its mask as an :class:`AttentionMask` (either form), so the decoder layers of
   every architecture are the same for both paths;
 * a decoder layer is called as ``layer(x, rope, mask, kv, cache_index) -> (x, kv)`` so that the
-  stack can be run unrolled or with :func:`flax.nnx.scan` (``scan_layers``) and under
-  :func:`flax.nnx.remat`, with or without a KV cache.
+  stack can be run unrolled or scanned (``scan_layers``: :func:`jax.lax.scan` over the stacked
+  layer state, :func:`flax.nnx.scan` while K-FAC taps write variables) and under remat, with or
+  without a KV cache.
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ class Linear(nnx.Module):
     so that the gradient w.r.t. the perturbation is the gradient w.r.t. the layer output
     (Martens & Grosse 2015, arXiv 1503.05671, eq. 1: A = E[a aᵀ], G = E[g gᵀ]).
     Off by default: normal runs pay nothing.
+
+    ``lora``: LoRA adapters attached by :func:`sga_jax.models.lora.apply_lora` (None otherwise),
+    whose output ``(alpha / r) · B A x`` is added to ``x @ kernel``.
     """
+
+    lora: Any = None  # a class default: a plain Linear's state holds no adapter node
 
     def __init__(
         self,
@@ -103,6 +109,8 @@ class Linear(nnx.Module):
         kernel = self.kernel[...].astype(self.dtype)
         y = jnp.dot(x.reshape(-1, x.shape[-1]), kernel, preferred_element_type=out_dtype)
         y = y.reshape(*lead, y.shape[-1])
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         if self.bias is not None:
             y = y + expand_to(self.bias[...].astype(y.dtype), y.ndim)
         if self.kfac_tap:
@@ -679,6 +687,31 @@ def _layer_body(x, layer, rope, mask, kv, cache_index, sliding):
     return layer(x, rope, mask.for_layer(sliding), kv, cache_index)
 
 
+def _tapped(layers: nnx.Module) -> bool:
+    """Whether a Linear of ``layers`` has its K-FAC hooks on (they write variables in the forward)."""
+    return any(isinstance(n, Linear) and n.kfac_tap for _, n in nnx.iter_graph(layers))
+
+
+def _scan_layers(layers, x, rope, mask, cache, cache_index, sliding, use_remat: bool, policy):
+    """The stacked layers as a ``jax.lax.scan`` over their state, a plain pytree, rebuilt into a
+    layer in each step. ``nnx.scan`` over the module would also return every layer's variables as
+    a stacked scan output: one more copy of all layer weights per step (≈ 26 GiB of float32 temporaries
+    for Llama-3.1-8B, docs/performance.md "LoRA memory"). A forward writes no variable here (the
+    K-FAC taps, which do, keep ``nnx.scan``), so nothing needs carrying out."""
+    graphdef, state = nnx.split(layers)
+
+    def body(x, st, kv, sl):
+        return _layer_body(x, nnx.merge(graphdef, st), rope, mask, kv, cache_index, sl)
+
+    if use_remat:  # as nnx.remat(prevent_cse=False) under scan
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+
+    def step(x, xs):
+        return body(x, *xs)
+
+    return jax.lax.scan(step, x, (state, cache, jnp.asarray(sliding)))
+
+
 class DecoderLM(nnx.Module):
     """Shared causal-LM plumbing: forward, hidden states, KV-cache decode, scan / remat.
 
@@ -763,7 +796,10 @@ class DecoderLM(nnx.Module):
             body = nnx.remat(body, policy=policy, prevent_cse=not self.scan_layers)
         _, flags = self._windows()
         sliding = np.zeros(self.config.num_layers, bool) if flags is None else flags
+        if self.scan_layers and not _tapped(self.layers):
+            return _scan_layers(self.layers, x, rope, mask, cache, cache_index, sliding, use_remat, policy)
         if self.scan_layers:
+            # K-FAC taps sow / perturb inside the layers: nnx.scan carries those variables out.
             scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None, 0, None, 0), out_axes=(nnx.Carry, 0))
             return scan(x, self.layers, rope, mask, cache, cache_index, jnp.asarray(sliding))
         new_cache = []
