@@ -207,7 +207,7 @@ def main() -> None:
 
     compare = None
     if args.compare:
-        from sga_jax.eval.scoring import grouped_sequence_nll, sequence_nll
+        from sga_jax.eval.scoring import grouped_sequence_nll, summed_nll
 
         rows = take(todo["forget01"][0])
         groups = [[fmt.encode_qa(r["question"], a) for a in [r["answer"], r["paraphrased_answer"],
@@ -217,7 +217,7 @@ def main() -> None:
         for label, fn in [
             (
                 "earlier_per_sequence",
-                lambda: sequence_nll(model, flat, pad_id=fmt.pad_token_id, batch_size=16),
+                lambda: summed_nll(model, flat, pad_id=fmt.pad_token_id, batch_size=16),
             ),
             (
                 "shared_prefix",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,6 @@ class Checkpointer:
 
     def _remove_partial(self, step: int) -> None:
         """The folders a failed save of ``step`` left (Orbax writes ``<step>.orbax-checkpoint-tmp-*``)."""
-        import shutil
 
         for p in self.directory.glob(f"{step}*"):
             if p.is_dir() and (p.name == str(step) or p.name.startswith(f"{step}.")):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -816,9 +817,6 @@ def compose(
 def _check_finite(obj: Any, prefix: str = "") -> None:
     """Every float of every section must be finite (``method.r=-inf``, ``train.epochs=inf``), plus the
     ranges no single schema states: Adam's betas, the seed, the freeze patterns."""
-    import dataclasses
-    import re
-
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{prefix}{f.name}"

@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sga_jax import kfac_math
 from sga_jax.errors import ConfigError, DataError
@@ -297,9 +299,6 @@ def _constrain(tree: Any, shardings: Mapping[str, Any]) -> Any:
 
 def _row_sharding(shape: tuple[int, ...], mesh: jax.sharding.Mesh, row_axes: Any) -> Any:
     """Rows of a ``[.., n, n]`` factor split over ``row_axes`` (dropped when they do not divide)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
     names = row_axes if isinstance(row_axes, tuple) else (row_axes,)
     size = int(np.prod([mesh.shape[n] for n in names]))
     rows = row_axes if size > 1 and shape[-2] % size == 0 else None

@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from sga_jax.errors import ConfigError
 
@@ -141,8 +142,6 @@ def put_global(tree: Any, shardings: Any) -> Any:
 
 def _to_host(x: Any) -> Any:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

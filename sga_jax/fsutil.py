@@ -8,9 +8,12 @@ they were.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
+import shutil
+import socket
 import stat
 from pathlib import Path
 
@@ -61,8 +64,6 @@ PARTIAL_MARKER = ".sga_jax_partial"
 
 
 def mark_partial(tmp: Path) -> None:
-    import socket
-
     (tmp / PARTIAL_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
 
 
@@ -70,9 +71,6 @@ def remove_stale_partials(out: Path) -> list[Path]:
     """Remove the temporary folders that killed exports to ``out`` left beside it: named
     ``.{out.name}.*``, holding :data:`PARTIAL_MARKER`, written on this host by a process that is
     gone. A folder of a live export, of another host or without our marker is left alone."""
-    import shutil
-    import socket
-
     removed = []
     parent = out.parent
     if not parent.is_dir():
@@ -93,8 +91,6 @@ def remove_stale_partials(out: Path) -> list[Path]:
 
 
 def glob_escape(name: str) -> str:
-    import glob
-
     return glob.escape(name)
 
 
@@ -150,8 +146,7 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> FolderLock:
-        import fcntl
-        import socket
+        import fcntl  # POSIX only: imported where the lock is taken, so the module imports anywhere
 
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:

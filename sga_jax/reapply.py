@@ -21,6 +21,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from sga_jax.errors import ModelLoadError
 from sga_jax.fsutil import check_destination
@@ -64,8 +66,6 @@ def save_delta(
     metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write Δθ to ``path`` (safetensors; temporary file renamed into place)."""
-    from safetensors.numpy import save_file
-
     tensors = delta_tensors(delta, model)
     meta = {
         "format": FORMAT,
@@ -87,8 +87,6 @@ def save_delta(
 
 def load_delta(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """``(HF-named tensors, metadata)`` of a delta written by :func:`save_delta`."""
-    from safetensors import safe_open
-
     p = Path(path).expanduser()
     if not p.is_file():
         raise ModelLoadError(f"delta file {p} does not exist")

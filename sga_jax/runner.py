@@ -30,7 +30,7 @@ from sga_jax.data.normal_samples import normal_index
 from sga_jax.data.splits import encode, flat_templates, load_normal_file, load_rows, template_rows
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.eval.run import evaluate as run_eval
-from sga_jax.eval.tofu import _read_logs  # noqa: PLC2701 - eval/ offers no public checker yet
+from sga_jax.eval.tofu import read_logs
 from sga_jax.kfade_driver import run_kfade
 from sga_jax.logprobs import batched_nll
 from sga_jax.models import hf
@@ -150,7 +150,7 @@ def prepare(cfg: C.RunConfig) -> Prepared:
 
 def check_retain_logs(path: str) -> None:
     """The retain model's TOFU eval logs must be readable: checked before a run, not after it."""
-    _read_logs(path)
+    read_logs(path)
 
 
 def check_before_training(cfg: C.RunConfig) -> None:

@@ -9,7 +9,7 @@ from tiny_models import write_tiny_hf
 
 import sga_jax
 from sga_jax.data.formatting import Encoded
-from sga_jax.eval.scoring import grouped_sequence_nll, sequence_nll, split_shared_prefix
+from sga_jax.eval.scoring import grouped_sequence_nll, split_shared_prefix, summed_nll
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_grouped_equals_one_by_one(model, batch_size):
     got = grouped_sequence_nll(model, groups, pad_id=0, batch_size=batch_size)
     for g, (total, count) in zip(groups, got):
         for k, seq in enumerate(g):
-            want_total, want_count = sequence_nll(model, [seq], pad_id=0, batch_size=1)
+            want_total, want_count = summed_nll(model, [seq], pad_id=0, batch_size=1)
             assert count[k] == want_count[0] == sum(seq.loss_mask)
             np.testing.assert_allclose(total[k], want_total[0], rtol=2e-5)
 
@@ -73,6 +73,6 @@ def test_no_common_prefix(model):
     """Sequences with different first tokens: an empty prefix, still the right numbers."""
     groups = [[qa([4, 5], [6, 7]), qa([9, 5], [6])]]
     ((total, count),) = grouped_sequence_nll(model, groups, pad_id=0, batch_size=2)
-    want_total, want_count = sequence_nll(model, groups[0], pad_id=0, batch_size=2)
+    want_total, want_count = summed_nll(model, groups[0], pad_id=0, batch_size=2)
     np.testing.assert_array_equal(count, want_count)
     np.testing.assert_allclose(total, want_total, rtol=2e-5)

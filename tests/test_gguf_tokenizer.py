@@ -64,9 +64,10 @@ def _assert_same(ours, ref):
         for gen in (False, True):
             text = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
             assert text == ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
-            assert ours(text, add_special_tokens=False)["input_ids"] == ref(text, add_special_tokens=False)[
-                "input_ids"
-            ]
+            assert (
+                ours(text, add_special_tokens=False)["input_ids"]
+                == ref(text, add_special_tokens=False)["input_ids"]
+            )
 
 
 def test_gguf_tokenizer_matches_transformers(smollm2_gguf, reference):

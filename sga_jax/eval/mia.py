@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from sga_jax.data.formatting import PromptFormatter
 from sga_jax.errors import ConfigError
+from sga_jax.eval.scoring import iterate_token_logprobs
 
 _EPS = 1e-12
 
@@ -86,9 +88,6 @@ def text_scores(
     """Each requested score (``SCORES``) for each text (truncated to ``max_length`` tokens; the
     number truncated is reported by a warning), plus ``"nll"`` (token-mean NLL) and ``"n_tokens"``.
     ``progress(n)`` is called as texts are scored (e.g. a tqdm bar's ``update``)."""
-    from sga_jax.data.formatting import PromptFormatter
-    from sga_jax.eval.scoring import iterate_token_logprobs
-
     unknown = set(which) - set(SCORES)
     if unknown:
         raise ConfigError(f"unknown MIA score(s) {sorted(unknown)}; choose from {SCORES}")

@@ -25,9 +25,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from sga_jax.data import muse as data
 from sga_jax.errors import ConfigError
+from sga_jax.eval.generate import generate_text
+from sga_jax.eval.mia import auc, text_scores
 
 STOP_WORDS = ("\n\n", "\nQuestion", "Question:")
 
@@ -48,14 +51,10 @@ def _rouge_l(gts: Sequence[str], outputs: Sequence[str]) -> tuple[np.ndarray, np
 
 def _bar(total: int, desc: str, progress: bool):
     """A tqdm bar on stderr (MUSE's generations take minutes on a CPU); disabled unless ``progress``."""
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="item", disable=not progress)
 
 
 def _generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc="muse", progress=False):
-    from sga_jax.eval.generate import generate_text
-
     with _bar(len(prompts), desc, progress) as bar:
         return generate_text(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
@@ -143,8 +142,6 @@ def privleak(
 ) -> dict[str, Any]:
     """``{"auc": MUSE's forget_holdout AUC (Min-K%), "privleak": % change vs retrain_auc or None}``
     (the convention of the module docstring: a model that knows the forget texts has AUC near 0)."""
-    from sga_jax.eval.mia import auc, text_scores
-
     if retrain_auc is not None and not 0.0 < retrain_auc <= 1.0:
         raise ConfigError(f"retrain_auc must be in (0, 1], got {retrain_auc}")
     scores = {}

@@ -24,8 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from sga_jax.data.jsonl import write_json_atomic
+from sga_jax.data import muse as muse_data
+from sga_jax.data import tofu as tofu_data
+from sga_jax.data.formatting import Encoded, PromptFormatter
+from sga_jax.data.jsonl import load_user_rows, write_json_atomic
+from sga_jax.data.wmdp import choice_continuations, format_prompt, load_wmdp
 from sga_jax.errors import ConfigError, DataError
+from sga_jax.eval import muse, tofu
+from sga_jax.eval.mia import SCORES, auc, perplexity, text_scores
+from sga_jax.eval.options import check_options
+from sga_jax.eval.scoring import summed_nll
+from sga_jax.models.hf import load_model, load_tokenizer
 
 BENCHMARKS = ("tofu", "muse_news", "ppl", "mia", "wmdp")
 
@@ -33,17 +42,14 @@ BENCHMARKS = ("tofu", "muse_news", "ppl", "mia", "wmdp")
 def _texts(spec: str, limit: int | None, data_dir=None) -> list[str]:
     """Texts named by ``spec``: a file path, ``tofu:<config>``, ``muse:raw[/split]`` or
     ``muse:privleak/<split>``. QA rows become ``"{question} {answer}"``."""
-    from sga_jax.data import muse, tofu
-    from sga_jax.data.jsonl import load_user_rows
-
     if spec.startswith("tofu:"):
-        rows = tofu.load_tofu(spec[5:], data_dir=data_dir, limit=limit)
+        rows = tofu_data.load_tofu(spec[5:], data_dir=data_dir, limit=limit)
     elif spec.startswith("muse:"):
         part, _, split = spec[5:].partition("/")
         if part == "raw":
-            rows = muse.load_raw(split or "forget", data_dir=data_dir, limit=limit)
+            rows = muse_data.load_raw(split or "forget", data_dir=data_dir, limit=limit)
         elif part == "privleak":
-            rows = muse.load_privleak(split or "forget", data_dir=data_dir, limit=limit)
+            rows = muse_data.load_privleak(split or "forget", data_dir=data_dir, limit=limit)
         else:
             raise ConfigError(
                 f"unknown MUSE text set {spec!r}; use muse:raw[/split] or muse:privleak/<split>"
@@ -57,10 +63,6 @@ def _texts(spec: str, limit: int | None, data_dir=None) -> list[str]:
 def wmdp_accuracy(model: Any, tokenizer: Any, rows: list[dict], *, batch_size: int = 8) -> dict[str, Any]:
     """Accuracy of picking the letter (" A" .. " D") with the highest log-probability after the
     WMDP prompt (lm-evaluation-harness' multiple-choice scoring)."""
-    from sga_jax.data.formatting import Encoded
-    from sga_jax.data.wmdp import choice_continuations, format_prompt
-    from sga_jax.eval.scoring import sequence_nll
-
     seqs = []
     for r in rows:
         prompt = tokenizer(format_prompt(r), add_special_tokens=True)["input_ids"]
@@ -68,7 +70,7 @@ def wmdp_accuracy(model: Any, tokenizer: Any, rows: list[dict], *, batch_size: i
             c = tokenizer(cont, add_special_tokens=False)["input_ids"]
             seqs.append(Encoded(list(prompt) + list(c), [0] * len(prompt) + [1] * len(c)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    nll, _ = sequence_nll(model, seqs, pad_id=pad, batch_size=batch_size)
+    nll, _ = summed_nll(model, seqs, pad_id=pad, batch_size=batch_size)
     pred = nll.reshape(len(rows), 4).argmin(axis=1)
     gold = np.array([r["answer"] for r in rows])
     return {"accuracy": float(np.mean(pred == gold)), "predictions": pred.tolist()}
@@ -87,12 +89,8 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run ``benchmark`` on the model at ``model_path`` (or a given ``model`` / ``tokenizer``) and
     write ``out_dir/results.json`` (+ the official TOFU logs). Returns the results dict."""
-    import sga_jax
-
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
-    from sga_jax.eval.options import check_options
-
     check_options(benchmark, options)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,9 +99,9 @@ def evaluate(
         # Unrolled layers: greedy decoding with a per-layer cache updates it in place, while the
         # stacked [L, ...] cache of scan_layers is rewritten every token (measured on the 2-core CPU,
         # SmolLM2-135M, batch 16: ~45 vs ~125 ms per new token). Compile time is a few seconds more.
-        model = sga_jax.load_model(model_path, dtype=dtype, scan_layers=False)
+        model = load_model(model_path, dtype=dtype, scan_layers=False)
     if tokenizer is None:
-        tokenizer = sga_jax.load_tokenizer(tokenizer_path or model_path)
+        tokenizer = load_tokenizer(tokenizer_path or model_path)
     # Every option given is recorded, so that e.g. a 10-row result cannot pass for an official one.
     plain = str | int | float | bool | list | None
     given = {k: v if isinstance(v, plain) else str(v) for k, v in options.items()}
@@ -120,9 +118,6 @@ def evaluate(
     }
 
     if benchmark == "tofu":
-        from sga_jax.data.formatting import PromptFormatter
-        from sga_jax.eval import tofu
-
         fmt = PromptFormatter(
             tokenizer, options.pop("template", "auto"), max_length=options.pop("max_length", 512)
         )
@@ -133,20 +128,14 @@ def evaluate(
         results.update(tofu.aggregate(out, retain_logs))
         results["template"] = fmt.mode
     elif benchmark == "muse_news":
-        from sga_jax.eval import muse
-
         res = muse.evaluate(model, tokenizer, limit=limit, source=source, data_dir=data_dir, **options)
         write_json_atomic(res.pop("logs"), out / "muse_logs.json", indent=2)
         results.update(res)
     elif benchmark == "ppl":
-        from sga_jax.eval.mia import perplexity
-
         spec = options.pop("data", "muse:raw/forget")
         results["data"] = spec
         results["perplexity"] = perplexity(model, tokenizer, _texts(spec, limit, data_dir), **options)
     elif benchmark == "mia":
-        from sga_jax.eval.mia import SCORES, auc, text_scores
-
         members = options.pop("members", "muse:privleak/forget")
         nonmembers = options.pop("nonmembers", "muse:privleak/holdout")
         s_in = text_scores(model, tokenizer, _texts(members, limit, data_dir), **options)
@@ -154,8 +143,6 @@ def evaluate(
         results.update({"members": members, "nonmembers": nonmembers})
         results.update({f"auc_{s}": auc(s_in[s], s_out[s]) for s in SCORES if s in s_in})
     elif benchmark == "wmdp":
-        from sga_jax.data.wmdp import load_wmdp
-
         spec = options.pop("data", None)
         if spec is None:
             raise DataError("wmdp needs data=<file> (or a cais/wmdp config with source='hub')")

@@ -71,7 +71,7 @@ def iterate_token_logprobs(
             yield i, tuple(a[row][sel] for k, a in enumerate(arrays) if k != 1)
 
 
-def sequence_nll(
+def summed_nll(
     model: Any,
     rows: Sequence[Encoded],
     *,
@@ -186,7 +186,7 @@ def grouped_sequence_nll(
     progress: Callable[[int], Any] | None = None,
     calls: list[tuple] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """:func:`sequence_nll` of every sequence of every group, each group's shared prefix
+    """:func:`summed_nll` of every sequence of every group, each group's shared prefix
     (:func:`split_shared_prefix`) run once through the KV cache: per group ``(total [K], count [K])``.
 
     Groups are sorted by prefix length and taken ``batch_size`` at a time: one prefill of their

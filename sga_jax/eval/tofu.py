@@ -26,11 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import hmean, ks_2samp
+from tqdm.auto import tqdm
 
 from sga_jax.data.formatting import Encoded, PromptFormatter
 from sga_jax.data.jsonl import write_json_atomic
 from sga_jax.data.tofu import EVAL_TASKS, load_tofu
 from sga_jax.errors import DataError
+from sga_jax.eval.generate import greedy_generate
+from sga_jax.eval.scoring import grouped_sequence_nll
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +87,6 @@ def evaluate_task(
     Rows whose prompt does not fit ``formatter.max_length`` are skipped and reported (warning);
     their indices are absent from the log.
     """
-    from sga_jax.eval.scoring import grouped_sequence_nll
-
     fmt = formatter or PromptFormatter(tokenizer, "auto", max_length=512)
     groups: list[list[Encoded]] = []  # per kept row: its distinct answer sequences
     layout: list[tuple[int, int, int, int]] = []  # row -> (gt, base, first perturbed, n perturbed)
@@ -114,8 +116,6 @@ def evaluate_task(
     n_trunc = sum(e.truncated for g in groups for e in g)
     if n_trunc:
         log.warning("%s: %d answer sequences truncated to max_length=%d", source, n_trunc, fmt.max_length)
-
-    from tqdm.auto import tqdm
 
     # One split of TOFU takes minutes on a CPU: show the scored sequences and generated answers.
     bar = tqdm(total=n_seqs + (len(kept) if generate else 0), desc=source, unit="seq", disable=not progress)
@@ -178,8 +178,6 @@ def _losses_log(kept, layout, total, count) -> dict[str, dict[int, Any]]:
 
 def _add_generations(logs, model, tokenizer, fmt, rows, kept, progress, **kw) -> None:
     """Greedy answers and their ROUGE recall against the ground truth, into ``logs``."""
-    from sga_jax.eval.generate import greedy_generate
-
     prompts = [fmt.generation_prompt(rows[i]["question"]) for i in kept]
     ids = [fmt.encode_prompt(p) for p in prompts]
     res = greedy_generate(
@@ -254,7 +252,7 @@ def evaluate(
 # ------------------------------------------------------------------------------------ aggregation
 
 
-def _read_logs(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+def read_logs(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
     d = Path(directory)
     if not d.is_dir():
         raise DataError(f"TOFU eval-log folder not found: {d}")
@@ -307,9 +305,7 @@ def aggregate(unlearned_dir: str | os.PathLike, retain_dir: str | os.PathLike | 
     retain / real_authors / world_facts / forget and metric in prob / rougeL / truth_ratio (the first
     nine enter Model Utility). ``forget_quality`` is None without ``retain_dir``.
     """
-    from scipy.stats import hmean, ks_2samp
-
-    logs = _read_logs(unlearned_dir)
+    logs = read_logs(unlearned_dir)
     out: dict[str, Any] = {}
     for file_name, split in FILES.items():
         for metric, value in split_metrics(logs[file_name], file_name).items():
@@ -318,7 +314,7 @@ def aggregate(unlearned_dir: str | os.PathLike, retain_dir: str | os.PathLike | 
     out["model_utility"] = float(hmean(components))
     out["forget_quality"] = out["ks_statistic"] = None
     if retain_dir is not None:
-        retain = _read_logs(retain_dir)
+        retain = read_logs(retain_dir)
         ours, theirs = logs["eval_log_forget.json"], retain["eval_log_forget.json"]
         if set(ours.get("avg_gt_loss", {})) != set(theirs.get("avg_gt_loss", {})):
             raise DataError(

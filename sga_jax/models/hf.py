@@ -38,14 +38,16 @@ from sga_jax.fsutil import (
 )
 from sga_jax.models import gguf, resolve
 from sga_jax.models import layers as L
+from sga_jax.models import lora as lora_lib
 from sga_jax.models import sharding as S
 from sga_jax.models.gguf_tokenizer import load_gguf_tokenizer
-from sga_jax.models.sources import (  # noqa: F401 - TensorSource / FusedSource: hf's names for them
+from sga_jax.models.sources import (  # noqa: F401 - TensorSource / FusedSource / template: hf's names for them
     FusedSource,
     SafetensorsSource,
     TensorSource,
     fused_parts,
     safetensors_weight_map,
+    template,
 )
 
 
@@ -96,16 +98,6 @@ def _hub_download(repo_id: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------- name mapping
-
-
-def template(path: tuple) -> tuple[str, int | None, bool]:
-    """Flat-state path -> (name template with ``{i}``, layer index, stacked?)."""
-    keys = list(path)
-    if keys and keys[0] == "layers":
-        if len(keys) > 1 and isinstance(keys[1], int):
-            return ".".join(["layers", "{i}", *map(str, keys[2:])]), keys[1], False
-        return ".".join(["layers", "{i}", *map(str, keys[1:])]), None, True
-    return ".".join(map(str, keys)), None, False
 
 
 def _hf_entry(table: dict[str, tuple[str, bool]], tmpl: str) -> tuple[str, bool]:
@@ -265,14 +257,12 @@ def hf_tensors(model) -> Iterator[tuple[str, Any, bool, int | None]]:
     """Yield ``(hf_name, array, transpose, layer_index_or_None)`` for every parameter of ``model``
     (stacked layer params yield once per layer). LoRA adapters are merged into their base kernel
     (``W + (alpha/r) · A B``, :func:`sga_jax.models.lora.merged_kernel`), never written apart."""
-    from sga_jax.models import lora
-
     table = type(model).HF_NAMES
-    merged = {(*path, "kernel"): lin for path, lin in lora.adapters(model).items()}
+    merged = {(*path, "kernel"): lin for path, lin in lora_lib.adapters(model).items()}
     for key, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        if isinstance(var, lora.LoRAParam):
+        if isinstance(var, lora_lib.LoRAParam):
             continue
-        value = lora.merged_kernel(merged[key]) if key in merged else var.get_value()
+        value = lora_lib.merged_kernel(merged[key]) if key in merged else var.get_value()
         tmpl, index, stacked = template(key)
         hf_name, transpose = _hf_entry(table, tmpl)
         if stacked:
@@ -377,12 +367,10 @@ def save_model(
     weights ``W + (alpha/r) · A B``; ``"adapter"`` writes only PEFT's ``adapter_config.json`` +
     ``adapter_model.safetensors`` (+ the tokenizer); ``"both"`` the merged checkpoint with the PEFT
     adapter in its ``adapter/`` subfolder."""
-    from sga_jax.models import lora as lora_mod
-
     if lora not in ("merged", "adapter", "both"):
         raise ValueError(f"lora must be merged, adapter or both, got {lora!r}")
     out = _replaceable(Path(out_dir).expanduser(), model, overwrite)
-    peft = lora_mod.peft_files(model) if lora != "merged" else None  # refuses before writing
+    peft = lora_lib.peft_files(model) if lora != "merged" else None  # refuses before writing
     if tokenizer is None:
         source = model.config.hf.get("_name_or_path")
         if source and has_tokenizer(Path(source)):
@@ -398,7 +386,7 @@ def save_model(
             (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
             _write_safetensors(model, tmp / "model.safetensors")
         if peft is not None:
-            lora_mod.write_peft(peft, tmp if lora == "adapter" else tmp / "adapter")
+            lora_lib.write_peft(peft, tmp if lora == "adapter" else tmp / "adapter")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         (tmp / PARTIAL_MARKER).unlink()

@@ -34,10 +34,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from sga_jax.config import LORA_TARGETS, LoRAConfig
 from sga_jax.errors import ConfigError, ModelLoadError
+from sga_jax.fsutil import (
+    PARTIAL_MARKER,
+    check_destination,
+    mark_partial,
+    remove_stale_partials,
+    write_marker,
+)
 from sga_jax.models import layers as L
+from sga_jax.models.sources import template
 
 Array = jax.Array
 ADAPTER_CONFIG = "adapter_config.json"
@@ -108,8 +118,6 @@ def _hf_module(model, path: tuple) -> tuple[str, bool]:
 
 def _hf_template(model, path: tuple) -> str:
     """The HF module name of the Linear at ``path`` with ``{i}`` for the layer index."""
-    from sga_jax.models.hf import template
-
     tmpl = template((*path, "kernel"))[0]
     entry = type(model).HF_NAMES.get(tmpl)
     if entry is None:
@@ -288,8 +296,6 @@ def peft_files(
 
 def write_peft(files: tuple[dict[str, Any], dict[str, np.ndarray]], folder: Path) -> None:
     """Write :func:`peft_files` into ``folder`` (created)."""
-    from safetensors.numpy import save_file
-
     cfg, tensors = files
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
@@ -306,14 +312,6 @@ def save_adapter(
     """Write the adapters alone in PEFT's layout to ``out_dir`` (a temporary folder renamed into
     place: complete or absent). ``base_model_name_or_path`` defaults to the model's source path. The
     same destination rules as ``save_model``: new, empty, a previous export, or ``overwrite``."""
-    from sga_jax.fsutil import (
-        PARTIAL_MARKER,
-        check_destination,
-        mark_partial,
-        remove_stale_partials,
-        write_marker,
-    )
-
     src = model.config.hf.get("_name_or_path")
     out = check_destination(Path(out_dir).expanduser(), sources=(src,), overwrite=overwrite)
     files = peft_files(model, base_model_name_or_path)  # refuses before anything is written
@@ -367,8 +365,6 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, mesh: jax.sharding.Me
     """Attach the PEFT LoRA adapter in ``adapter_dir`` to ``model`` (in place; returned). Refuses,
     with one line, what our adapters cannot represent (DoRA, rsLoRA, per-module ranks, biases,
     regex targets) and any tensor that is missing, extra or of the wrong shape."""
-    from safetensors import safe_open
-
     d = Path(adapter_dir).expanduser()
     cfg_file, weights = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     for f in (cfg_file, weights):

@@ -25,6 +25,16 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # --------------------------------------------------------------------------------- tensor sources
 
 
+def template(path: tuple) -> tuple[str, int | None, bool]:
+    """Flat-state path -> (name template with ``{i}``, layer index, stacked?)."""
+    keys = list(path)
+    if keys and keys[0] == "layers":
+        if len(keys) > 1 and isinstance(keys[1], int):
+            return ".".join(["layers", "{i}", *map(str, keys[2:])]), keys[1], False
+        return ".".join(["layers", "{i}", *map(str, keys[1:])]), None, True
+    return ".".join(map(str, keys)), None, False
+
+
 class TensorSource:
     """Random access to named HF tensors (numpy, HF layout) from one or more files."""
 
