@@ -112,7 +112,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "rope_theta_ignored",
-        "sga_jax/models/layers.py",
+        "sga_jax/models/rope.py",
         'theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))',
         "theta = 10000.0",
         ("tests/test_models_parity.py::test_logits_match_transformers",),
@@ -120,7 +120,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "attention_mask_dropped",
-        "sga_jax/models/layers.py",
+        "sga_jax/models/attention.py",
         "return (causal[None, None] & keys) | jnp.eye(t, dtype=bool)[None, None]",
         "return causal[None, None] | jnp.eye(t, dtype=bool)[None, None]",
         ("tests/test_models_parity.py::test_logits_match_transformers",),

@@ -18,8 +18,8 @@ from tiny_models import tiny_config, write_tiny_hf
 import sga_jax
 from sga_jax.config import ATTENTION_CHOICES, ModelConfig
 from sga_jax.errors import ConfigError
+from sga_jax.models import attention as A
 from sga_jax.models import from_config
-from sga_jax.models import layers as L
 
 B, T = 4, 16
 LENGTHS = (16, 11, 5, 1)  # full, two right-padded rows, one real token
@@ -40,7 +40,7 @@ def tiny_path(request, tmp_path_factory):
 
 
 def _lengths_form(monkeypatch, on: bool):
-    monkeypatch.setattr(L, "_use_lengths", lambda impl: on)
+    monkeypatch.setattr(A, "_use_lengths", lambda impl: on)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
@@ -83,7 +83,7 @@ def test_lengths_form_poisons_left_padded_rows(tiny_path, monkeypatch):
 
 
 def test_cudnn_without_cuda_gpu_is_one_clear_error():
-    if L._cuda_gpu():
+    if A._cuda_gpu():
         pytest.skip("a CUDA GPU is present: cudnn is allowed here")
     one_line = r"^model.attention=cudnn needs a CUDA GPU.*use model.attention=auto or xla$"
     with pytest.raises(ConfigError, match=one_line):
@@ -91,36 +91,36 @@ def test_cudnn_without_cuda_gpu_is_one_clear_error():
 
 
 def test_auto_is_xla_without_cuda_and_unknown_names_are_refused():
-    if L._cuda_gpu():
+    if A._cuda_gpu():
         pytest.skip("a CUDA GPU is present: auto picks cudnn there (test_cudnn_matches_xla_on_gpu covers it)")
-    assert L.attention_implementation("auto", jnp.bfloat16, 64) == "xla"
+    assert A.attention_implementation("auto", jnp.bfloat16, 64) == "xla"
     model = from_config(tiny_config("llama"), attention="auto")
     assert model.attention_impl() == "xla"
     with pytest.raises(ConfigError, match="unknown attention implementation 'flash'"):
-        L.attention_implementation("flash", jnp.bfloat16, 64)
+        A.attention_implementation("flash", jnp.bfloat16, 64)
     with pytest.raises(ConfigError, match="model.attention: must be one of auto, xla, cudnn"):
         ModelConfig(attention="flash")
-    assert ATTENTION_CHOICES == L.ATTENTION_IMPLEMENTATIONS
+    assert ATTENTION_CHOICES == A.ATTENTION_IMPLEMENTATIONS
 
 
 def test_cudnn_support_rules(monkeypatch):
     """On a (pretended) CUDA GPU: auto is cuDNN only for half precision and head_dim ≤ 128, % 8."""
-    monkeypatch.setattr(L, "_cuda_gpu", lambda: True)
-    assert L.attention_implementation("auto", jnp.bfloat16, 64) == "cudnn"
-    assert L.attention_implementation("auto", jnp.float16, 128) == "cudnn"
-    assert L.attention_implementation("auto", jnp.float32, 64) == "xla"
-    assert L.attention_implementation("auto", jnp.bfloat16, 96 + 4) == "xla"
-    assert L.attention_implementation("auto", jnp.bfloat16, 256) == "xla"
-    assert L.attention_implementation("xla", jnp.bfloat16, 64) == "xla"
+    monkeypatch.setattr(A, "_cuda_gpu", lambda: True)
+    assert A.attention_implementation("auto", jnp.bfloat16, 64) == "cudnn"
+    assert A.attention_implementation("auto", jnp.float16, 128) == "cudnn"
+    assert A.attention_implementation("auto", jnp.float32, 64) == "xla"
+    assert A.attention_implementation("auto", jnp.bfloat16, 96 + 4) == "xla"
+    assert A.attention_implementation("auto", jnp.bfloat16, 256) == "xla"
+    assert A.attention_implementation("xla", jnp.bfloat16, 64) == "xla"
     with pytest.raises(ConfigError, match="needs model.dtype bfloat16 or float16, got float32"):
-        L.attention_implementation("cudnn", jnp.float32, 64)
+        A.attention_implementation("cudnn", jnp.float32, 64)
 
 
 @pytest.mark.gpu
 def test_cudnn_matches_xla_on_gpu(tmp_path):
     """cuDNN flash attention (causal + key lengths) == the XLA dense-mask path, bfloat16, on real
     tokens: logits within the bfloat16 bound of test_models_parity ((2L + 4) u max|logit|)."""
-    if not L._cuda_gpu():
+    if not A._cuda_gpu():
         pytest.skip("needs a CUDA GPU (make test-gpu on a GPU machine); not counted as passing")
     path, _ = write_tiny_hf("llama", tmp_path, num_key_value_heads=2, hidden_size=256, num_attention_heads=4)
     ids, mask = _right_padded()
@@ -138,7 +138,7 @@ def test_cudnn_matches_xla_on_gpu(tmp_path):
 def test_softcapping_rules_out_cudnn(monkeypatch):
     """Gemma 2's attention soft-capping is not in cuDNN's kernel: auto picks XLA even where cuDNN
     would run, and a forced cudnn is one line naming the key."""
-    monkeypatch.setattr(L, "_cuda_gpu", lambda: True)
+    monkeypatch.setattr(A, "_cuda_gpu", lambda: True)
     cfg = tiny_config("gemma2", head_dim=64)
     assert from_config(cfg, dtype="bfloat16", attention="auto").attention_impl() == "xla"
     one_line = (

@@ -191,7 +191,8 @@ def load_model(
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype (default: ``dtype``). With a
     ``mesh`` each parameter is placed sharded by ``sharding.PARTITION_RULES`` as it is read.
-    ``remat`` / ``attention``: see ``sga_jax.models.layers.remat_policy`` / ``attention_implementation``.
+    ``remat`` / ``attention``: see ``sga_jax.models.layers.remat_policy`` /
+    ``sga_jax.models.attention.attention_implementation``.
     Raises ModelLoadError (naming the problem) and returns nothing half-loaded.
     """
     hf, source, resolved = _open(path)
