@@ -17,10 +17,6 @@ MAX_FUNCTION = 60
 # Known exceptions, each with its reason; the list only shrinks.
 MODULE_EXCEPTIONS: dict[str, str] = {}
 FUNCTION_EXCEPTIONS = {
-    "sga_jax/eval/generate.py::greedy_generate": "eval/ is being rewritten for speed (issue 14's sibling)",
-    "sga_jax/eval/run.py::evaluate": "eval/ is being rewritten for speed",
-    "sga_jax/eval/tofu.py::evaluate_task": "eval/ is being rewritten for speed",
-    "sga_jax/models/hf.py::load_model": "being edited for LoRA in parallel (split after merge)",
     "sga_jax/models/gguf.py::open_gguf": "one table of GGUF metadata keys -> HF config keys",
     "sga_jax/models/gguf_tokenizer.py::build_backend": "one tokenizers pipeline, step by step",
     "sga_jax/transforms/sga.py::sga": "an optax factory: docstring + init / update closures",

@@ -77,6 +77,41 @@ def _eos_tuple(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     return tuple(int(e) for e in eos_token_id) or (-1,)
 
 
+def _checked_lengths(
+    prompts: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, max_length: int | None
+) -> list[int]:
+    """The prompts' lengths, after one clear error for a bad setting or a prompt with no room."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise DataError(f"prompt {i} is empty")
+        if max_length is not None and n >= max_length:
+            raise DataError(f"prompt {i} has {n} tokens, no room to generate within max_length={max_length}")
+    return lengths
+
+
+def _left_padded(prompts: Sequence[Sequence[int]], rows: int, length: int, pad: int):
+    """``(ids, mask)`` ``[rows, length]``: the prompts left-padded (the rows past them all pad)."""
+    ids = np.full((rows, length), pad, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for row, p in enumerate(prompts):
+        ids[row, length - len(p) :] = p
+        mask[row, length - len(p) :] = 1
+    return ids, mask
+
+
+def _through_eos(seq: list[int], eos: tuple[int, ...]) -> list[int]:
+    """``seq`` up to and including its first EOS token (HF keeps the EOS it stopped at)."""
+    for j, t in enumerate(seq):
+        if t in eos:
+            return seq[: j + 1]
+    return seq
+
+
 def greedy_generate(
     model: Any,
     prompts: Sequence[Sequence[int]],
@@ -101,16 +136,7 @@ def greedy_generate(
     ``calls``: when a list, each compiled call is appended to it as ``("generate", batch rows,
     prompt length, cache length, decode steps run)`` (what :mod:`sga_jax.eval.flops` counts).
     """
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    lengths = [len(p) for p in prompts]
-    for i, n in enumerate(lengths):
-        if n == 0:
-            raise DataError(f"prompt {i} is empty")
-        if max_length is not None and n >= max_length:
-            raise DataError(f"prompt {i} has {n} tokens, no room to generate within max_length={max_length}")
+    lengths = _checked_lengths(prompts, max_new_tokens, batch_size, max_length)
     eos = _eos_tuple(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos[0] >= 0 else 0)
     order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(prompts))
@@ -125,11 +151,7 @@ def greedy_generate(
         longest = max(lengths[i] for i in idx)
         p_len = bucket_length(longest, bucket)
         n_new = max_new_tokens if max_length is None else min(max_new_tokens, max_length - longest)
-        ids = np.full((batch_size, p_len), pad, np.int32)
-        mask = np.zeros((batch_size, p_len), np.int32)
-        for row, i in enumerate(idx):
-            ids[row, p_len - lengths[i] :] = prompts[i]
-            mask[row, p_len - lengths[i] :] = 1
+        ids, mask = _left_padded([prompts[i] for i in idx], batch_size, p_len, pad)
         cache_len = p_len + new_bucket if cap is None else min(p_len + new_bucket, cap)
         out, steps = _greedy(
             model,
@@ -144,17 +166,10 @@ def greedy_generate(
         if calls is not None:
             calls.append(("generate", batch_size, p_len, cache_len, int(steps)))
         for row, i in enumerate(idx):
-            seq = out[row, :n_new].tolist()
-            for j, t in enumerate(seq):
-                if t in eos:
-                    seq = seq[: j + 1]
-                    break
-            tokens[i] = seq
+            tokens[i] = _through_eos(out[row, :n_new].tolist(), eos)
         if progress is not None:
             progress(len(idx))
-    texts = None
-    if tokenizer is not None:
-        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    texts = None if tokenizer is None else tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return GenerationResult(tokens, texts)
 
 

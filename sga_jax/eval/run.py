@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -76,6 +77,63 @@ def wmdp_accuracy(model: Any, tokenizer: Any, rows: list[dict], *, batch_size: i
     return {"accuracy": float(np.mean(pred == gold)), "predictions": pred.tolist()}
 
 
+class _Run(NamedTuple):
+    """What every benchmark's runner gets: the model, its tokenizer, the output folder, the common
+    options (already popped) and the benchmark's own options (each runner pops what it reads)."""
+
+    model: Any
+    tokenizer: Any
+    out: Path
+    limit: int | None
+    source: str
+    data_dir: Any
+    options: dict[str, Any]
+
+
+def _tofu(r: _Run) -> dict[str, Any]:
+    opts = r.options
+    fmt = PromptFormatter(r.tokenizer, opts.pop("template", "auto"), max_length=opts.pop("max_length", 512))
+    retain_logs = opts.pop("retain_logs", None)
+    where = {"limit": r.limit, "source": r.source, "data_dir": r.data_dir}
+    tofu.evaluate(r.model, r.tokenizer, r.out, formatter=fmt, **where, **opts)
+    return {**tofu.aggregate(r.out, retain_logs), "template": fmt.mode}
+
+
+def _muse_news(r: _Run) -> dict[str, Any]:
+    where = {"limit": r.limit, "source": r.source, "data_dir": r.data_dir}
+    res = muse.evaluate(r.model, r.tokenizer, **where, **r.options)
+    write_json_atomic(res.pop("logs"), r.out / "muse_logs.json", indent=2)
+    return res
+
+
+def _ppl(r: _Run) -> dict[str, Any]:
+    spec = r.options.pop("data", "muse:raw/forget")
+    texts = _texts(spec, r.limit, r.data_dir)
+    return {"data": spec, "perplexity": perplexity(r.model, r.tokenizer, texts, **r.options)}
+
+
+def _mia(r: _Run) -> dict[str, Any]:
+    members = r.options.pop("members", "muse:privleak/forget")
+    nonmembers = r.options.pop("nonmembers", "muse:privleak/holdout")
+    s_in = text_scores(r.model, r.tokenizer, _texts(members, r.limit, r.data_dir), **r.options)
+    s_out = text_scores(r.model, r.tokenizer, _texts(nonmembers, r.limit, r.data_dir), **r.options)
+    aucs = {f"auc_{s}": auc(s_in[s], s_out[s]) for s in SCORES if s in s_in}
+    return {"members": members, "nonmembers": nonmembers, **aucs}
+
+
+def _wmdp(r: _Run) -> dict[str, Any]:
+    spec = r.options.pop("data", None)
+    if spec is None:
+        raise DataError("wmdp needs data=<file> (or a cais/wmdp config with source='hub')")
+    rows = load_wmdp(spec, source=r.source, limit=r.limit)
+    return wmdp_accuracy(r.model, r.tokenizer, rows, **r.options)
+
+
+_RUNNERS: dict[str, Callable[[_Run], dict[str, Any]]] = {
+    "tofu": _tofu, "muse_news": _muse_news, "ppl": _ppl, "mia": _mia, "wmdp": _wmdp,
+}  # fmt: skip
+
+
 def evaluate(
     benchmark: str,
     model_path: str | os.PathLike,
@@ -116,38 +174,7 @@ def evaluate(
         "limit": limit,  # rows per split; null: all
         "options": given,
     }
-
-    if benchmark == "tofu":
-        fmt = PromptFormatter(
-            tokenizer, options.pop("template", "auto"), max_length=options.pop("max_length", 512)
-        )
-        retain_logs = options.pop("retain_logs", None)
-        tofu.evaluate(
-            model, tokenizer, out, formatter=fmt, limit=limit, source=source, data_dir=data_dir, **options,
-        )  # fmt: skip
-        results.update(tofu.aggregate(out, retain_logs))
-        results["template"] = fmt.mode
-    elif benchmark == "muse_news":
-        res = muse.evaluate(model, tokenizer, limit=limit, source=source, data_dir=data_dir, **options)
-        write_json_atomic(res.pop("logs"), out / "muse_logs.json", indent=2)
-        results.update(res)
-    elif benchmark == "ppl":
-        spec = options.pop("data", "muse:raw/forget")
-        results["data"] = spec
-        results["perplexity"] = perplexity(model, tokenizer, _texts(spec, limit, data_dir), **options)
-    elif benchmark == "mia":
-        members = options.pop("members", "muse:privleak/forget")
-        nonmembers = options.pop("nonmembers", "muse:privleak/holdout")
-        s_in = text_scores(model, tokenizer, _texts(members, limit, data_dir), **options)
-        s_out = text_scores(model, tokenizer, _texts(nonmembers, limit, data_dir), **options)
-        results.update({"members": members, "nonmembers": nonmembers})
-        results.update({f"auc_{s}": auc(s_in[s], s_out[s]) for s in SCORES if s in s_in})
-    elif benchmark == "wmdp":
-        spec = options.pop("data", None)
-        if spec is None:
-            raise DataError("wmdp needs data=<file> (or a cais/wmdp config with source='hub')")
-        rows = load_wmdp(spec, source=source, limit=limit)
-        results.update(wmdp_accuracy(model, tokenizer, rows, **options))
+    results.update(_RUNNERS[benchmark](_Run(model, tokenizer, out, limit, source, data_dir, options)))
     results["seconds"] = time.perf_counter() - t0
     write_json_atomic(results, out / "results.json", indent=2)
     return results

@@ -63,6 +63,39 @@ def rouge_recall(ground_truths: Sequence[str], generations: Sequence[str]) -> tu
     return r1, rl
 
 
+def _answer_groups(
+    rows: Sequence[dict[str, Any]], fmt: PromptFormatter, base_answer_key: str, source: str
+) -> tuple[list[list[Encoded]], list[tuple[int, int, int, int]], list[int]]:
+    """``(groups, layout, kept)``: per kept row its distinct encoded answers (gt, base unless equal
+    to gt, perturbed), where each lies in the flat order (gt, base, first perturbed, n perturbed),
+    and the kept row indices. Rows whose prompt does not fit are skipped with one warning."""
+    groups: list[list[Encoded]] = []  # per kept row: its distinct answer sequences
+    layout: list[tuple[int, int, int, int]] = []  # row -> (gt, base, first perturbed, n perturbed)
+    kept: list[int] = []
+    skipped: list[tuple[int, str]] = []
+    for i, row in enumerate(rows):
+        for key in ("question", "answer", base_answer_key, "perturbed_answer"):
+            if key not in row:
+                raise DataError(f"{source}: row {i} has no key {key!r}")
+        answers = [row["answer"], row[base_answer_key], *row["perturbed_answer"]]
+        encs = [fmt.encode_qa(row["question"], a) for a in answers]
+        bad = next((e for e in encs if isinstance(e, str)), None)
+        if bad is not None:
+            skipped.append((i, bad))
+            continue
+        start = sum(len(g) for g in groups)
+        same_base = row[base_answer_key] == row["answer"]  # real authors / world facts: scored once
+        groups.append([encs[0]] + ([] if same_base else [encs[1]]) + encs[2:])
+        base = start if same_base else start + 1
+        layout.append((start, base, base + 1, len(row["perturbed_answer"])))
+        kept.append(i)
+    if skipped:
+        log.warning("%s: skipped %d rows (first: row %d: %s)", source, len(skipped), *skipped[0])
+    if not kept:
+        raise DataError(f"{source}: every row was skipped (first: row {skipped[0][0]}: {skipped[0][1]})")
+    return groups, layout, kept
+
+
 def evaluate_task(
     model: Any,
     tokenizer: Any,
@@ -88,30 +121,7 @@ def evaluate_task(
     their indices are absent from the log.
     """
     fmt = formatter or PromptFormatter(tokenizer, "auto", max_length=512)
-    groups: list[list[Encoded]] = []  # per kept row: its distinct answer sequences
-    layout: list[tuple[int, int, int, int]] = []  # row -> (gt, base, first perturbed, n perturbed)
-    kept: list[int] = []
-    skipped: list[tuple[int, str]] = []
-    for i, row in enumerate(rows):
-        for key in ("question", "answer", base_answer_key, "perturbed_answer"):
-            if key not in row:
-                raise DataError(f"{source}: row {i} has no key {key!r}")
-        answers = [row["answer"], row[base_answer_key], *row["perturbed_answer"]]
-        encs = [fmt.encode_qa(row["question"], a) for a in answers]
-        bad = next((e for e in encs if isinstance(e, str)), None)
-        if bad is not None:
-            skipped.append((i, bad))
-            continue
-        start = sum(len(g) for g in groups)
-        same_base = row[base_answer_key] == row["answer"]  # real authors / world facts: scored once
-        groups.append([encs[0]] + ([] if same_base else [encs[1]]) + encs[2:])
-        base = start if same_base else start + 1
-        layout.append((start, base, base + 1, len(row["perturbed_answer"])))
-        kept.append(i)
-    if skipped:
-        log.warning("%s: skipped %d rows (first: row %d: %s)", source, len(skipped), *skipped[0])
-    if not kept:
-        raise DataError(f"{source}: every row was skipped (first: row {skipped[0][0]}: {skipped[0][1]})")
+    groups, layout, kept = _answer_groups(rows, fmt, base_answer_key, source)
     n_seqs = sum(len(g) for g in groups)
     n_trunc = sum(e.truncated for g in groups for e in g)
     if n_trunc:
@@ -129,19 +139,9 @@ def evaluate_task(
         count = np.concatenate([c for _, c in scored])
         logs = _losses_log(kept, layout, total, count)
         if generate:
-            _add_generations(
-                logs,
-                model,
-                tokenizer,
-                fmt,
-                rows,
-                kept,
-                bar.update,
-                max_new_tokens=max_new_tokens,
-                generation_max_length=generation_max_length,
-                batch_size=generation_batch_size or batch_size,
-                calls=calls,
-            )
+            gen = {"max_new_tokens": max_new_tokens, "generation_max_length": generation_max_length,
+                   "batch_size": generation_batch_size or batch_size, "calls": calls}  # fmt: skip
+            _add_generations(logs, model, tokenizer, fmt, rows, kept, bar.update, **gen)
         else:
             for k in ("generated_text", "rouge1_recall", "rougeL_recall"):
                 del logs[k]

@@ -176,6 +176,32 @@ def _hf_rows(table: dict[str, tuple[str, bool]], state) -> dict[str, int]:
     return rows
 
 
+def _read_state(state, source: TensorSource, table, pdtype, mesh, model_type: str) -> set[str]:
+    """Fill every variable of the abstract ``state`` from ``source`` (host copy in ``pdtype``, then
+    placed, sharded when ``mesh``); returns the HF tensor names used."""
+    used: set[str] = set()
+    for key, var in nnx.to_flat_state(state):
+        shape = tuple(var.get_value().shape)
+        tmpl, index, stacked = template(key)
+        hf_name, transpose = _hf_entry(table, tmpl)
+        if stacked:
+            host = np.empty(shape, dtype=pdtype)
+            for i in range(shape[0]):
+                host[i] = _fetch(source, hf_name.format(i=i), transpose, shape[1:], pdtype)
+                used.add(hf_name.format(i=i))
+        else:
+            name = hf_name.format(i=index) if index is not None else hf_name
+            host = _fetch(source, name, transpose, shape, pdtype)
+            used.add(name)
+        if mesh is not None:
+            value = jax.device_put(host, S.sharding_for(key, shape, mesh, model_type))
+        else:
+            value = jax.device_put(host)
+        del host
+        var.set_value(value)
+    return used
+
+
 def load_model(
     path: str | os.PathLike,
     dtype: Any = "float32",
@@ -200,7 +226,6 @@ def load_model(
     pdtype = L.as_dtype(param_dtype if param_dtype is not None else dtype)
     with source:
         _check_layer_count(config, cls.HF_NAMES, source.names(), resolved)
-        used: set[str] = set()
         abstract = nnx.eval_shape(
             lambda: cls(
                 config,
@@ -216,25 +241,7 @@ def load_model(
         table = cls.HF_NAMES
         if getattr(cls, "HF_FUSED", None):
             source = FusedSource(source, cls.HF_FUSED, _hf_rows(table, state))
-        for key, var in nnx.to_flat_state(state):
-            shape = tuple(var.get_value().shape)
-            tmpl, index, stacked = template(key)
-            hf_name, transpose = _hf_entry(table, tmpl)
-            if stacked:
-                host = np.empty(shape, dtype=pdtype)
-                for i in range(shape[0]):
-                    host[i] = _fetch(source, hf_name.format(i=i), transpose, shape[1:], pdtype)
-                    used.add(hf_name.format(i=i))
-            else:
-                name = hf_name.format(i=index) if index is not None else hf_name
-                host = _fetch(source, name, transpose, shape, pdtype)
-                used.add(name)
-            if mesh is not None:
-                value = jax.device_put(host, S.sharding_for(key, shape, mesh, config.model_type))
-            else:
-                value = jax.device_put(host)
-            del host
-            var.set_value(value)
+        used = _read_state(state, source, table, pdtype, mesh, config.model_type)
         if isinstance(source, FusedSource):  # a fused tensor is used when its parts are
             used |= {source.parts[n] for n in used if n in source.parts}
         _check_unused(source.names() - used, config, resolved)
