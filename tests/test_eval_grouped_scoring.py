@@ -56,6 +56,18 @@ def test_grouped_equals_one_by_one(model, batch_size):
             np.testing.assert_allclose(total[k], want_total[0], rtol=2e-5)
 
 
+def test_grouped_scoring_of_a_scanned_model(tmp_path):
+    """Scanned layers stack the cache as [L, B, ...]: each suffix must read its group's row of the
+    batch axis, not a layer (the bug: ``c[group_row]`` picked layers, or failed on a shape)."""
+    path, _ = write_tiny_hf("llama", tmp_path / "llama")
+    scanned = sga_jax.load_model(path, scan_layers=True)
+    groups = groups_of_questions(seed=1)[:4]
+    got = grouped_sequence_nll(scanned, groups, pad_id=0, batch_size=3)
+    for g, (total, _) in zip(groups, got):
+        want, _ = summed_nll(scanned, g, pad_id=0, batch_size=len(g))
+        np.testing.assert_allclose(total, want, rtol=2e-5)
+
+
 def test_padding_the_last_batch_changes_nothing(model):
     """7 groups in batches of 4 (the last padded with 1 empty group) and of 7 (no padding): one
     compile serves the padded last batch, and the values do not depend on it."""

@@ -138,7 +138,8 @@ def _suffix_logprobs(model, cache, prefix_mask, group_row, ids, loss_mask):
     suffixes ``ids [B, S]``, suffix b following the cached prefix of row ``group_row[b]``. Padding
     after a suffix is causal-masked for the real tokens before it, so the suffix slots' key mask
     can stay all ones."""
-    cache = jax.tree.map(lambda c: c[group_row], cache)
+    # The batch axis of a cache leaf [(L,) B, S, kv heads, head dim]: 1 when layers are scanned.
+    cache = jax.tree.map(lambda c: jnp.take(c, group_row, axis=c.ndim - 4), cache)
     prefix_mask = prefix_mask[group_row]
     b, p = prefix_mask.shape
     s = ids.shape[1]
