@@ -92,7 +92,14 @@ def plan(study: dict[str, Any]) -> list[Run]:
         names.add(m["name"])
         for seed in m.get("seeds", [0])[: study.get("max_seeds") or None]:
             runs.append(
-                Run(f"{m['name']}_seed{seed}", "unlearn", list(m["overrides"]), seed, bool(m.get("per_epoch")), m["name"])
+                Run(
+                    f"{m['name']}_seed{seed}",
+                    "unlearn",
+                    list(m["overrides"]),
+                    seed,
+                    bool(m.get("per_epoch")),
+                    m["name"],
+                )
             )
     return runs
 
@@ -113,14 +120,22 @@ def write_data(study: dict[str, Any], data_dir: Path, out: Path) -> dict[str, An
 
     d = study["data"]
     tofu_dir = data_dir / "tofu"
-    forget = [{"question": r["question"], "answer": r["answer"]} for r in load_tofu(d["forget_split"], data_dir=tofu_dir)]
+    forget = [
+        {"question": r["question"], "answer": r["answer"]}
+        for r in load_tofu(d["forget_split"], data_dir=tofu_dir)
+    ]
     forget = forget[: d.get("forget_rows") or len(forget)]
     pool = load_tofu(d["retain_split"], data_dir=tofu_dir)
     n = min(int(d["retain_rows"]), len(pool))
     idx = sorted(np.random.default_rng(int(d["seed"])).choice(len(pool), n, replace=False).tolist())
     subset = [{"question": pool[i]["question"], "answer": pool[i]["answer"]} for i in idx]
     out.mkdir(parents=True, exist_ok=True)
-    files = {"forget": forget, "retain_subset": subset, "target_finetune": forget + subset, "retain_finetune": subset}
+    files = {
+        "forget": forget,
+        "retain_subset": subset,
+        "target_finetune": forget + subset,
+        "retain_finetune": subset,
+    }
     for name, rows in files.items():
         tmp = out / f".{name}.jsonl.tmp"
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -146,7 +161,14 @@ def eval_options(study: dict[str, Any], data_dir: Path) -> dict[str, Any]:
 
 
 def _summary(res: dict[str, Any]) -> dict[str, Any]:
-    keys = ("forget_quality", "model_utility", "forget_rougeL", "retain_rougeL", "forget_prob", "forget_truth_ratio")
+    keys = (
+        "forget_quality",
+        "model_utility",
+        "forget_rougeL",
+        "retain_rougeL",
+        "forget_prob",
+        "forget_truth_ratio",
+    )
     return {k: res.get(k) for k in keys}
 
 
@@ -168,8 +190,8 @@ def execute(run: Run, study: dict[str, Any], ctx: dict[str, Any]) -> dict[str, A
         retain_logs = str(ctx["runs_dir"] / "retain" / "eval") if run.name == "target" else None
     else:
         overrides = [f"model.path={ctx['runs_dir'] / 'target' / 'model'}", f"data.forget={data['forget']}",
-                     f"data.retain={data['retain_subset']}", *run.overrides, *_train_overrides(study["unlearn"]),
-                     f"train.seed={run.seed}", *common]  # fmt: skip
+                     f"data.retain={data['retain_subset']}", *run.overrides,
+                     *_train_overrides(study["unlearn"]), f"train.seed={run.seed}", *common]  # fmt: skip
         if run.method == "kfade" or "method=kfade" in run.overrides:
             overrides += study.get("toy_method_overrides", [])
         retain_logs = str(ctx["runs_dir"] / "retain" / "eval")
@@ -224,7 +246,9 @@ def memorisation_check(study: dict[str, Any], target: dict[str, Any], path: Path
         for k in got
         if got[k] < th["min_" + k]
     ]
-    write_json_atomic({**got, "thresholds": th, "memorised": not warnings, "warnings": warnings}, path, indent=1)
+    write_json_atomic(
+        {**got, "thresholds": th, "memorised": not warnings, "warnings": warnings}, path, indent=1
+    )
     return warnings
 
 
@@ -245,7 +269,8 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in rows:
         cells = [r["method"], r["seed"], r["forget_quality"], r["model_utility"], r["forget_rougeL"],
-                 r["retain_rougeL"], r["forget_truth_ratio"], f"{r['train_seconds']:.0f}", f"{r['eval_seconds']:.0f}"]  # fmt: skip
+                 r["retain_rougeL"], r["forget_truth_ratio"], f"{r['train_seconds']:.0f}",
+                 f"{r['eval_seconds']:.0f}"]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -322,14 +347,17 @@ def write_manifest(study, args, runs, rows, data_info, results_dir: Path) -> Non
         if src.is_file():
             (cfg_dir / f"{run.name}.yaml").write_text(src.read_text())
     manifest = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "scale": args.scale,
         "study": study,
         "versions": versions,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "seeds": {"data": data_info["seed"], "eval_subset": study["eval"].get("subset_seed"),
-                  "runs": {r.name: r.seed for r in runs}},  # fmt: skip
+        "seeds": {
+            "data": data_info["seed"],
+            "eval_subset": study["eval"].get("subset_seed"),
+            "runs": {r.name: r.seed for r in runs},
+        },  # fmt: skip
         "data": data_info,
         "runs": [{k: v for k, v in r.items() if k != "results"} for r in rows],
     }
@@ -346,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--base-model", default=None, help="overrides study.base_model")
     ap.add_argument("--out", default=None, help="results folder (default study.results_dir)")
     ap.add_argument("--runs-dir", default=None, help="run folders (default study.runs_dir, git-ignored)")
-    ap.add_argument("--data-dir", default=None, help="benchmark data root ($SGA_JAX_DATA_DIR / ../shared/data)")
+    ap.add_argument(
+        "--data-dir", default=None, help="benchmark data root ($SGA_JAX_DATA_DIR / ../shared/data)"
+    )
     ap.add_argument("--only", default=None, help="comma-separated run names (e.g. target,retain,ga_seed0)")
     ap.add_argument("--set", action="append", default=[], help="study.key=value override (repeatable)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")

@@ -58,14 +58,21 @@ def test_toy_study_writes_table_plots_manifest(study_run):
         if name != "retain_seed0" and r["method"] != "retain":
             assert r["forget_quality"] is not None and 0 <= r["forget_quality"] <= 1, name
     assert manifest["versions"]["jax"] and manifest["seeds"]["data"] == study["data"]["seed"]
-    assert manifest["data"]["rows"] == {"forget": 4, "retain_subset": 8, "target_finetune": 12, "retain_finetune": 8}
+    assert manifest["data"]["rows"] == {
+        "forget": 4,
+        "retain_subset": 8,
+        "target_finetune": 12,
+        "retain_finetune": 8,
+    }
     assert "train:" in (results / "configs" / "ga_seed0.yaml").read_text()
     # per-epoch evaluation of the per_epoch methods: step 0 and each of the 2 steps
     assert [e["step"] for e in runs["ga_seed0"]["epochs"]] == [0, 1, 2]
     assert runs["graddiff_seed0"]["epochs"] == []
     # the data files are what the study says: forget01's first rows, a seeded retain99 subset
     forget = [json.loads(x) for x in (root / "runs" / "data" / "forget.jsonl").read_text().splitlines()]
-    target = [json.loads(x) for x in (root / "runs" / "data" / "target_finetune.jsonl").read_text().splitlines()]
+    target = [
+        json.loads(x) for x in (root / "runs" / "data" / "target_finetune.jsonl").read_text().splitlines()
+    ]
     assert target[: len(forget)] == forget and len(forget) == 4
 
 
