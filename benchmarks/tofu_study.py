@@ -90,14 +90,15 @@ def plan(study: dict[str, Any]) -> list[Run]:
         if m["name"] in names:
             raise SystemExit(f"tofu_study: error: method {m['name']!r} listed twice")
         names.add(m["name"])
-        for seed in m.get("seeds", [0])[: study.get("max_seeds") or None]:
+        seeds = m.get("seeds", [0])[: study.get("max_seeds") or None]
+        for seed in seeds:
             runs.append(
                 Run(
                     f"{m['name']}_seed{seed}",
                     "unlearn",
                     list(m["overrides"]),
                     seed,
-                    bool(m.get("per_epoch")),
+                    bool(m.get("per_epoch")) and seed == seeds[0],  # one trajectory per method
                     m["name"],
                 )
             )
