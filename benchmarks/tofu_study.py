@@ -16,7 +16,7 @@
 
 Resumable: a run whose ``study_result.json`` exists is skipped (its line says so); the progress bar
 counts runs. Only the public API is used: ``sga_jax.unlearn``, ``sga_jax.config.compose`` +
-``sga_jax.train.run`` (its ``evaluate`` hook, for per-epoch evaluation), ``sga_jax.eval.run.evaluate``
+``sga_jax.runner.run`` (its ``evaluate`` hook, for per-epoch evaluation), ``sga_jax.eval.run.evaluate``
 and ``sga_jax.eval.tofu.aggregate``. Models and eval logs go under the git-ignored ``runs/``.
 """
 
@@ -151,10 +151,9 @@ def write_data(study: dict[str, Any], data_dir: Path, out: Path) -> dict[str, An
 
 def _runner():
     """``sga_jax.config.compose`` and the run function with the ``evaluate`` hook (public modules)."""
-    import sga_jax
+    from sga_jax import config, runner
 
-    run = getattr(sga_jax, "run", None) or sga_jax.train.run
-    return sga_jax.config.compose, run
+    return config.compose, runner.run
 
 
 def eval_options(study: dict[str, Any], data_dir: Path) -> dict[str, Any]:
@@ -201,9 +200,7 @@ def execute(run: Run, study: dict[str, Any], ctx: dict[str, Any]) -> dict[str, A
     epochs: list[dict[str, Any]] = []
     if run.per_epoch:
         compose, run_fn = _runner()
-        # Unrolled layers: the TOFU scoring's prefill/decode path fails on a scanned model handed to
-        # it in memory (a library limitation, docs/tofu_study.md); the training maths is the same.
-        cfg = compose([], [*overrides, "model.scan_layers=false"])
+        cfg = compose([], overrides)
         n_rows = len(Path(data["forget"]).read_text().splitlines())
         t = cfg.train
         steps = t.steps or max(1, math.ceil(t.epochs * n_rows / t.batch_size))
