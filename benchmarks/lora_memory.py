@@ -94,7 +94,10 @@ def measure(spec: dict) -> dict:
     tx, _ = train.make_optimizer(tcfg, 10, method.transform)
     graphdef, params, rest = train.split_model(model)
     opt_state = jax.eval_shape(tx.init, params)
-    rows = lambda n: {key: jax.ShapeDtypeStruct((1, n, seq), jnp.int32) for key in train._KEYS}  # noqa: E731
+    rows = lambda n: {
+        key: jax.ShapeDtypeStruct((1, n, seq), jnp.int32)
+        for key in ("input_ids", "attention_mask", "loss_mask")
+    }  # noqa: E731
     batch = {"forget": rows(b), "normal": rows(b * (k - 1))}
     step = train.make_step(graphdef, None, method, tx, bind_rest=False)
     t0 = time.perf_counter()
