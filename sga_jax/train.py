@@ -25,7 +25,6 @@ checkpoint is deleted and the newest remaining one, whose parameters were measur
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shutil
@@ -47,6 +46,7 @@ from sga_jax import config as C
 from sga_jax.checkpoint import Checkpointer
 from sga_jax.errors import ConfigError, DivergenceError
 from sga_jax.methods import Method, build_method
+from sga_jax.metrics_log import MetricsLog
 from sga_jax.models.hf import save_model
 from sga_jax.models.lora import lora_filter
 from sga_jax.models.sharding import batch_sharding
@@ -309,49 +309,6 @@ def current_r(opt_state) -> jax.Array | None:
 
 def _all_finite(tree) -> bool:
     return bool(jax.device_get(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))))
-
-
-# ------------------------------------------------------------------------------------ logging
-
-
-def _logged_step(line: str) -> float:
-    """A metrics line's step; a cut-off (killed mid-write) or foreign line counts as never logged."""
-    try:
-        rec = json.loads(line)
-        return float(rec.get("step", 0)) if isinstance(rec, dict) else math.inf
-    except (ValueError, TypeError):
-        return math.inf
-
-
-class MetricsLog:
-    """``metrics.jsonl`` (one JSON object per logged step) and TensorBoard when installed."""
-
-    def __init__(self, path: Path, resume_step: int):
-        self.path = path
-        if path.exists():  # drop lines a resumed run will write again
-            kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= resume_step]
-            path.write_text("".join(x + "\n" for x in kept))
-        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
-        self._tb = None
-        try:  # optional: TensorBoard scalars when tensorboardX is installed
-            from tensorboardX import SummaryWriter  # type: ignore[import-not-found]
-
-            self._tb = SummaryWriter(str(path.parent / "tensorboard"))
-        except Exception:
-            self._tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, int | float):
-                    self._tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
 
 
 # ------------------------------------------------------------------------------------------ loop
