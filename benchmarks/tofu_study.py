@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "experiment" / "tofu_smollm2_study.yaml"
+DEFAULT_CONFIG = ROOT / "benchmarks" / "tofu_study.yaml"
 RESULT = "study_result.json"
 
 

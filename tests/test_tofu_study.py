@@ -14,7 +14,7 @@ import pytest
 from tiny_models import write_tiny_llama_for
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "experiment" / "tofu_smollm2_study.yaml"
+CONFIG = ROOT / "benchmarks" / "tofu_study.yaml"
 
 
 def _driver():
