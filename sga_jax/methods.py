@@ -122,8 +122,10 @@ def build_npo(m: C.NPOConfig) -> Method:
     # open-unlearning src/trainer/unlearn/npo.py l. 15-31 with utils.py compute_dpo_loss: the
     # *summed* answer NLL against the reference (starting) model's summed NLL.
     def loss(model, batch):
-        nll = sequence_nll(model, batch["forget"], reduction="sum")
-        aux = {"forget_nll": jnp.mean(sequence_nll(model, batch["forget"]))}
+        # One forward: the summed NLL for the loss and the token mean for the log, from one logp.
+        logp, mask = token_logprobs(model, batch["forget"])
+        nll = -jnp.sum(logp * mask.astype(jnp.float32), axis=-1)
+        aux = {"forget_nll": jnp.mean(O.sequence_nll_from_logprobs(logp, mask))}
         loss = O.npo_loss(nll, batch["ref_nll"], beta=m.beta)
         return loss + _retain_term(m, model, batch, aux), aux
 
