@@ -59,23 +59,24 @@ class Run:
 
 
 def load_study(path: str | os.PathLike, sets: Sequence[str] = (), scale: str = "full") -> dict[str, Any]:
-    """The study section of ``path`` with ``--set`` overrides; ``scale="toy"`` merges its ``toy`` block."""
+    """The study section of ``path``; ``scale="toy"`` merges its ``toy`` block, then the ``--set``
+    overrides apply (so they win over both)."""
     from omegaconf import OmegaConf
 
     p = Path(path)
     if not p.is_file():
         raise SystemExit(f"tofu_study: error: study config not found: {p}")
-    cfg = OmegaConf.merge(OmegaConf.load(p), OmegaConf.from_dotlist(list(sets)))
-    study = OmegaConf.to_container(cfg, resolve=True).get("study")
+    study = OmegaConf.to_container(OmegaConf.load(p), resolve=True).get("study")
     if not isinstance(study, dict):
         raise SystemExit(f"tofu_study: error: {p} has no 'study:' section")
     toy = study.pop("toy", {}) or {}
     if scale == "toy":
-        for key in ("data", "finetune", "unlearn", "eval"):
+        for key in ("data", "finetune", "unlearn", "eval", "memorisation"):
             study[key] = {**study.get(key, {}), **toy.get(key, {})}
         study["toy_method_overrides"] = list(toy.get("method_overrides", []))
         study["max_seeds"] = toy.get("max_seeds")
-    return study
+    cfg = OmegaConf.merge(OmegaConf.create({"study": study}), OmegaConf.from_dotlist(list(sets)))
+    return OmegaConf.to_container(cfg, resolve=True)["study"]
 
 
 def plan(study: dict[str, Any]) -> list[Run]:
@@ -128,7 +129,11 @@ def write_data(study: dict[str, Any], data_dir: Path, out: Path) -> dict[str, An
     forget = forget[: d.get("forget_rows") or len(forget)]
     pool = load_tofu(d["retain_split"], data_dir=tofu_dir)
     n = min(int(d["retain_rows"]), len(pool))
-    idx = sorted(np.random.default_rng(int(d["seed"])).choice(len(pool), n, replace=False).tolist())
+    # The retain rows the evaluation scores (the first `eval.limit` of TOFU's retain split, which are
+    # retain99's first rows) are always finetuned on, as in TOFU; a seeded draw of the rest fills up.
+    first = min(int(study["eval"].get("limit") or 0), n)
+    rest = np.random.default_rng(int(d["seed"])).choice(len(pool) - first, n - first, replace=False)
+    idx = list(range(first)) + sorted((rest + first).tolist())
     subset = [{"question": pool[i]["question"], "answer": pool[i]["answer"]} for i in idx]
     out.mkdir(parents=True, exist_ok=True)
     files = {
@@ -212,11 +217,16 @@ def execute(run: Run, study: dict[str, Any], ctx: dict[str, Any]) -> dict[str, A
         def per_epoch(model):  # called at step 0 and after every `every` steps (train.resume=false)
             step = min(seen["i"] * every, steps)
             seen["i"] += 1
+            point = {"step": step, "epoch": step * t.batch_size / n_rows}
+            if step == 0:  # the unchanged target: its evaluation is already on disk
+                start = json.loads((ctx["runs_dir"] / "target" / RESULT).read_text())
+                epochs.append({**point, **_summary(start)})
+                return {k: v for k, v in _summary(start).items() if v is not None}
             te = time.perf_counter()
             res = evaluate("tofu", out / "model", out / "epochs" / f"step{step}", model=model, tokenizer=tok,
                            **fq, **opts)  # fmt: skip
             seen["eval_s"] += time.perf_counter() - te
-            epochs.append({"step": step, "epoch": step / every, **_summary(res)})
+            epochs.append({**point, **_summary(res)})
             return {k: v for k, v in _summary(res).items() if v is not None}
 
         run_fn(cfg, evaluate=per_epoch, eval_every=every)
@@ -427,15 +437,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         else:
             rows.append(execute(run, study, ctx))
+        # the report after every run: an interrupted study still leaves its finished rows
+        write_report(study, args, runs, rows, data_info, results_dir)
         if run.name == "target":
-            for w in memorisation_check(study, rows[-1], results_dir / "memorisation.json"):
+            warnings = memorisation_check(study, rows[-1], results_dir / "memorisation.json")
+            for w in warnings:
                 bar.write(f"tofu_study: WARNING: {w}", file=sys.stderr)
+            if warnings and study["memorisation"].get("stop", True):
+                print("tofu_study: error: stopped before unlearning: raise study.finetune.lr or .epochs "
+                      "(or --set study.memorisation.stop=false)", file=sys.stderr)  # fmt: skip
+                return 1
+    print(f"tofu_study: {len(rows)} runs; table {results_dir / 'results.md'}")
+    return 0
+
+
+def write_report(study, args, runs, rows, data_info, results_dir: Path) -> None:
     write_table(rows, results_dir / "results.md")
     plot_scatter(rows, results_dir / "fq_vs_mu.png")
     plot_trajectories(rows, results_dir / "trajectories.png")
     write_manifest(study, args, runs, rows, data_info, results_dir)
-    print(f"tofu_study: {len(rows)} runs; table {results_dir / 'results.md'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from tiny_models import write_tiny_llama_for
 
+from sga_jax.data.tofu import load_tofu
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "benchmarks" / "tofu_study.yaml"
 
@@ -36,7 +38,7 @@ def study_run(tmp_path_factory, smollm2_tokenizer, data_dir):
     return driver, root, args
 
 
-def test_toy_study_writes_table_plots_manifest(study_run):
+def test_toy_study_writes_table_plots_manifest(study_run, data_dir):
     driver, root, _ = study_run
     study = driver.load_study(CONFIG, scale="toy")
     results = root / "results"
@@ -65,8 +67,14 @@ def test_toy_study_writes_table_plots_manifest(study_run):
         "retain_finetune": 8,
     }
     assert "train:" in (results / "configs" / "ga_seed0.yaml").read_text()
-    # per-epoch evaluation of the per_epoch methods: step 0 and each of the 2 steps
-    assert [e["step"] for e in runs["ga_seed0"]["epochs"]] == [0, 1, 2]
+    # per-epoch evaluation of the per_epoch methods: step 0 and each of the 2 steps; step 0 is the
+    # unchanged target, whose evaluation is reused rather than run again
+    epochs = runs["ga_seed0"]["epochs"]
+    assert [e["step"] for e in epochs] == [0, 1, 2]
+    assert [e["epoch"] for e in epochs] == [0, 0.5, 1.0]  # batch 2 of the 4 forget rows
+    assert not (root / "runs" / "ga_seed0" / "epochs" / "step0").exists()
+    assert epochs[0]["forget_quality"] == runs["target"]["forget_quality"]
+    assert (root / "runs" / "ga_seed0" / "epochs" / "step1" / "eval_log_forget.json").is_file()
     assert runs["graddiff_seed0"]["epochs"] == []
     # the data files are what the study says: forget01's first rows, a seeded retain99 subset
     forget = [json.loads(x) for x in (root / "runs" / "data" / "forget.jsonl").read_text().splitlines()]
@@ -74,6 +82,14 @@ def test_toy_study_writes_table_plots_manifest(study_run):
         json.loads(x) for x in (root / "runs" / "data" / "target_finetune.jsonl").read_text().splitlines()
     ]
     assert target[: len(forget)] == forget and len(forget) == 4
+    # the retain rows the evaluation scores (the first `limit` of the retain split) are finetuned on
+    retain_file = root / "runs" / "data" / "retain_subset.jsonl"
+    retain = [json.loads(x) for x in retain_file.read_text().splitlines()]
+    pool = load_tofu("retain99", data_dir=data_dir / "tofu")
+    assert manifest["data"]["retain_indices"][:3] == [0, 1, 2] and len(retain) == 8
+    want_questions = [pool[i]["question"] for i in manifest["data"]["retain_indices"]]
+    assert [r["question"] for r in retain] == want_questions
+    assert target[len(forget) :] == retain
 
 
 def test_second_invocation_skips_finished_runs(study_run, capsys):
@@ -89,12 +105,25 @@ def test_second_invocation_skips_finished_runs(study_run, capsys):
     assert len(names) == len(weights) and "ga_seed0" in names
 
 
+def test_target_that_has_not_memorised_stops_the_study(study_run, capsys):
+    driver, root, args = study_run
+    capsys.readouterr()
+    # every run is finished: the second pass reads them back, checks the target and stops there
+    assert driver.main([*args, "--set", "study.memorisation.stop=true"]) == 1
+    err = capsys.readouterr().err
+    assert "has not memorised forget01" in err and "stopped before unlearning" in err
+    assert "skip ga_seed0" not in err  # nothing after the target was reached
+    memo = json.loads((root / "results" / "memorisation.json").read_text())
+    assert memo["memorised"] is False and memo["warnings"]
+
+
 def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     driver = _driver()
     out, runs = tmp_path / "r", tmp_path / "runs"
     assert driver.main(["--dry-run", "--out", str(out), "--runs-dir", str(runs)]) == 0
     text = capsys.readouterr().out
-    for name in ("retain", "target", "ga_seed1", "sga_r-4_seed0", "sga_paper_r_seed1", "flat_seed0",
-                 "gru_ga_seed0", "gru_sga_seed0", "kfade_seed0", "npo_seed0", "simnpo_seed0"):  # fmt: skip
+    names = ["retain", "target", "ga_seed1", "sga_r-4_seed0", "sga_r-0.8_seed1", "sga_paper_r_seed0"]
+    names += ["flat_seed0", "gru_ga_seed0", "gru_sga_seed0", "kfade_seed0", "npo_seed0", "simnpo_seed0"]
+    for name in names:
         assert f" {name} " in text, name
     assert not out.exists() and not runs.exists()
