@@ -80,29 +80,25 @@ def load_study(path: str | os.PathLike, sets: Sequence[str] = (), scale: str = "
 
 
 def plan(study: dict[str, Any]) -> list[Run]:
-    """Stage 1 (two finetunes) then every method x seed of stage 2, in order."""
+    """Stage 1 (two finetunes), then every method's first seed in the config's order, then the
+    further seeds (so that a study stopped early has a row per method before it has repeats)."""
     runs = [
         # the retain model first: its eval logs give the target's Forget Quality
         Run("retain", "finetune", [], method="retain"),
         Run("target", "finetune", [], method="target"),
     ]
     names = set()
+    unlearn: list[tuple[int, Run]] = []
     for m in study["methods"]:
         if m["name"] in names:
             raise SystemExit(f"tofu_study: error: method {m['name']!r} listed twice")
         names.add(m["name"])
         seeds = m.get("seeds", [0])[: study.get("max_seeds") or None]
-        for seed in seeds:
-            runs.append(
-                Run(
-                    f"{m['name']}_seed{seed}",
-                    "unlearn",
-                    list(m["overrides"]),
-                    seed,
-                    bool(m.get("per_epoch")) and seed == seeds[0],  # one trajectory per method
-                    m["name"],
-                )
-            )
+        for rank, seed in enumerate(seeds):
+            per_epoch = bool(m.get("per_epoch")) and rank == 0  # one trajectory per method
+            run = Run(f"{m['name']}_seed{seed}", "unlearn", list(m["overrides"]), seed, per_epoch, m["name"])
+            unlearn.append((rank, run))
+    runs += [run for _, run in sorted(unlearn, key=lambda x: x[0])]  # stable: config order per rank
     return runs
 
 

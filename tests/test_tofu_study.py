@@ -126,4 +126,6 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     names += ["flat_seed0", "gru_ga_seed0", "gru_sga_seed0", "kfade_seed0", "npo_seed0", "simnpo_seed0"]
     for name in names:
         assert f" {name} " in text, name
+    # every method's first seed before any second seed: a study stopped early has a row per method
+    assert text.index(" kfade_seed0 ") < text.index(" ga_seed1 ") < text.index(" sga_r-0.8_seed1 ")
     assert not out.exists() and not runs.exists()
