@@ -208,7 +208,7 @@ def execute(run: Run, study: dict[str, Any], ctx: dict[str, Any]) -> dict[str, A
         # one epoch; with train.steps (toy scale) every step
         every = 1 if t.steps else max(1, math.ceil(n_rows / t.batch_size))
         tok = sga_jax.load_tokenizer(ctx["runs_dir"] / "target" / "model")
-        seen = {"i": 0, "eval_s": 0.0}
+        seen: dict[str, Any] = {"i": 0, "eval_s": 0.0, "final": None}
 
         def per_epoch(model):  # called at step 0 and after every `every` steps (train.resume=false)
             step = min(seen["i"] * every, steps)
@@ -219,9 +219,12 @@ def execute(run: Run, study: dict[str, Any], ctx: dict[str, Any]) -> dict[str, A
                 epochs.append({**point, **_summary(start)})
                 return {k: v for k, v in _summary(start).items() if v is not None}
             te = time.perf_counter()
-            res = evaluate("tofu", out / "model", out / "epochs" / f"step{step}", model=model, tokenizer=tok,
-                           **fq, **opts)  # fmt: skip
+            # the last step's model is the run's final model: its evaluation is the run's evaluation
+            where = out / "eval" if step == steps else out / "epochs" / f"step{step}"
+            res = evaluate("tofu", out / "model", where, model=model, tokenizer=tok, **fq, **opts)
             seen["eval_s"] += time.perf_counter() - te
+            if step == steps:
+                seen["final"] = (res, time.perf_counter() - te)
             epochs.append({**point, **_summary(res)})
             return {k: v for k, v in _summary(res).items() if v is not None}
 
@@ -230,9 +233,12 @@ def execute(run: Run, study: dict[str, Any], ctx: dict[str, Any]) -> dict[str, A
     else:
         sga_jax.unlearn(None, *overrides)
         train_s = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    res = evaluate("tofu", out / "model", out / "eval", **fq, **opts)
-    eval_s = time.perf_counter() - t1
+    if run.per_epoch and seen["final"] is not None:
+        res, eval_s = seen["final"]
+    else:
+        t1 = time.perf_counter()
+        res = evaluate("tofu", out / "model", out / "eval", **fq, **opts)
+        eval_s = time.perf_counter() - t1
     result = {"name": run.name, "method": run.method, "seed": run.seed, "train_seconds": train_s,
               "eval_seconds": eval_s, **_summary(res), "results": res, "epochs": epochs}  # fmt: skip
     write_json_atomic(result, out / RESULT, indent=1)

@@ -75,6 +75,9 @@ def test_toy_study_writes_table_plots_manifest(study_run, data_dir):
     assert not (root / "runs" / "ga_seed0" / "epochs" / "step0").exists()
     assert epochs[0]["forget_quality"] == runs["target"]["forget_quality"]
     assert (root / "runs" / "ga_seed0" / "epochs" / "step1" / "eval_log_forget.json").is_file()
+    # the last step's evaluation is the run's own (not evaluated twice)
+    assert not (root / "runs" / "ga_seed0" / "epochs" / "step2").exists()
+    assert epochs[-1]["model_utility"] == runs["ga_seed0"]["model_utility"]
     assert runs["graddiff_seed0"]["epochs"] == []
     # the data files are what the study says: forget01's first rows, a seeded retain99 subset
     forget = [json.loads(x) for x in (root / "runs" / "data" / "forget.jsonl").read_text().splitlines()]
