@@ -295,13 +295,18 @@ def plot_scatter(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in rows:
-        fq = max(r["forget_quality"] or 1e-30, 1e-30)
+        if r["forget_quality"] is None:  # the retain model is the reference of FQ: its MU as a line
+            ax.axvline(r["model_utility"], color="grey", linestyle=":", label=f"{r['method']} model MU")
+            continue
+        fq = max(r["forget_quality"], 1e-30)
         ax.scatter(r["model_utility"], fq, marker="*" if r["method"] in ("target", "retain") else "o")
         ax.annotate(f"{r['method']}/{r['seed']}", (r["model_utility"], fq), fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("Model Utility")
     ax.set_ylabel("Forget Quality (KS p-value vs retain model)")
     ax.set_title("TOFU forget01, SmolLM2-135M")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     _save(fig, path)
 
