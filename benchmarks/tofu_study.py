@@ -294,13 +294,16 @@ def plot_scatter(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in rows:
+    level: dict[float, int] = {}  # FQ takes few values (KS statistic k/40): stagger labels on one level
+    for r in sorted(rows, key=lambda r: r["model_utility"]):
         if r["forget_quality"] is None:  # the retain model is the reference of FQ: its MU as a line
             ax.axvline(r["model_utility"], color="grey", linestyle=":", label=f"{r['method']} model MU")
             continue
         fq = max(r["forget_quality"], 1e-30)
         ax.scatter(r["model_utility"], fq, marker="*" if r["method"] in ("target", "retain") else "o")
-        ax.annotate(f"{r['method']}/{r['seed']}", (r["model_utility"], fq), fontsize=7)
+        i = level[round(fq, 6)] = level.get(round(fq, 6), -1) + 1
+        ax.annotate(f"{r['method']}/{r['seed']}", (r["model_utility"], fq), fontsize=7,
+                    xytext=(3, 4 if i % 2 == 0 else -10), textcoords="offset points")  # fmt: skip
     ax.set_yscale("log")
     ax.set_xlabel("Model Utility")
     ax.set_ylabel("Forget Quality (KS p-value vs retain model)")
