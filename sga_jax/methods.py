@@ -199,7 +199,7 @@ def _sga_per_step(m: C.SGAConfig) -> Method:
             return jnp.mean(sequence_nll(model, batch["normal"]))
 
         extra["normal_grads"] = normal_loss
-    parts = [T.sga(r=m.r, K=m.k, rate=m.rate, r_min=m.r_min, r_max=m.r_max)]
+    parts = [T.sga(r=m.r, K=m.k, rate=m.rate, r_min=m.r_min, r_max=m.r_max, fallback=m.fallback)]
     if m.retain_weight:
 
         def retain_term(model, batch):

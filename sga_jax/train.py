@@ -28,6 +28,7 @@ import dataclasses
 import math
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ from sga_jax.metrics_log import MetricsLog
 from sga_jax.models.hf import save_model
 from sga_jax.models.lora import lora_filter
 from sga_jax.models.sharding import batch_sharding
+from sga_jax.transforms.sga import rate_record, warn_rate_range
 
 Batch = dict[str, np.ndarray]
 _KEYS = ("input_ids", "attention_mask", "loss_mask")
@@ -226,9 +228,7 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_r
         params = optax.apply_updates(params, updates)
         grad_norm = optax.tree_utils.tree_norm(grads)
         metrics = {**({"loss": loss} if method.report_loss else {}), **aux, "grad_norm": grad_norm}
-        r = current_r(opt_state)
-        if r is not None:
-            metrics["r"] = r
+        metrics.update(rate_record(opt_state))
         return params, opt_state, metrics
 
     jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
@@ -399,13 +399,18 @@ def train_loop(
         for closable in (progress, log, ckpt):
             if closable is not None:
                 closable.close()
-    # The step donated the arrays ``model`` held: give it the trained ones (trained in place).
-    nnx.update(model, params)
+    _say(warn_rate_range(history, cfg.method))
+    nnx.update(model, params)  # the step donated the arrays ``model`` held: give it the trained ones
     model_dir = None
     if stop == steps and export:
         lora = cfg.model.lora.save if cfg.model.lora else "merged"  # PEFT adapter and/or merged weights
         model_dir = _export(model, out, tokenizer, t_cfg.keep_checkpoints, lora=lora)
     return RunResult(out, model_dir, stop, history, model)
+
+
+def _say(line: str | None) -> None:
+    if line:
+        print(f"sga-jax: {line}", file=sys.stderr)
 
 
 def _resumed(ckpt: Checkpointer, params, opt_state, resume: bool) -> tuple[Any, Any, int]:

@@ -36,7 +36,7 @@ def test_paper_and_min_norm_rates_are_their_closed_forms(seed):
     gf, gn = np.asarray(g_f["a"], np.float64), np.asarray(g_n["a"], np.float64)
     u = (K - 1) / K * gn - (1 - 1 / K) * gf
     for rate, expected in [("paper", gf @ u / (u @ u)), ("min_norm", -(gf @ u) / (u @ u))]:
-        tx = sga(K=K, rate=rate, r_min=-1e6, r_max=1.0)  # r <= 1 always (the loss's range)
+        tx = sga(K=K, rate=rate, r_min=-1e6, r_max=1.0, fallback="clip")  # r <= 1 always (the loss range)
         d, state = tx.update(g_f, tx.init(g_f), normal_grads=g_n)
         expected = min(expected, 1.0)
         assert float(state.r) == pytest.approx(expected, rel=1e-4)
@@ -64,9 +64,45 @@ def test_min_norm_is_positive_in_practice_and_default_clip_is_minus8_0():
     assert float(st.r) == pytest.approx(-4 / 3, rel=1e-6)
     _, st = sga(K=K, rate="paper", r_min=-1.0).update(g_f, sga(K=K).init(g_f), normal_grads=zero)
     assert float(st.r) == -1.0
-    d, st = sga(K=K, rate="min_norm").update(g_f, sga(K=K).init(g_f), normal_grads=zero)
-    assert float(st.r) == 0.0  # +4/3 clipped to the default r_max = 0: plain GA
+    d, st = sga(K=K, rate="min_norm", fallback="clip").update(g_f, sga(K=K).init(g_f), normal_grads=zero)
+    assert float(st.r) == 0.0  # +4/3 clipped to r_max = 0: plain GA
     np.testing.assert_array_equal(np.asarray(d["a"]), -np.ones(5))
+
+
+def test_paper_rate_above_r_max_takes_the_fallback_and_is_reported():
+    """Step 1: g_n = 0, u = -(3/4)·g_f, paper r* = -4/3 (admissible). Step 2: g_n = 3·g_f, u =
+    (9/4 - 3/4)·g_f = (3/2)·g_f, paper r* = +2/3 > r_max = 0 (normal gradients that exceed and align
+    with the forget gradient, as after a few GA steps). The fallback decides step 2's r; the state
+    keeps the unclipped r* and counts the step; the loop's warning names it."""
+    g_f = {"a": jnp.ones(5)}
+    steps = [{"a": jnp.zeros(5)}, {"a": 3.0 * jnp.ones(5)}]
+    used = {}
+    for fallback, expected in [("last", -4 / 3), ("fixed", -0.8), ("clip", 0.0)]:
+        tx = sga(r=-0.8, K=K, rate="paper", fallback=fallback)
+        st = tx.init(g_f)
+        for g_n in steps:
+            d, st = tx.update(g_f, st, normal_grads=g_n)
+        used[fallback] = float(st.r)
+        assert float(st.r) == pytest.approx(expected, rel=1e-6), fallback
+        assert float(st.r_star) == pytest.approx(2 / 3, rel=1e-6) and int(st.out_of_range) == 1
+        u = 1.5 * np.ones(5)  # d = -g_f - r·u with the r the fallback chose
+        np.testing.assert_allclose(np.asarray(d["a"]), -1.0 - expected * u, rtol=1e-6)
+    assert len(set(used.values())) == 3
+    with pytest.raises(ConfigError, match="fallback"):
+        sga(K=K, rate="paper", fallback="ga")
+    from sga_jax.transforms.sga import warn_rate_range
+
+    m = C.compose([], ["method=sga_paper_r"]).method
+    assert m.fallback == "last"
+    hist = [
+        {"step": 1, "r": -4 / 3, "r_star": -4 / 3, "r_out": 0},
+        {"step": 2, "r": -4 / 3, "r_star": 2 / 3, "r_out": 1},
+    ]
+    line = warn_rate_range(hist, m)
+    assert "1 of 2 steps" in line and "+0.667" in line and "last r* in range" in line, line
+    assert warn_rate_range(hist[:1], m) is None
+    fixed = C.compose([], ["method=sga"]).method
+    assert warn_rate_range(hist, fixed) is None  # a fixed r never leaves its range
 
 
 def test_optimal_is_refused_naming_both():
@@ -222,7 +258,7 @@ def test_kfade_keeps_the_last_partial_batch(tmp_path):
     full = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": loss}
     split = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]
     eigen = CV.estimate_curvature(model, [full], fisher="sampled", key=0)
-    kw = dict(curvature=eigen, steps=1, damping=1e-3, trust_region=1e-2)
+    kw = dict(curvature=eigen, retain_batches=[full], steps=1, trust_region=1e-2)
     _, d_one = KD.kfade_unlearn(model, [full], **kw)
     _, d_two = KD.kfade_unlearn(model, split, **kw)
     for a, b in zip(jax.tree.leaves(d_one), jax.tree.leaves(d_two)):

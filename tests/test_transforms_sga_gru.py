@@ -101,9 +101,11 @@ def test_per_step_rate_is_clipped(rate):
     g_f = jax.tree.map(jnp.ones_like, p)
     # g_n = -3·g_f: u = -(9/4 + 3/4)·g_f = -3·g_f, so paper r* = -1/3 and min_norm r* = +1/3.
     g_n = jax.tree.map(lambda x: -3.0 * x, g_f)
-    tx = sga(K=K, rate=rate, r_min=-0.25, r_max=0.25)
+    tx = sga(K=K, rate=rate, r_min=-0.25, r_max=0.25, fallback="clip")
     _, state = tx.update(g_f, tx.init(p), p, normal_grads=g_n)
     assert float(state.r) == pytest.approx(-0.25 if rate == "paper" else 0.25)
+    assert float(state.r_star) == pytest.approx(-1 / 3 if rate == "paper" else 1 / 3, rel=1e-5)
+    assert int(state.out_of_range) == 1
 
 
 def test_schedule_rate_and_logging():

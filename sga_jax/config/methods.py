@@ -141,7 +141,9 @@ class SGAConfig(MethodConfig):
     """Smoothed Gradient Ascent (arXiv 2510.22376): 1 forget + K−1 normal samples with smoothing
     rate ``r <= 1``. ``rate``: ``fixed`` uses ``r``; ``paper`` the paper's printed per-step
     ``r* = +<g_f,u>/||u||^2``; ``min_norm`` the step-norm minimiser ``-<g_f,u>/||u||^2`` (both
-    clipped to ``[r_min, r_max]``, default ``[-8, 0]``). ``normal_samples``: the K−1 normal samples
+    kept in ``[r_min, r_max]``, default ``[-8, 0]``; an r* above ``r_max`` takes ``fallback``:
+    ``last``, the last r* in range (or ``r``), ``fixed`` (``r``) or ``clip`` (``r_max``: with the
+    default 0 that step is plain GA)). ``normal_samples``: the K−1 normal samples
     of each forget row: ``embedding`` (nearest retain rows), ``random`` (random retain rows) or
     ``file`` (``normal_file``: a JSONL file, one line per forget row, ``{"texts": [K−1 strings]}``,
     as the paper's generated normal data). ``loss_reduction`` defaults to ``sequence`` (the
@@ -153,6 +155,7 @@ class SGAConfig(MethodConfig):
     rate: str = "fixed"
     r_min: float = -8.0
     r_max: float = 0.0
+    fallback: str = "last"
     normal_samples: str = "embedding"
     normal_file: str | None = None
     loss_reduction: str = "sequence"
@@ -180,6 +183,11 @@ class SGAConfig(MethodConfig):
             f"must be fixed, paper or min_norm, got {self.rate!r}",
         )
         _check(self.r_max <= 1, "method.r_max", f"must be <= 1, got {self.r_max}")
+        _check(
+            self.fallback in ("last", "fixed", "clip"),
+            "method.fallback",
+            f"must be last, fixed or clip, got {self.fallback!r}",
+        )
         _check(self.r_min <= self.r_max, "method.r_min", f"must be <= method.r_max, got {self.r_min}")
         _check(
             self.normal_samples in ("embedding", "random", "file"),
@@ -230,18 +238,25 @@ class FLATConfig(MethodConfig):
 @dataclass
 class KFADEConfig(MethodConfig):
     """K-FADE (arXiv 2602.10568): ``steps`` uphill Gauss-Newton steps on the forget NLL,
-    preconditioned by the K-FAC curvature of the retain set (``(F + λI)⁻¹``, λ = ``damping``), each
-    step's size set by a trust region on the quadratic model (``trust_region``: δ in
-    ``½ Δθᵀ(F + λI)Δθ ≤ δ``, with F the Fisher averaged over every attended (non-padding) retain
-    token, prompt included: a KL budget of about δ per attended token; ``max_step_size`` caps it).
-    ``fisher``: ``sampled`` (true Fisher) or ``empirical``. ``curvature_batches``: how many retain
+    preconditioned by the K-FAC curvature of the retain set, ``(F + Λ)⁻¹``. ``damping`` /
+    ``damping_mode``: ``relative`` (default) damps each block by ``damping`` × its mean eigenvalue;
+    ``absolute`` adds ``damping`` to every eigenvalue. ``trust_region`` δ and ``step_length``:
+    ``gauss_newton`` (default) sizes each step so that the exact Gauss-Newton quadratic of the retain
+    outputs (one jvp on a retain batch) is ``½ η² dᵀGd = δ``: a KL budget of δ per retain answer
+    token, to second order; ``kfac`` sizes it with K-FAC's own quadratic model (the literal trust
+    region, about 7000× too long on SmolLM2-135M). ``kl_guard``: a step whose measured retain KL
+    exceeds ``kl_guard`` × δ is shrunk, with one line saying so (null: off). ``max_step_size`` caps
+    η. ``fisher``: ``sampled`` (true Fisher) or ``empirical``. ``curvature_batches``: how many retain
     batches of ``train.batch_size`` rows estimate the curvature. The update Δθ is saved as
     ``delta.safetensors`` for ``sga-jax reapply``."""
 
     name: str = "kfade"
     steps: int = 3
-    damping: float = 1e-3
+    damping: float = 0.1
+    damping_mode: str = "relative"
     trust_region: float = 1e-2
+    step_length: str = "gauss_newton"
+    kl_guard: float | None = 2.0
     max_step_size: float | None = None
     curvature_batches: int = 8
     fisher: str = "sampled"
@@ -255,7 +270,27 @@ class KFADEConfig(MethodConfig):
         super().__post_init__()
         _check(self.steps >= 1, "method.steps", f"must be >= 1, got {self.steps}")
         _check(self.damping > 0, "method.damping", f"must be > 0, got {self.damping}")
+        _check(
+            self.damping_mode in ("relative", "absolute"),
+            "method.damping_mode",
+            f"must be relative or absolute, got {self.damping_mode!r}",
+        )
         _check(self.trust_region > 0, "method.trust_region", f"must be > 0, got {self.trust_region}")
+        _check(
+            self.step_length in ("gauss_newton", "kfac"),
+            "method.step_length",
+            f"must be gauss_newton or kfac, got {self.step_length!r}",
+        )
+        _check(
+            self.kl_guard is None or self.kl_guard >= 1,
+            "method.kl_guard",
+            f"must be >= 1 (a factor of method.trust_region) or null, got {self.kl_guard}",
+        )
+        _check(
+            self.max_step_size is None or self.max_step_size > 0,
+            "method.max_step_size",
+            f"must be > 0 or null, got {self.max_step_size}",
+        )
         _check(
             self.curvature_batches >= 1,
             "method.curvature_batches",
