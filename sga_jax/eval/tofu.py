@@ -221,6 +221,7 @@ def evaluate(
     formatter: PromptFormatter | None = None,
     retain_subset: int | None = None,
     subset_seed: int = 0,
+    hub_repo: str | None = None,
     **task_kwargs: Any,
 ) -> dict[str, Path]:
     """Run TOFU's four evaluation splits and write the official eval-log files into ``out_dir``.
@@ -228,7 +229,8 @@ def evaluate(
     ``limit`` keeps the first rows of each split (the official ``ds_size`` is 300; real authors and
     world facts have 100 and 117). ``retain_subset``: evaluate only that many of the retain split's
     rows (after ``limit``), drawn with ``subset_seed`` (:func:`subset_rows`); its log is keyed
-    0..n-1 in row order, as any eval log. Returns ``{file name: path}``.
+    0..n-1 in row order, as any eval log. ``hub_repo``: with ``source="hub"``, the dataset repository
+    (or a local copy of it) instead of ``locuslab/TOFU``. Returns ``{file name: path}``.
     """
     out = Path(out_dir)
     written = {}
@@ -238,13 +240,17 @@ def evaluate(
         config, base_key = EVAL_TASKS[task]
         if task == "eval_log_forget":
             config = f"{forget_split}_perturbed"
-        rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit)
+        rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
         if task == "eval_log" and retain_subset is not None:
             rows = [rows[i] for i in subset_rows(len(rows), retain_subset, subset_seed)]
         logs = evaluate_task(
             model, tokenizer, rows, base_answer_key=base_key, formatter=formatter, source=config,
             **task_kwargs,
         )  # fmt: skip
+        bad = next((k for k in ("avg_gt_loss", "avg_paraphrased_loss")
+                    if not np.isfinite(list(logs[k].values())).all()), None)  # fmt: skip
+        if bad is not None:  # a NaN log is no result (and not valid JSON): refused before it is written
+            raise DataError(f"TOFU {config}: the model's {bad} is NaN or inf (are its weights finite?)")
         written[f"{task}.json"] = write_json_atomic(logs, out / f"{task}.json", indent=4)
     return written
 
