@@ -333,3 +333,71 @@ def test_opt_rows_past_its_positions_are_refused_up_front(setup, tiny_opt, tmp_p
     assert main(_args(root, tiny_opt, run, f"data.forget={rows}", "train.batch_size=1")) == 2
     err = _err(capsys, "data.forget rows", "learned positions for only 32", "data.max_length")
     assert "max_forget_nll" not in err and not run.exists()
+
+
+# ---------------------------------------------------------------- checkpoints without checksums
+
+
+@pytest.mark.parametrize("damage", ["deleted", "unreadable"])
+def test_a_checkpoint_without_a_readable_checksum_is_not_trusted(setup, tmp_path, capsys, damage):
+    root, model = setup
+    out = tmp_path / "run"
+    assert (
+        main(_args(root, model, out, "train.steps=3", "train.stop_after=2", "train.keep_checkpoints=3")) == 0
+    )
+    sums = out / "checkpoints" / "checksums.json"
+    if damage == "deleted":
+        sums.unlink()
+    else:
+        sums.write_text("{not json")
+    biggest = max(
+        (p for p in (out / "checkpoints" / "2").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+    )
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    biggest.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(_args(root, model, out, "train.steps=3", "train.keep_checkpoints=3")) == 2
+    err = capsys.readouterr().err
+    assert "no readable checksum" in err and "no intact checkpoint" in err, err
+    assert not (out / "model").exists()
+
+
+# ------------------------------------------------------------------------------- late errors
+
+
+def test_retain_logs_of_another_split_are_refused_before_the_model_loads(setup, data_dir, tmp_path, capsys):
+    from sga_jax import config as C
+    from sga_jax.errors import ConfigError
+    from sga_jax.runner import check_before_training
+
+    root, model = setup
+    logs = data_dir / "tofu_eval_logs" / "phi-1.5_retain90"  # forget10, 300 questions
+    out = tmp_path / "out"
+    argv = ["eval", str(model), "-b", "tofu_forget01", "--out", str(out), "--retain-logs", str(logs)]
+    assert main(argv) == 2
+    _err(capsys, "300 forget questions, this evaluation 40")
+    assert not out.exists()
+    assert main([*argv[:3], "tofu", *argv[4:], "limit=10"]) == 2
+    _err(capsys, "300 forget questions, this evaluation 10")
+    cfg = C.compose([], ["data.forget=forget01", "eval.benchmark=tofu", f"eval.retain_logs={logs}"])
+    with pytest.raises(ConfigError, match="eval.retain_logs: .*300 forget questions, this evaluation 40"):
+        check_before_training(cfg)
+
+
+def test_generate_false_gives_every_number_but_model_utility(setup, tmp_path):
+    _, model = setup
+    out = tmp_path / "out"
+    assert main(["eval", str(model), "-b", "tofu_forget01", "--out", str(out), "limit=2", "generate=false",
+                 "progress=false"]) == 0  # fmt: skip
+    res = json.loads((out / "results.json").read_text())
+    assert res["model_utility"] is None and res["retain_rougeL"] is None
+    assert 0 < res["retain_prob"] < 1 and 0 <= res["forget_truth_ratio"] <= 1
+
+
+def test_negative_max_forget_nll_is_refused_when_the_config_is_read(setup, tmp_path, capsys):
+    root, model = setup
+    out = tmp_path / "run"
+    assert main(_args(root, model, out, "train.max_forget_nll=-1")) == 2
+    _err(capsys, "train.max_forget_nll", "must be > 0")
+    assert not out.exists()

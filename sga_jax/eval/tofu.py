@@ -287,7 +287,7 @@ def truth_ratios(log: dict[str, Any], name: str = "eval log") -> np.ndarray:
     return np.exp(pert - para)
 
 
-def split_metrics(log: dict[str, Any], file_name: str) -> dict[str, float]:
+def split_metrics(log: dict[str, Any], file_name: str) -> dict[str, float | None]:
     """Probability, ROUGE-L recall and truth-ratio score of one eval log (see module docstring)."""
     gt_prob = np.exp(-_values(log, "avg_gt_loss", file_name))
     if file_name.startswith("eval_log"):
@@ -295,7 +295,8 @@ def split_metrics(log: dict[str, Any], file_name: str) -> dict[str, float]:
     else:
         false_prob = np.exp(-_values(log, "average_perturb_loss", file_name))
         prob = float(np.mean(gt_prob / (gt_prob + false_prob.sum(axis=-1))))
-    rouge = float(np.mean(_values(log, "rougeL_recall", file_name)))
+    # generate=false logs no generations: no ROUGE, hence no Model Utility (the rest stands)
+    rouge = float(np.mean(_values(log, "rougeL_recall", file_name))) if "rougeL_recall" in log else None
     r = truth_ratios(log, file_name)
     if "forget" in file_name:
         tr = float(np.mean(np.minimum(r, 1.0 / r)))
@@ -309,7 +310,8 @@ def aggregate(unlearned_dir: str | os.PathLike, retain_dir: str | os.PathLike | 
 
     Returns ``{"model_utility", "forget_quality", "ks_statistic", "<split>_<metric>" ...}`` with split in
     retain / real_authors / world_facts / forget and metric in prob / rougeL / truth_ratio (the first
-    nine enter Model Utility). ``forget_quality`` is None without ``retain_dir``.
+    nine enter Model Utility). ``forget_quality`` is None without ``retain_dir``; ``model_utility``
+    and the ``*_rougeL`` entries are None for logs without generations (``generate=false``).
     """
     logs = read_logs(unlearned_dir)
     out: dict[str, Any] = {}
@@ -317,7 +319,7 @@ def aggregate(unlearned_dir: str | os.PathLike, retain_dir: str | os.PathLike | 
         for metric, value in split_metrics(logs[file_name], file_name).items():
             out[f"{split}_{metric}"] = value
     components = [out[f"{s}_{m}"] for s in MODEL_UTILITY_SPLITS for m in METRICS]
-    out["model_utility"] = float(hmean(components))
+    out["model_utility"] = None if None in components else float(hmean(components))
     out["forget_quality"] = out["ks_statistic"] = None
     if retain_dir is not None:
         retain = read_logs(retain_dir)
