@@ -114,13 +114,20 @@ class Checkpointer:
         tmp.write_text(json.dumps(sums, sort_keys=True))
         os.replace(tmp, self._sums_path())
 
-    def verify(self, step: int) -> bool:
-        """Whether checkpoint ``step`` still has the bytes it was saved with (True when it was
-        written before checksums were recorded)."""
+    def problem(self, step: int) -> str | None:
+        """Why checkpoint ``step`` cannot be trusted, or None: its bytes must match the SHA-256 that
+        ``checksums.json`` recorded; a checkpoint without a readable checksum (the file deleted or
+        damaged) is not trusted either."""
         entry = self._sums().get(str(step))
-        if entry is None:
-            return True
-        return self.path(step).is_dir() and tree_digest(self.path(step)) == entry.get("sha256")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            return f"no readable checksum for it in {self._sums_path()}"
+        if not self.path(step).is_dir() or tree_digest(self.path(step)) != entry["sha256"]:
+            return "its files do not match their checksum"
+        return None
+
+    def verify(self, step: int) -> bool:
+        """Whether checkpoint ``step`` still has the bytes it was saved with (:meth:`problem`)."""
+        return self.problem(step) is None
 
     def mark_good(self, step: int) -> None:
         """The divergence guard measured checkpoint ``step``'s parameters and found them good."""
@@ -168,7 +175,7 @@ class Checkpointer:
             raise ConfigError(f"no checkpoint to restore in {self.directory}")
         damaged: list[int] = []
         for i, step in enumerate(steps):
-            problem = None if self.verify(step) else "its files do not match their checksum"
+            problem = self.problem(step)
             if problem is None:
                 try:
                     restored = self._restore(step, abstract_state)
@@ -191,8 +198,9 @@ class Checkpointer:
         )
 
     def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        if not self.verify(step):
-            raise ConfigError(f"checkpoint {self.path(step)} does not match its checksum (damaged)")
+        problem = self.problem(step)
+        if problem is not None:
+            raise ConfigError(f"checkpoint {self.path(step)} is not trusted: {problem}")
         target = jax.tree.map(_abstract, abstract_state)
         restored = self._manager.restore(
             step,
@@ -271,8 +279,9 @@ def load_params(checkpoint_dir: str | Path, abstract_params: Any, step: int | No
         step = ckpt.last_good() if step is None else step
         if step is None:
             raise ConfigError(f"no intact checkpoint in {checkpoint_dir}")
-        if not ckpt.verify(step):
-            raise ConfigError(f"checkpoint {ckpt.path(step)} does not match its checksum (damaged)")
+        problem = ckpt.problem(step)
+        if problem is not None:
+            raise ConfigError(f"checkpoint {ckpt.path(step)} is not trusted: {problem}")
         params = ckpt.restore_params(step, abstract_params)
         missing = [
             jax.tree_util.keystr(path)

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", "-b", required=True, help="tofu, tofu_forget01/05/10, muse_news ...")
     p.add_argument("--out", "-o", required=True, help="output folder for results and eval logs")
     p.add_argument("--retain-logs", default=None, help="the retain model's TOFU eval folder (Forget Quality)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="write into OUT even if it holds files sga_jax did not write"
+    )
     p.add_argument("options", nargs="*", metavar="key=value", help="extra options for the evaluator")
 
     p = sub.add_parser("convert", help="GGUF or HF dir -> HF safetensors dir")
@@ -182,11 +185,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not model.exists():
         raise ModelLoadError(f"model not found: {model}")
     options = _parse_options(args.options)
-    if args.retain_logs:
-        from sga_jax.runner import check_retain_logs
-
-        check_retain_logs(args.retain_logs)  # checked before the evaluation, not after it
-        options["retain_logs"] = args.retain_logs
     from sga_jax.eval.run import BENCHMARKS, evaluate
 
     bench = args.benchmark
@@ -198,7 +196,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_options(bench, options)  # before the model is loaded or --out is created
     if options.get("data_dir") is not None and bench in ("tofu", "muse_news"):
         options["data_dir"] = benchmark_dir(str(options["data_dir"]), bench)
-    out = Path(args.out).expanduser()
+    out = _eval_destination(args, model)
+    if args.retain_logs:
+        from sga_jax.runner import check_retain_logs
+
+        # checked before the evaluation, not after it: readable, and over the same forget questions
+        check_retain_logs(args.retain_logs, options if bench == "tofu" else None)
+        options["retain_logs"] = args.retain_logs
     created = not out.exists()
     try:
         results = evaluate(bench, str(model), out, **options)
@@ -210,6 +214,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if isinstance(results, dict):
         _print_eval(results)
     return 0
+
+
+def _eval_destination(args: argparse.Namespace, model: Path) -> Path:
+    """``--out`` as ``convert``'s destination: new, empty, written by sga_jax or ``--overwrite``; never
+    the model's folder, and never a folder holding ``--retain-logs`` (they would be overwritten)."""
+    from sga_jax.fsutil import check_destination
+
+    out = Path(args.out).expanduser()
+    if args.retain_logs:
+        logs = Path(args.retain_logs).expanduser().resolve()
+        if logs == out.resolve() or out.resolve() in logs.parents:
+            raise ConfigError(
+                f"--retain-logs {args.retain_logs} is inside --out {args.out}: the evaluation would "
+                "overwrite the retain model's logs; choose another --out"
+            )
+    return check_destination(out, sources=(model,), overwrite=args.overwrite)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

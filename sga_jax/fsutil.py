@@ -15,6 +15,8 @@ import os
 import shutil
 import socket
 import stat
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from sga_jax.errors import ConfigError, ModelLoadError
@@ -30,10 +32,11 @@ def _inside(child: Path, parent: Path) -> bool:
 def check_destination(dst: str | os.PathLike, *, sources: tuple = (), overwrite: bool = False) -> Path:
     """Refuse a destination folder we must not replace; return it (expanded).
 
-    Allowed: a path that does not exist, an empty folder, a folder we exported before (it holds
-    :data:`EXPORT_MARKER`) or any folder when ``overwrite``. Never allowed, even with ``overwrite``:
-    a file in the way, or a folder that is or contains one of ``sources`` (replacing it would delete
-    the input)."""
+    Allowed: a path that does not exist, an empty folder, a folder whose every file is listed in its
+    :data:`EXPORT_MARKER` (the files an earlier export of ours wrote; a file the user added since,
+    e.g. ``NOTES.md`` or ``eval/``, makes the folder theirs) or any folder when ``overwrite``. Never
+    allowed, even with ``overwrite``: a file in the way, or a folder that is or contains one of
+    ``sources`` (replacing it would delete the input)."""
     out = Path(dst).expanduser()
     real = out.resolve()
     for src in sources:
@@ -46,16 +49,72 @@ def check_destination(dst: str | os.PathLike, *, sources: tuple = (), overwrite:
         return out
     if not out.is_dir() or out.is_symlink():
         raise ConfigError(f"destination {out} exists and is not a folder")
-    if overwrite or (out / EXPORT_MARKER).is_file() or not any(out.iterdir()):
+    if overwrite or not any(out.iterdir()):
         return out
-    raise ConfigError(
-        f"destination {out} is a non-empty folder that sga_jax did not write; choose another folder "
-        "or pass --overwrite to replace it"
-    )
+    if not (out / EXPORT_MARKER).is_file():
+        raise ConfigError(
+            f"destination {out} is a non-empty folder that sga_jax did not write; choose another folder "
+            "or pass --overwrite to replace it"
+        )
+    foreign = foreign_files(out)
+    if foreign:
+        raise ConfigError(
+            f"destination {out} holds {len(foreign)} files sga_jax did not write (e.g. {foreign[0]}); "
+            "choose another folder or pass --overwrite to replace it"
+        )
+    return out
 
 
-def write_marker(folder: Path) -> None:
-    (folder / EXPORT_MARKER).write_text("written by sga_jax; this folder may be replaced by a later export\n")
+# Names an export wrote before markers listed their files (a plain-text marker): model, config and
+# tokenizer files at the top level or in ``adapter/``.
+_LEGACY_EXPORT = (".json", ".safetensors", ".txt", ".model", ".jinja")
+
+
+def _listed(folder: Path) -> set[str] | None:
+    """The files the marker of ``folder`` lists; None for a plain-text marker of an older export."""
+    try:
+        doc = json.loads((folder / EXPORT_MARKER).read_text())
+    except (OSError, ValueError, UnicodeError, RecursionError):
+        return None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    return {str(f) for f in files} if isinstance(files, list) else None
+
+
+def foreign_files(folder: Path) -> list[str]:
+    """The files (and links) under ``folder`` that its marker does not list as written by sga_jax."""
+    listed = _listed(folder)
+    found = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if rel == EXPORT_MARKER or (p.is_dir() and not p.is_symlink()):
+            continue
+        if listed is not None:
+            ours = rel in listed and not p.is_symlink()
+        else:
+            parts = rel.split("/")
+            ours = (len(parts) == 1 or (len(parts) == 2 and parts[0] == "adapter")) and (
+                p.suffix in _LEGACY_EXPORT and not p.is_symlink()
+            )
+        if not ours:
+            found.append(rel)
+    return found
+
+
+def write_marker(folder: Path, files: Iterable[str] | None = None) -> None:
+    """Write :data:`EXPORT_MARKER` listing the files sga_jax wrote into ``folder``: ``files``
+    (relative names) added to those an earlier marker listed, or, when None, every file now under
+    ``folder`` (a fresh temporary export folder holds only ours)."""
+    if files is None:
+        names = {
+            p.relative_to(folder).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and p.name not in (EXPORT_MARKER, PARTIAL_MARKER)
+        }
+    else:
+        names = set(files) | (_listed(folder) or set())
+    doc = {"written_by": "sga_jax", "note": "only these files may be replaced by a later export",
+           "files": sorted(names)}  # fmt: skip
+    atomic_write_text(folder / EXPORT_MARKER, json.dumps(doc, indent=1) + "\n")
 
 
 # Inside an export's temporary folder (``.NAME.XXXXXXXX`` beside NAME) until it is renamed into
@@ -148,7 +207,7 @@ class FolderLock:
     def acquire(self) -> FolderLock:
         import fcntl  # POSIX only: imported where the lock is taken, so the module imports anywhere
 
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_nofollow(self.path, os.O_RDWR | os.O_CREAT, what="the run lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -177,6 +236,49 @@ class FolderLock:
         self.release()
 
 
+def refuse_link(path: Path, what: str = "file") -> None:
+    """A ConfigError when ``path`` is a symbolic link: sga_jax never writes through one (a linked
+    ``.lock`` or ``metrics.jsonl`` would truncate or replace the file it points to)."""
+    if Path(path).is_symlink():
+        raise ConfigError(
+            f"{what} {path} is a symbolic link; sga_jax does not write through links: remove it "
+            "or use another folder"
+        )
+
+
+def open_nofollow(path: Path, flags: int, mode: int = 0o666, *, what: str = "file") -> int:
+    """``os.open`` with ``O_NOFOLLOW``: a link at ``path`` is refused (ConfigError), not followed."""
+    try:
+        return os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP or Path(path).is_symlink():
+            refuse_link(path, what)
+        raise
+
+
+def ordinary_file_mode(path: str | os.PathLike) -> None:
+    """Give ``path`` the mode of an ordinary file of the user's (``0666 & ~umask``): ``mkstemp`` and
+    safetensors' writer make 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` via a temporary file renamed into place (a link at ``path`` is replaced, never
+    written through), with the user's umask."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        ordinary_file_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def describe_os_error(e: OSError) -> str:
     """One line for an I/O fault: the file, the cause and, for a full disk, the space left."""
     name = e.filename or getattr(e, "filename2", None)
@@ -197,8 +299,13 @@ __all__ = [
     "EXPORT_MARKER",
     "FolderLock",
     "PARTIAL_MARKER",
+    "atomic_write_text",
     "check_destination",
     "describe_os_error",
+    "foreign_files",
+    "open_nofollow",
+    "ordinary_file_mode",
+    "refuse_link",
     "mark_partial",
     "remove_stale_partials",
     "regular_file",

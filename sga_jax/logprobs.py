@@ -26,6 +26,26 @@ from sga_jax import kernels
 from sga_jax.errors import DataError
 
 
+def position_limit(model: Any) -> int | None:
+    """The longest sequence a model with a learned position table (OPT) can read, its
+    ``max_position_embeddings``; None for rotary models, which have no table to run off. Past the
+    table JAX's gather fills NaN: a silent NaN perplexity, or a NaN training loss."""
+    if getattr(model, "embed_positions", None) is None:
+        return None
+    return int(model.config.max_position_embeddings)
+
+
+def check_positions(model: Any, length: int, what: str, advice: str) -> None:
+    """A DataError when ``length`` tokens run past :func:`position_limit` (``what`` names them,
+    ``advice`` says which setting to lower)."""
+    limit = position_limit(model)
+    if limit is not None and length > limit:
+        raise DataError(
+            f"{what} reach {length} tokens, but {model.config.model_type} has learned positions for "
+            f"only {limit} (max_position_embeddings); {advice} to {limit} or lower"
+        )
+
+
 @runtime_checkable
 class Model(Protocol):
     """What log-probs, the methods and K-FAC need of a model (docs/interfaces.md, "Models"): every

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
+
+from sga_jax.fsutil import atomic_write_text, open_nofollow, refuse_link
 
 
 def _logged_step(line: str) -> float:
@@ -23,10 +26,12 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
+        refuse_link(path, "metrics log")  # written through, a link would replace the file it names
         if path.exists():  # drop lines a resumed run will write again
             kept = [line for line in path.read_text().splitlines() if _logged_step(line) <= resume_step]
-            path.write_text("".join(x + "\n" for x in kept))
-        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
+        fd = open_nofollow(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, what="metrics log")
+        self._file = os.fdopen(fd, "a")
         self._tb = None
         try:  # optional: TensorBoard scalars when tensorboardX is installed
             from tensorboardX import SummaryWriter  # type: ignore[import-not-found]

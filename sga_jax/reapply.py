@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from sga_jax.errors import ModelLoadError
-from sga_jax.fsutil import check_destination
+from sga_jax.fsutil import check_destination, ordinary_file_mode
 from sga_jax.models import hf
 
 FORMAT = "sga_jax.delta/1"
@@ -78,6 +78,7 @@ def save_delta(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        ordinary_file_mode(tmp)  # mkstemp / safetensors make 0600: the user's umask instead
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -134,12 +135,19 @@ def apply_delta(model: nnx.Module, tensors: dict[str, np.ndarray], *, scale: flo
                     f"delta tensor {name!r} has shape {tuple(tensors[name].shape)}, the model's is "
                     f"{tuple(target_shape[::-1]) if transpose else tuple(target_shape)}"
                 )
-            if i is None:
-                host = host + scale * d
-            else:
-                host[i] = host[i] + scale * d
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+                if i is None:
+                    host = host + scale * d
+                else:
+                    host[i] = host[i] + scale * d
             used.add(name)
-        var.set_value(jax.device_put(host.astype(value.dtype), getattr(value, "sharding", None)))
+        new = host.astype(value.dtype)
+        if not np.isfinite(new.astype(np.float32)).all():  # the sum overflowed: never write an inf model
+            raise ModelLoadError(
+                f"applying the delta with scale {scale:g} gives NaN or inf in {names[0]!r} (beyond "
+                f"{np.dtype(value.dtype).name}'s range); use a smaller --scale"
+            )
+        var.set_value(jax.device_put(new, getattr(value, "sharding", None)))
     unknown = sorted(set(tensors) - used)
     if unknown:
         raise ModelLoadError(

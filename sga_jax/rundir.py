@@ -4,9 +4,7 @@ written whole (a temporary file renamed into place)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from omegaconf import OmegaConf
 
 from sga_jax import config as C
 from sga_jax.errors import ConfigError
-from sga_jax.fsutil import FolderLock, remove_stale_partials
+from sga_jax.fsutil import FolderLock, atomic_write_text, refuse_link, remove_stale_partials
 from sga_jax.train import BOOKKEEPING
 
 # What a run writes into its output_dir: a folder holding any of these holds a run.
@@ -46,6 +44,8 @@ def check_output_dir(cfg: C.RunConfig) -> Path:
             f"model.path {model} is inside output_dir {out}: the run would overwrite its own input; "
             "use another output_dir"
         )
+    for name in (*RUN_ARTEFACTS, ".lock", "tensorboard"):  # never written through a link
+        refuse_link(out / name, "output_dir entry")
     found = [a for a in RUN_ARTEFACTS if (out / a).exists()]
     if not found:
         return out
@@ -99,15 +99,5 @@ def locked(out: Path) -> Iterator[Path]:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write via a temporary file renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600: an ordinary file of the user's
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write via a temporary file renamed into place (:func:`sga_jax.fsutil.atomic_write_text`)."""
+    atomic_write_text(path, text)

@@ -28,11 +28,12 @@ from sga_jax import config as C
 from sga_jax.data.formatting import PromptFormatter
 from sga_jax.data.normal_samples import normal_index
 from sga_jax.data.splits import encode, flat_templates, load_normal_file, load_rows, template_rows
+from sga_jax.data.tofu import load_tofu
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.eval.run import evaluate as run_eval
 from sga_jax.eval.tofu import read_logs
 from sga_jax.kfade_driver import run_kfade
-from sga_jax.logprobs import batched_nll
+from sga_jax.logprobs import batched_nll, check_positions
 from sga_jax.models import hf
 from sga_jax.models.locate import resolve_model_path
 from sga_jax.models.lora import apply_lora
@@ -138,6 +139,11 @@ def prepare(cfg: C.RunConfig) -> Prepared:
         remat=cfg.model.remat,
         attention=cfg.model.attention,
     )
+    for name in ("forget", "retain", "normal", "template"):  # OPT: rows past its position table
+        batch = getattr(data, name)
+        if batch is not None:
+            longest = int(np.asarray(batch["attention_mask"]).sum(axis=1).max())
+            check_positions(model, longest, f"data.{name} rows", "set data.max_length")
     if cfg.model.lora is not None:  # adapters on the loaded model; only they train (train.split_model)
         apply_lora(model, cfg.model.lora, nnx.Rngs(cfg.train.seed), mesh=mesh)
     attach_method_data(model, data, cfg.method, need, seed=cfg.train.seed)
@@ -148,9 +154,22 @@ def prepare(cfg: C.RunConfig) -> Prepared:
 # ------------------------------------------------------------------------------------------ run
 
 
-def check_retain_logs(path: str) -> None:
-    """The retain model's TOFU eval logs must be readable: checked before a run, not after it."""
-    read_logs(path)
+def check_retain_logs(path: str, options: Mapping[str, Any] | None = None) -> None:
+    """The retain model's TOFU eval logs must be readable and, given the TOFU evaluation's
+    ``options`` (forget split, limit, local data), cover as many forget questions as it will score:
+    checked before a run or an evaluation, not after it."""
+    logs = read_logs(path)
+    if options is None or options.get("source", "local") != "local":
+        return
+    split = options.get("forget_split", "forget10")
+    limit = options.get("limit") or 300  # the official TOFU evaluation size (sga_jax.eval.run)
+    rows = load_tofu(f"{split}_perturbed", data_dir=options.get("data_dir"), limit=limit)
+    theirs = len(logs["eval_log_forget.json"].get("avg_gt_loss", {}))
+    if theirs != len(rows):
+        raise DataError(
+            f"retain logs {path} cover {theirs} forget questions, this evaluation {len(rows)} "
+            f"({split}, limit {limit}): Forget Quality needs the same forget split and limit on both sides"
+        )
 
 
 def check_before_training(cfg: C.RunConfig) -> None:
@@ -158,8 +177,15 @@ def check_before_training(cfg: C.RunConfig) -> None:
     and a float16 run on the CPU (XLA:CPU has no float16 matmul with float32 accumulation, so the
     first step would raise deep inside the compiled step)."""
     if cfg.eval.benchmark == "tofu" and cfg.eval.retain_logs:
+        logs = Path(cfg.eval.retain_logs).expanduser().resolve()
+        where = (Path(cfg.output_dir).expanduser() / "eval").resolve()
+        if logs == where or where in logs.parents:
+            raise ConfigError(
+                f"eval.retain_logs {cfg.eval.retain_logs} is inside the run's evaluation folder {where}: "
+                "it would overwrite the retain model's logs; use another output_dir"
+            )
         try:
-            check_retain_logs(cfg.eval.retain_logs)
+            check_retain_logs(cfg.eval.retain_logs, eval_options(cfg))
         except DataError as e:
             raise ConfigError(f"eval.retain_logs: {e}") from None
     half = [k for k in ("dtype", "param_dtype") if getattr(cfg.model, k) == "float16"]
@@ -181,6 +207,8 @@ def eval_options(cfg: C.RunConfig) -> dict[str, Any]:
         opts.setdefault("forget_split", cfg.data.forget)
     if cfg.data.source == "hub" and cfg.eval.benchmark in ("tofu", "muse_news"):
         opts.setdefault("source", "hub")
+        if cfg.data.hub_repo and cfg.eval.benchmark == cfg.data.benchmark:  # the user's copy, as in training
+            opts.setdefault("hub_repo", cfg.data.hub_repo)
     if cfg.data.data_dir and cfg.eval.benchmark in ("tofu", "muse_news"):
         opts.setdefault("data_dir", benchmark_dir(cfg.data.data_dir, cfg.eval.benchmark))
     return opts

@@ -71,3 +71,36 @@ def test_smollm2_first_16_tokens(smollm2_jax, smollm2_torch, smollm2_tokenizer):
         smollm2_jax, prompts, max_new_tokens=16, eos_token_id=eos, pad_token_id=pad, batch_size=3
     )
     assert got.tokens == ref
+
+
+def _ragged_prompts(lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, 96, size=n).tolist() for n in lengths]
+
+
+def test_tiny_opt_ragged_left_padded_token_identical(tmp_path):
+    """OPT's learned absolute positions: a wrong offset for left-padded rows changes every token
+    (RoPE's relative positions hide it on Llama)."""
+    path, torch_model = write_tiny_hf("opt", tmp_path / "opt")
+    model = sga_jax.load_model(path)
+    prompts = _ragged_prompts((5, 19, 3, 11, 1, 8))
+    ref = hf_greedy(torch_model, prompts, 12, eos=-1, pad=1)
+    got = greedy_generate(model, prompts, max_new_tokens=12, eos_token_id=None, pad_token_id=1, batch_size=4)
+    assert got.tokens == ref
+
+
+def test_tiny_phi3_longrope_across_original_max_position_embeddings(tmp_path):
+    """Phi-3 longrope: prompts and continuations on both sides of original_max_position_embeddings
+    (32), where transformers switches from the short to the long factors."""
+    scaling = {"type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.2], "long_factor": [1.1, 2.0, 3.5, 5.0]}
+    path, torch_model = write_tiny_hf(
+        "phi3", tmp_path / "phi3", original_max_position_embeddings=32, rope_scaling=scaling
+    )
+    model = sga_jax.load_model(path)
+    for lengths in ((20, 9, 14), (30, 26, 31), (36, 12, 40)):  # short -> long mid-generation, long
+        prompts = _ragged_prompts(lengths)
+        ref = hf_greedy(torch_model, prompts, 8, eos=-1, pad=0)
+        got = greedy_generate(
+            model, prompts, max_new_tokens=8, eos_token_id=None, pad_token_id=0, batch_size=3
+        )
+        assert got.tokens == ref, lengths

@@ -250,6 +250,11 @@ class TrainConfig:
         )
         _check(self.log_every >= 1, "train.log_every", f"must be >= 1, got {self.log_every}")
         _check(
+            self.max_forget_nll is None or self.max_forget_nll > 0,
+            "train.max_forget_nll",
+            f"must be > 0 (nats per token) or null, got {self.max_forget_nll}",
+        )
+        _check(
             self.stop_after is None or self.stop_after >= 1,
             "train.stop_after",
             f"must be >= 1, got {self.stop_after}",

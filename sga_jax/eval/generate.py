@@ -20,6 +20,7 @@ from flax import nnx
 
 from sga_jax.data.batching import bucket_length
 from sga_jax.errors import ConfigError, DataError
+from sga_jax.logprobs import check_positions
 
 
 @dataclasses.dataclass
@@ -94,6 +95,38 @@ def _checked_lengths(
     return lengths
 
 
+def _check_reach(model: Any, lengths: Sequence[int], max_new_tokens: int, max_length: int | None) -> None:
+    """Before any call: the last position fed (prompt + new tokens - 1; the last new token is not
+    fed) must lie inside a learned position table (OPT)."""
+    new = [max_new_tokens if max_length is None else min(max_new_tokens, max_length - n) for n in lengths]
+    reach = max((n + k - 1 for n, k in zip(lengths, new)), default=0)
+    check_positions(model, reach, "prompts with their new tokens", "lower max_new_tokens / max_length")
+
+
+def _longrope_switch(model: Any, longest: int, n_new: int) -> int | None:
+    """The number of new tokens after which transformers' Phi-3 drops its cache and recomputes it
+    with the long factors (``Phi3ForCausalLM.prepare_inputs_for_generation``: when the input reaches
+    ``original_max_position_embeddings + 1`` tokens with a shorter cache), or None."""
+    rope = getattr(model.config, "rope", None)
+    if getattr(rope, "rope_type", None) != "longrope":
+        return None
+    switch = rope.original_max_position_embeddings + 1 - longest
+    return switch if 1 <= switch <= n_new - 1 else None
+
+
+def _run(model, rows, n_new, batch_size, p_len, cache_len, cap, eos, pad, calls) -> np.ndarray:
+    """One :func:`_greedy` call on left-padded ``rows``: its new tokens ``[batch_size, >= n_new]``."""
+    ids, mask = _left_padded(rows, batch_size, p_len, pad)
+    cache_len = cache_len if cap is None else min(cache_len, cap)
+    out, steps = _greedy(
+        model, jnp.asarray(ids), jnp.asarray(mask), jnp.int32(n_new), cache_len=cache_len,
+        eos_ids=eos, pad_id=int(pad),
+    )  # fmt: skip
+    if calls is not None:
+        calls.append(("generate", batch_size, p_len, cache_len, int(steps)))
+    return np.asarray(out)
+
+
 def _left_padded(prompts: Sequence[Sequence[int]], rows: int, length: int, pad: int):
     """``(ids, mask)`` ``[rows, length]``: the prompts left-padded (the rows past them all pad)."""
     ids = np.full((rows, length), pad, np.int32)
@@ -137,6 +170,7 @@ def greedy_generate(
     prompt length, cache length, decode steps run)`` (what :mod:`sga_jax.eval.flops` counts).
     """
     lengths = _checked_lengths(prompts, max_new_tokens, batch_size, max_length)
+    _check_reach(model, lengths, max_new_tokens, max_length)
     eos = _eos_tuple(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos[0] >= 0 else 0)
     order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(prompts))
@@ -151,20 +185,16 @@ def greedy_generate(
         longest = max(lengths[i] for i in idx)
         p_len = bucket_length(longest, bucket)
         n_new = max_new_tokens if max_length is None else min(max_new_tokens, max_length - longest)
-        ids, mask = _left_padded([prompts[i] for i in idx], batch_size, p_len, pad)
-        cache_len = p_len + new_bucket if cap is None else min(p_len + new_bucket, cap)
-        out, steps = _greedy(
-            model,
-            jnp.asarray(ids),
-            jnp.asarray(mask),
-            jnp.int32(n_new),
-            cache_len=cache_len,
-            eos_ids=eos,
-            pad_id=int(pad),
-        )
-        out = np.asarray(out)
-        if calls is not None:
-            calls.append(("generate", batch_size, p_len, cache_len, int(steps)))
+        rows = [list(prompts[i]) for i in idx]
+        switch = _longrope_switch(model, longest, n_new)
+        if switch is None:
+            out = _run(model, rows, n_new, batch_size, p_len, p_len + new_bucket, cap, eos, pad, calls)
+        else:  # HF Phi-3 recomputes the cache once the sequence passes original_max_position_embeddings
+            first = _run(model, rows, switch, batch_size, p_len, p_len + new_bucket, cap, eos, pad, calls)
+            rows = [r + first[k, :switch].tolist() for k, r in enumerate(rows)]
+            p2 = bucket_length(longest + switch, bucket)
+            rest = _run(model, rows, n_new - switch, batch_size, p2, p2 + new_bucket, None, eos, pad, calls)
+            out = np.concatenate([first[:, :switch], rest], axis=1)
         for row, i in enumerate(idx):
             tokens[i] = _through_eos(out[row, :n_new].tolist(), eos)
         if progress is not None:

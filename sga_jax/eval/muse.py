@@ -72,10 +72,11 @@ def verbmem(
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    hub_repo: str | None = None,
 ) -> dict[str, Any]:
     """``{"verbmem_f": mean ROUGE-L F1 × 100, "rougeL_recall": ..., "logs": [...]}``
     (``progress``: a bar on stderr over the prompts)."""
-    rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit)
+    rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
     outputs = _generate(
         model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, "verbmem", progress
     )
@@ -106,11 +107,12 @@ def knowmem(
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    hub_repo: str | None = None,
 ) -> dict[str, Any]:
     """``{"knowmem_<split>": mean ROUGE-L F1 × 100, ...}`` with the split's ICL examples
     (``progress``: a bar on stderr over the questions)."""
-    rows = data.load_knowmem(split, source=source, data_dir=data_dir, limit=limit)
-    icl = data.load_knowmem(split, icl=True, source=source, data_dir=data_dir)
+    rows = data.load_knowmem(split, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
+    icl = data.load_knowmem(split, icl=True, source=source, data_dir=data_dir, hub_repo=hub_repo)
     general = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in icl)
     prompts = [general + f"Question: {r['question']}\nAnswer: " for r in rows]
     generated = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, f"knowmem_{split}", progress)
@@ -139,6 +141,7 @@ def privleak(
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
+    hub_repo: str | None = None,
 ) -> dict[str, Any]:
     """``{"auc": MUSE's forget_holdout AUC (Min-K%), "privleak": % change vs retrain_auc or None}``
     (the convention of the module docstring: a model that knows the forget texts has AUC near 0)."""
@@ -146,7 +149,8 @@ def privleak(
         raise ConfigError(f"retrain_auc must be in (0, 1], got {retrain_auc}")
     scores = {}
     for split in ("forget", "holdout"):
-        texts = [r["text"] for r in data.load_privleak(split, source=source, data_dir=data_dir, limit=limit)]
+        rows = data.load_privleak(split, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
+        texts = [r["text"] for r in rows]
         with _bar(len(texts), f"privleak_{split}", progress) as bar:
             scores[split] = text_scores(
                 model, tokenizer, texts, k=k, max_length=max_length, batch_size=batch_size,
@@ -169,10 +173,11 @@ def evaluate(
     source: str = "local",
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    hub_repo: str | None = None,
 ) -> dict[str, Any]:
     """MUSE-News metrics; returns the numbers and a ``"logs"`` dict of per-item details.
     ``progress``: one tqdm bar on stderr per metric (and privleak split)."""
-    kw = dict(limit=limit, source=source, data_dir=data_dir, progress=progress)
+    kw = dict(limit=limit, source=source, data_dir=data_dir, progress=progress, hub_repo=hub_repo)
     out: dict[str, Any] = {"logs": {}}
     for metric in metrics:
         if metric == "verbmem_f":

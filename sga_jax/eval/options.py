@@ -77,12 +77,14 @@ OPTIONS: dict[str, dict[str, Check]] = {
         "retain_logs": _text,
         "retain_subset": _whole_or_null,
         "subset_seed": _seed,
+        "hub_repo": _text,
     },
     "muse_news": {
         "metrics": _list_of("verbmem_f", "knowmem_f", "knowmem_r", "privleak"),
         "retrain_auc": _auc_or_null,
         "batch_size": _whole,
         "progress": _flag,
+        "hub_repo": _text,
     },
     "ppl": {"data": _text, "max_length": _whole, "batch_size": _whole},
     "mia": {

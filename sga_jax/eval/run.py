@@ -17,6 +17,7 @@ Benchmarks:
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -35,9 +36,12 @@ from sga_jax.eval import muse, tofu
 from sga_jax.eval.mia import SCORES, auc, perplexity, text_scores
 from sga_jax.eval.options import check_options
 from sga_jax.eval.scoring import summed_nll
+from sga_jax.fsutil import write_marker
 from sga_jax.models.hf import load_model, load_tokenizer
 
 BENCHMARKS = ("tofu", "muse_news", "ppl", "mia", "wmdp")
+# The files each benchmark writes into its folder besides results.json (listed in its export marker).
+WRITES: dict[str, tuple[str, ...]] = {"tofu": tuple(tofu.FILES), "muse_news": ("muse_logs.json",)}
 
 
 def _texts(spec: str, limit: int | None, data_dir=None) -> list[str]:
@@ -129,6 +133,16 @@ def _wmdp(r: _Run) -> dict[str, Any]:
     return wmdp_accuracy(r.model, r.tokenizer, rows, **r.options)
 
 
+def _check_finite(results: dict[str, Any], benchmark: str, model_path: Any) -> None:
+    """A NaN / inf score is a broken model, not a result (and not valid JSON): refused, naming it."""
+    for key, value in results.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise DataError(
+                f"the {benchmark} evaluation of {model_path} gave {key}={value}: the model's outputs "
+                "are not finite (NaN or inf weights?); no results written"
+            )
+
+
 _RUNNERS: dict[str, Callable[[_Run], dict[str, Any]]] = {
     "tofu": _tofu, "muse_news": _muse_news, "ppl": _ppl, "mia": _mia, "wmdp": _wmdp,
 }  # fmt: skip
@@ -176,5 +190,7 @@ def evaluate(
     }
     results.update(_RUNNERS[benchmark](_Run(model, tokenizer, out, limit, source, data_dir, options)))
     results["seconds"] = time.perf_counter() - t0
-    write_json_atomic(results, out / "results.json", indent=2)
+    _check_finite(results, benchmark, model_path)
+    write_json_atomic(results, out / "results.json", indent=2, allow_nan=False)
+    write_marker(out, ("results.json", *WRITES.get(benchmark, ())))  # the files a later eval may replace
     return results

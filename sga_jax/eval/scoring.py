@@ -61,6 +61,7 @@ def iterate_token_logprobs(
 ) -> Iterator[tuple[int, tuple[np.ndarray, ...]]]:
     """For each row (in length-sorted batches): ``(row index, per-target-token arrays)`` where the
     arrays are ``logp`` (and ``mu, sigma``) restricted to that row's target tokens, in order."""
+    logprobs.check_positions(model, max((len(r) for r in rows), default=0), "sequences", "lower max_length")
     for idx, batch in iterate_batches(
         rows, batch_size, pad_id=pad_id, padding_side="right", bucket=bucket, sort_by_length=True
     ):
@@ -198,6 +199,8 @@ def grouped_sequence_nll(
     ``calls``: when a list, each call is appended as ``("prefill", rows, prefix length, cache
     length)`` or ``("suffix", rows, suffix length, cache length)`` (for :mod:`sga_jax.eval.flops`).
     """
+    longest = max((len(e) for g in groups for e in g), default=0)
+    logprobs.check_positions(model, longest, "prompts with their answers", "lower max_length")
     split = [split_shared_prefix(g) for g in groups]
     out = [(np.zeros(len(g), np.float64), np.zeros(len(g), np.int64)) for g in groups]
     order = np.argsort([len(p) for p, _ in split], kind="stable")

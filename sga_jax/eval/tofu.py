@@ -221,6 +221,7 @@ def evaluate(
     formatter: PromptFormatter | None = None,
     retain_subset: int | None = None,
     subset_seed: int = 0,
+    hub_repo: str | None = None,
     **task_kwargs: Any,
 ) -> dict[str, Path]:
     """Run TOFU's four evaluation splits and write the official eval-log files into ``out_dir``.
@@ -228,7 +229,8 @@ def evaluate(
     ``limit`` keeps the first rows of each split (the official ``ds_size`` is 300; real authors and
     world facts have 100 and 117). ``retain_subset``: evaluate only that many of the retain split's
     rows (after ``limit``), drawn with ``subset_seed`` (:func:`subset_rows`); its log is keyed
-    0..n-1 in row order, as any eval log. Returns ``{file name: path}``.
+    0..n-1 in row order, as any eval log. ``hub_repo``: with ``source="hub"``, the dataset repository
+    (or a local copy of it) instead of ``locuslab/TOFU``. Returns ``{file name: path}``.
     """
     out = Path(out_dir)
     written = {}
@@ -238,13 +240,17 @@ def evaluate(
         config, base_key = EVAL_TASKS[task]
         if task == "eval_log_forget":
             config = f"{forget_split}_perturbed"
-        rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit)
+        rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
         if task == "eval_log" and retain_subset is not None:
             rows = [rows[i] for i in subset_rows(len(rows), retain_subset, subset_seed)]
         logs = evaluate_task(
             model, tokenizer, rows, base_answer_key=base_key, formatter=formatter, source=config,
             **task_kwargs,
         )  # fmt: skip
+        bad = next((k for k in ("avg_gt_loss", "avg_paraphrased_loss")
+                    if not np.isfinite(list(logs[k].values())).all()), None)  # fmt: skip
+        if bad is not None:  # a NaN log is no result (and not valid JSON): refused before it is written
+            raise DataError(f"TOFU {config}: the model's {bad} is NaN or inf (are its weights finite?)")
         written[f"{task}.json"] = write_json_atomic(logs, out / f"{task}.json", indent=4)
     return written
 
@@ -281,7 +287,7 @@ def truth_ratios(log: dict[str, Any], name: str = "eval log") -> np.ndarray:
     return np.exp(pert - para)
 
 
-def split_metrics(log: dict[str, Any], file_name: str) -> dict[str, float]:
+def split_metrics(log: dict[str, Any], file_name: str) -> dict[str, float | None]:
     """Probability, ROUGE-L recall and truth-ratio score of one eval log (see module docstring)."""
     gt_prob = np.exp(-_values(log, "avg_gt_loss", file_name))
     if file_name.startswith("eval_log"):
@@ -289,7 +295,8 @@ def split_metrics(log: dict[str, Any], file_name: str) -> dict[str, float]:
     else:
         false_prob = np.exp(-_values(log, "average_perturb_loss", file_name))
         prob = float(np.mean(gt_prob / (gt_prob + false_prob.sum(axis=-1))))
-    rouge = float(np.mean(_values(log, "rougeL_recall", file_name)))
+    # generate=false logs no generations: no ROUGE, hence no Model Utility (the rest stands)
+    rouge = float(np.mean(_values(log, "rougeL_recall", file_name))) if "rougeL_recall" in log else None
     r = truth_ratios(log, file_name)
     if "forget" in file_name:
         tr = float(np.mean(np.minimum(r, 1.0 / r)))
@@ -303,7 +310,8 @@ def aggregate(unlearned_dir: str | os.PathLike, retain_dir: str | os.PathLike | 
 
     Returns ``{"model_utility", "forget_quality", "ks_statistic", "<split>_<metric>" ...}`` with split in
     retain / real_authors / world_facts / forget and metric in prob / rougeL / truth_ratio (the first
-    nine enter Model Utility). ``forget_quality`` is None without ``retain_dir``.
+    nine enter Model Utility). ``forget_quality`` is None without ``retain_dir``; ``model_utility``
+    and the ``*_rougeL`` entries are None for logs without generations (``generate=false``).
     """
     logs = read_logs(unlearned_dir)
     out: dict[str, Any] = {}
@@ -311,7 +319,7 @@ def aggregate(unlearned_dir: str | os.PathLike, retain_dir: str | os.PathLike | 
         for metric, value in split_metrics(logs[file_name], file_name).items():
             out[f"{split}_{metric}"] = value
     components = [out[f"{s}_{m}"] for s in MODEL_UTILITY_SPLITS for m in METRICS]
-    out["model_utility"] = float(hmean(components))
+    out["model_utility"] = None if None in components else float(hmean(components))
     out["forget_quality"] = out["ks_statistic"] = None
     if retain_dir is not None:
         retain = read_logs(retain_dir)

@@ -389,7 +389,6 @@ def save_model(
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; an export is an ordinary folder
     try:
         mark_partial(tmp)
-        write_marker(tmp)
         if lora != "adapter":
             (tmp / "config.json").write_text(json.dumps(export_config(model), indent=2, sort_keys=True))
             _write_safetensors(model, tmp / "model.safetensors")
@@ -397,6 +396,7 @@ def save_model(
             lora_lib.write_peft(peft, tmp if lora == "adapter" else tmp / "adapter")
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        write_marker(tmp)  # lists the files written: only those may be replaced by a later export
         (tmp / PARTIAL_MARKER).unlink()
         if out.exists():
             _replaceable(out, model, overwrite)

@@ -43,6 +43,7 @@ from sga_jax.fsutil import (
     PARTIAL_MARKER,
     check_destination,
     mark_partial,
+    ordinary_file_mode,
     remove_stale_partials,
     write_marker,
 )
@@ -194,6 +195,14 @@ def apply_lora(
         )
     if dropout > 0 and any(stacked for _, _, stacked in chosen):
         raise ConfigError("LoRA dropout needs an unrolled model (model.scan_layers=false)")
+    # before any allocation: a rank past a projection's sizes adds nothing, and a huge one (r: 1e9)
+    # would allocate hundreds of GB before failing
+    smallest = min(min(lin.kernel.get_value().shape[-2:]) for _, lin, _ in chosen)
+    if config.rank > smallest:
+        raise ConfigError(
+            f"LoRA rank {config.rank} is larger than the smallest projection it adapts ({smallest}: "
+            "min(in, out) of the targets); use a rank of at most that"
+        )
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     for _, lin, _ in chosen:
         kernel = lin.kernel.get_value()
@@ -300,6 +309,7 @@ def write_peft(files: tuple[dict[str, Any], dict[str, np.ndarray]], folder: Path
     folder.mkdir(parents=True, exist_ok=True)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True))
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    ordinary_file_mode(folder / ADAPTER_WEIGHTS)  # safetensors writes 0600: the user's umask instead
 
 
 def save_adapter(
@@ -323,8 +333,8 @@ def save_adapter(
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; an export is an ordinary folder
         mark_partial(tmp)
-        write_marker(tmp)
         write_peft(files, tmp)
+        write_marker(tmp)
         (tmp / PARTIAL_MARKER).unlink()
         if out.exists():
             check_destination(out, sources=(src,), overwrite=overwrite)
@@ -336,9 +346,22 @@ def save_adapter(
     return out
 
 
+def _number(cfg: dict, key: str, cfg_file: Path, *, whole: bool = False, default: Any = None) -> Any:
+    """``cfg[key]`` checked to be a finite JSON number (an integer when ``whole``)."""
+    if key not in cfg and default is None:
+        raise ModelLoadError(f"{cfg_file}: missing {key!r}")
+    v = cfg.get(key, default)
+    v = default if v is None and default is not None else v
+    kinds = int if whole else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kinds) or not math.isfinite(v):
+        want = "a whole number" if whole else "a finite number"
+        raise ModelLoadError(f"{cfg_file}: {key}={v!r} must be {want}")
+    return v
+
+
 def _read_adapter_config(cfg_file: Path) -> tuple[LoRAConfig, float]:
     """``(LoRAConfig, dropout)`` of a PEFT ``adapter_config.json``, refusing (one line) what our
-    adapters cannot represent."""
+    adapters cannot represent and values of the wrong type (``r: 4.9``, ``lora_alpha: Infinity``)."""
     try:
         cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
@@ -352,60 +375,95 @@ def _read_adapter_config(cfg_file: Path) -> tuple[LoRAConfig, float]:
         if cfg.get(key):
             raise ModelLoadError(f"{cfg_file}: {key} is not supported")
     targets = cfg.get("target_modules")
-    if not isinstance(targets, list) or not targets:
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
         raise ModelLoadError(f"{cfg_file}: target_modules must be a list of module names")
+    rank = _number(cfg, "r", cfg_file, whole=True)
+    alpha = _number(cfg, "lora_alpha", cfg_file)
+    dropout = _number(cfg, "lora_dropout", cfg_file, default=0.0)
+    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ModelLoadError(
+            f"{cfg_file}: r={rank!r}, lora_alpha={alpha!r}, lora_dropout={dropout!r}: "
+            "r must be >= 1, lora_alpha > 0, lora_dropout in [0, 1)"
+        )
     try:
-        lcfg = LoRAConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=list(targets))
-    except KeyError as e:
-        raise ModelLoadError(f"{cfg_file}: missing {e.args[0]!r}") from None
-    return lcfg, float(cfg.get("lora_dropout") or 0.0)
+        lcfg = LoRAConfig(rank=rank, alpha=float(alpha), targets=list(targets))
+    except ConfigError as e:
+        raise ModelLoadError(f"{cfg_file}: {e}") from None
+    return lcfg, float(dropout)
+
+
+def _adapter_tensor(h, name: str, weights: Path) -> np.ndarray:
+    """One stored adapter tensor, refused unless it is floating point and finite."""
+    try:
+        t = h.get_tensor(name)
+    except Exception as e:  # a damaged file or a dtype numpy cannot hold
+        raise ModelLoadError(f"{weights}: cannot read {name!r}: {' '.join(str(e).split())}") from None
+    if t.dtype.kind != "f":
+        raise ModelLoadError(f"{weights}: {name!r} is stored as {t.dtype}; adapter weights are floats")
+    if not np.isfinite(t).all():
+        raise ModelLoadError(f"{weights}: {name!r} holds NaN or inf")
+    return t
 
 
 def load_adapter(model, adapter_dir: str | os.PathLike, *, mesh: jax.sharding.Mesh | None = None):
     """Attach the PEFT LoRA adapter in ``adapter_dir`` to ``model`` (in place; returned). Refuses,
     with one line, what our adapters cannot represent (DoRA, rsLoRA, per-module ranks, biases,
-    regex targets) and any tensor that is missing, extra or of the wrong shape."""
+    regex targets), any tensor that is missing, extra, of the wrong shape, not floating point or not
+    finite, and a damaged file; a refused load leaves the model without adapters."""
     d = Path(adapter_dir).expanduser()
     cfg_file, weights = d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS
     for f in (cfg_file, weights):
         if not f.is_file():
             raise ModelLoadError(f"no {f.name} in {d}")
     lcfg, dropout = _read_adapter_config(cfg_file)
+    try:
+        h = safe_open(str(weights), framework="numpy")
+    except Exception as e:  # SafetensorError: a broken header
+        raise ModelLoadError(
+            f"{weights} is not a readable safetensors file: {' '.join(str(e).split())}"
+        ) from None
     apply_lora(model, lcfg, mesh=mesh)
-    for lin in adapters(model).values():
-        lin.lora.dropout_rate = dropout
-    with safe_open(str(weights), framework="numpy") as h:
-        stored = set(h.keys())
-        used: set[str] = set()
-        for path, lin in adapters(model).items():
-            hf_name, stacked = _hf_module(model, path)
-            for part, sub in (("lora_A", lin.lora.lora_a), ("lora_B", lin.lora.lora_b)):
-                var = sub.kernel
-                shape = var.get_value().shape
-                layers = range(shape[0]) if stacked else [None]
-                values = []
-                for i in layers:
-                    name = f"{PEFT_PREFIX}{hf_name.format(i=i) if i is not None else hf_name}.{part}.weight"
-                    if name not in stored:
-                        raise ModelLoadError(f"{weights}: missing tensor {name!r}")
-                    t = h.get_tensor(name).T
-                    want = shape[1:] if stacked else shape
-                    if tuple(t.shape) != tuple(want):
-                        raise ModelLoadError(
-                            f"{weights}: {name!r} has shape {t.T.shape}, expected {want[::-1]}"
-                        )
-                    values.append(np.asarray(t, np.float32))
-                    used.add(name)
-                value = jnp.asarray(np.stack(values) if stacked else values[0])
-                if mesh is not None:
-                    value = jax.device_put(value, var.get_value().sharding)
-                var.set_value(value)
+    try:
+        for lin in adapters(model).values():
+            lin.lora.dropout_rate = dropout
+        with h:
+            _fill_adapters(model, h, weights, mesh)
+    except BaseException:
+        for lin in adapters(model).values():  # no half-loaded adapters left on the user's model
+            lin.lora = None
+        raise
+    return model
+
+
+def _fill_adapters(model, h, weights: Path, mesh) -> None:
+    stored = set(h.keys())
+    used: set[str] = set()
+    for path, lin in adapters(model).items():
+        hf_name, stacked = _hf_module(model, path)
+        for part, sub in (("lora_A", lin.lora.lora_a), ("lora_B", lin.lora.lora_b)):
+            var = sub.kernel
+            shape = var.get_value().shape
+            layers = range(shape[0]) if stacked else [None]
+            values = []
+            for i in layers:
+                name = f"{PEFT_PREFIX}{hf_name.format(i=i) if i is not None else hf_name}.{part}.weight"
+                if name not in stored:
+                    raise ModelLoadError(f"{weights}: missing tensor {name!r}")
+                t = _adapter_tensor(h, name, weights).T
+                want = shape[1:] if stacked else shape
+                if tuple(t.shape) != tuple(want):
+                    raise ModelLoadError(f"{weights}: {name!r} has shape {t.T.shape}, expected {want[::-1]}")
+                values.append(np.asarray(t, np.float32))
+                used.add(name)
+            value = jnp.asarray(np.stack(values) if stacked else values[0])
+            if mesh is not None:
+                value = jax.device_put(value, var.get_value().sharding)
+            var.set_value(value)
     extra = sorted(stored - used)
     if extra:
         raise ModelLoadError(
             f"{weights}: {len(extra)} tensors match no adapter of this model (e.g. {extra[0]!r})"
         )
-    return model
 
 
 __all__ = [
