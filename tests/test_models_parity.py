@@ -79,6 +79,19 @@ VARIANTS = {
     # Qwen2.5's small sizes: q/k/v bias only, tied embeddings, theta 1e6 (tiny_models._BASE).
     "qwen2": ("qwen2", {}),
     "qwen2_untied_mha": ("qwen2", dict(tie_word_embeddings=False, num_key_value_heads=4)),
+    # Qwen3 (tiny_models._BASE): QK-norm, head_dim 16 != 32 / 4, tied, theta 1e6, no biases.
+    "qwen3": ("qwen3", {}),
+    # untied, multi-head, attention_bias (HF: on q, k, v and o), layer 1 windowed (4 < T).
+    "qwen3_untied_bias_window": (
+        "qwen3",
+        dict(
+            tie_word_embeddings=False,
+            num_key_value_heads=4,
+            attention_bias=True,
+            use_sliding_window=True,
+            sliding_window=4,
+        ),
+    ),
     "phi_qk_ln_rot75_gqa": (
         "phi",
         dict(qk_layernorm=True, partial_rotary_factor=0.75, num_key_value_heads=2),
@@ -184,6 +197,9 @@ DECODE_CASES = [
     ("phi_qk_ln_rot75_gqa", True),
     ("qwen2", True),
     ("qwen2_untied_mha", False),
+    ("qwen3", True),
+    ("qwen3", False),
+    ("qwen3_untied_bias_window", True),
     ("phi3_rot50_gqa_tied_window", True),
     # decode runs past the window (prefill 5, then to 12 with windows 4 / 5)
     ("mistral_window", True),
@@ -237,6 +253,7 @@ def test_kv_cache_decode_matches_full_forward(case, tmp_path):
         "opt_proj_350m",
         "phi_qk_ln_rot75_gqa",
         "qwen2",
+        "qwen3",
         "phi3",
         "mistral_window",
         "gemma2",
@@ -304,7 +321,7 @@ def test_from_config_random_init_runs():
 
     from sga_jax.models import from_config
 
-    for model_type in ("llama", "opt", "phi", "qwen2", "phi3", "mistral", "gemma2", "gemma"):
+    for model_type in ("llama", "opt", "phi", "qwen2", "qwen3", "phi3", "mistral", "gemma2", "gemma"):
         model = from_config(tiny_config(model_type), rngs=nnx.Rngs(1))
         ids, mask = _batch()
         out = model(ids, mask)
@@ -367,6 +384,9 @@ def test_kfac_taps_sow_inputs_and_perturb_outputs(tmp_path):
         ("gemma", dict(hidden_act="gelu_10"), "hidden_act"),
         ("gemma", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
         ("qwen2", dict(attention_dropout=0.1), "attention_dropout"),
+        ("qwen3", dict(attention_dropout=0.1), "attention_dropout"),
+        ("qwen3", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),  # no window
+        ("qwen3", dict(model_type="qwen3_moe", num_experts=4), "mixture-of-experts"),
         ("llama", dict(hidden_act="gelu_10"), "hidden_act"),
         ("phi3", dict(resid_pdrop=0.1), "resid_pdrop"),
         ("phi3", dict(rope_scaling={"rope_type": "yarn_v2", "factor": 2.0}), "rope_type"),
@@ -430,6 +450,7 @@ def test_phi35_config_json_rope_scaling_aliases():
     [
         ("mistral_window", dict(sliding_window=None)),
         ("qwen2_sliding_mixed", dict(use_sliding_window=False)),
+        ("qwen3_untied_bias_window", dict(use_sliding_window=False)),
         ("phi3_rot50_gqa_tied_window", dict(sliding_window=None)),
         ("gemma2", dict(layer_types=["full_attention"] * 2)),
     ],

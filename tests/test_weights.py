@@ -50,6 +50,8 @@ def _torch(tm, ids):
         ("phi", dict(qk_layernorm=True)),
         ("qwen2", {}),
         ("qwen2", dict(use_sliding_window=True, sliding_window=4)),  # layer_types exported
+        ("qwen3", {}),  # QK-norm, tied, head_dim 16
+        ("qwen3", dict(tie_word_embeddings=False, attention_bias=True)),
         ("mistral", {}),  # sliding window 5
         ("gemma2", {}),  # pre/post norms, soft-caps, alternating windows, tied
         ("gemma2", dict(tie_word_embeddings=False, attention_bias=True)),

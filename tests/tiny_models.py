@@ -81,6 +81,28 @@ _BASE: dict[str, dict[str, Any]] = {
         pad_token_id=0,
         attention_dropout=0.0,
     ),
+    # Qwen3-0.6B's shape: QK-norm, head_dim 16 != 32 / 4 (0.6B: 128 != 1024 / 16), GQA, tied,
+    # rope theta 1e6, no biases; the window settings used only where a variant turns them on.
+    "qwen3": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+        use_sliding_window=False,
+        sliding_window=64,
+        max_window_layers=1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attention_dropout=0.0,
+    ),
     # Mistral-7B-v0.1's shape (GQA, no biases, untied) with a sliding window shorter than the
     # test sequences (T = 12), so the window changes the logits.
     "mistral": dict(

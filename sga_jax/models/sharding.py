@@ -48,6 +48,7 @@ PARTITION_RULES: dict[str, list[tuple[str, P]]] = {
     "phi": _COMMON,
     "phi3": _COMMON,  # q/k/v and gate/up are separate modules here (fused only in HF files)
     "qwen2": _COMMON,
+    "qwen3": _COMMON,
 }
 
 
