@@ -296,10 +296,10 @@ def test_peft_adapter_round_trip_through_peft_and_transformers(tiny, tmp_path, s
     np.testing.assert_allclose(np.asarray(back(IDS, MASK)), want, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3"])
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
 def test_peft_export_of_the_new_families(model_type, tmp_path):
-    """LoRA on Qwen3 (QK-norm) through PEFT + transformers, and the merged export through
-    transformers, as the Llama tests above."""
+    """LoRA on Qwen3 and Gemma 3 (QK-norm; Gemma 3's two rope tables) through PEFT + transformers,
+    and the merged export through transformers, as the Llama tests above."""
     import peft
     import torch
     import transformers

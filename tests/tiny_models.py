@@ -144,6 +144,32 @@ _BASE: dict[str, dict[str, Any]] = {
         pad_token_id=0,
         attention_dropout=0.0,
     ),
+    # Gemma 3's shape: QK-norm, head_dim 16 != 32 / 4, query_pre_attn_scalar != head_dim, GQA, tied;
+    # local / global alternation 1:1 (pattern 2, released: 6) so that both kinds are in 2 layers,
+    # window 4 < T; global rope 1e6 with linear scaling 8 (the 4B-27B models), local 1e4.
+    "gemma3_text": dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=24,
+        sliding_window=4,
+        sliding_window_pattern=2,
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        bos_token_id=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        attention_dropout=0.0,
+    ),
     # Gemma 1's shape (gemma-2b: multi-query attention, head_dim 256 != 2048 / 8), scaled down.
     "gemma": dict(
         vocab_size=96,

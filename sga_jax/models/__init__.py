@@ -1,5 +1,5 @@
 """Flax NNX ports of the causal LMs sga_jax supports and their HF loaders (Llama, Mistral, Qwen2,
-Qwen3, Gemma, Gemma 2, OPT, Phi, Phi-3).
+Qwen3, Gemma, Gemma 2, Gemma 3, OPT, Phi, Phi-3).
 
 ``from_config(hf_config, rngs=..., dtype=...)`` builds a randomly initialised model from a
 transformers config (object or ``config.json`` dict); ``sga_jax.models.hf.load_model`` loads weights.
@@ -19,6 +19,8 @@ from sga_jax.models.layers import activation
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "gemma": ("sga_jax.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
     "gemma2": ("sga_jax.models.gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("sga_jax.models.gemma3", "Gemma3Config", "Gemma3ForCausalLM"),  # its text part
+    "gemma3_text": ("sga_jax.models.gemma3", "Gemma3Config", "Gemma3ForCausalLM"),
     "llama": ("sga_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("sga_jax.models.mistral", "MistralConfig", "MistralForCausalLM"),
     "opt": ("sga_jax.models.opt", "OPTConfig", "OPTForCausalLM"),

@@ -42,6 +42,7 @@ _COMMON: list[tuple[str, P]] = [
 PARTITION_RULES: dict[str, list[tuple[str, P]]] = {
     "gemma": _COMMON,
     "gemma2": _COMMON,
+    "gemma3_text": _COMMON,
     "llama": _COMMON,
     "mistral": _COMMON,
     "opt": _COMMON,
