@@ -190,7 +190,8 @@ def test_unknown_model_type_lists_supported(tmp_path, tiny_llama):
     cfg["model_type"] = "gpt_neox"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        ModelLoadError, match=r"gpt_neox.*gemma, gemma2, gemma3, gemma3_text, llama, mistral, opt, phi, phi3, qwen2, qwen3"
+        ModelLoadError,
+        match=r"gpt_neox.*gemma, gemma2, gemma3, gemma3_text, llama, mistral, opt, phi, phi3, qwen2, qwen3",
     ):
         sga_jax.load_model(d)
 

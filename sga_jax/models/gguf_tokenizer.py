@@ -179,7 +179,9 @@ def build_gemma(meta: dict[str, Any]):
         kwargs["chat_template"] = meta["tokenizer.chat_template"]
     tok = GemmaTokenizer(vocab=vocab, merges=merges, **kwargs)
     types = list(meta.get("tokenizer.ggml.token_type") or ())
-    control = [AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == _CONTROL]
+    control = [
+        AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == _CONTROL
+    ]
     if control:
         tok.add_special_tokens({"additional_special_tokens": control}, replace_extra_special_tokens=False)
     have = tok.get_vocab()
