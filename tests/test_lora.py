@@ -296,6 +296,32 @@ def test_peft_adapter_round_trip_through_peft_and_transformers(tiny, tmp_path, s
     np.testing.assert_allclose(np.asarray(back(IDS, MASK)), want, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma3_text"])
+def test_peft_export_of_the_new_families(model_type, tmp_path):
+    """LoRA on Qwen3 and Gemma 3 (QK-norm; Gemma 3's two rope tables) through PEFT + transformers,
+    and the merged export through transformers, as the Llama tests above."""
+    import peft
+    import torch
+    import transformers
+
+    path, _ = write_tiny_hf(model_type, tmp_path / model_type)
+    model = _lora(path, scan=True)
+    _random_b(model)
+    want = np.asarray(model(IDS, MASK))
+    m = MASK.astype(bool)
+    out = save_adapter(model, tmp_path / "adapter")
+    base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    pm = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    with torch.no_grad():
+        logits = pm(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(logits[m], want[m], atol=1e-4)
+    merged = hf.save_model(model, tmp_path / "merged")
+    tm = transformers.AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = tm(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    np.testing.assert_allclose(logits[m], want[m], atol=1e-4)
+
+
 def test_peft_layout_refusals(tmp_path):
     phi3, _ = write_tiny_hf("phi3", tmp_path / "phi3")
     model = apply_lora(hf.load_model(phi3), C.LoRAConfig(rank=2, targets=["q_proj", "o_proj"]))

@@ -74,11 +74,38 @@ VARIANTS = {
             attn_logit_softcapping=None,
         ),
     ),
+    # Gemma 3 (tiny_models._BASE): QK-norm with (1 + w), layer 0 local (window 4 < T, rope 1e4),
+    # layer 1 global (rope 1e6, linear scaling 8), query_pre_attn_scalar 24, head_dim 16, tied.
+    "gemma3_text": ("gemma3_text", {}),
+    # the released pattern 6 on 2 layers: every layer local; untied, MHA, a final soft-cap.
+    "gemma3_text_all_local_untied_cap": (
+        "gemma3_text",
+        dict(
+            sliding_window_pattern=6,
+            tie_word_embeddings=False,
+            num_key_value_heads=4,
+            final_logit_softcapping=3.0,
+        ),
+    ),
+    "gemma3_text_all_global": ("gemma3_text", dict(layer_types=["full_attention"] * 2)),
     # Gemma 1 (gemma-2b's multi-query shape; hidden_act "gelu" = the tanh approximation, as HF).
     "gemma": ("gemma", {}),
     # Qwen2.5's small sizes: q/k/v bias only, tied embeddings, theta 1e6 (tiny_models._BASE).
     "qwen2": ("qwen2", {}),
     "qwen2_untied_mha": ("qwen2", dict(tie_word_embeddings=False, num_key_value_heads=4)),
+    # Qwen3 (tiny_models._BASE): QK-norm, head_dim 16 != 32 / 4, tied, theta 1e6, no biases.
+    "qwen3": ("qwen3", {}),
+    # untied, multi-head, attention_bias (HF: on q, k, v and o), layer 1 windowed (4 < T).
+    "qwen3_untied_bias_window": (
+        "qwen3",
+        dict(
+            tie_word_embeddings=False,
+            num_key_value_heads=4,
+            attention_bias=True,
+            use_sliding_window=True,
+            sliding_window=4,
+        ),
+    ),
     "phi_qk_ln_rot75_gqa": (
         "phi",
         dict(qk_layernorm=True, partial_rotary_factor=0.75, num_key_value_heads=2),
@@ -184,6 +211,9 @@ DECODE_CASES = [
     ("phi_qk_ln_rot75_gqa", True),
     ("qwen2", True),
     ("qwen2_untied_mha", False),
+    ("qwen3", True),
+    ("qwen3", False),
+    ("qwen3_untied_bias_window", True),
     ("phi3_rot50_gqa_tied_window", True),
     # decode runs past the window (prefill 5, then to 12 with windows 4 / 5)
     ("mistral_window", True),
@@ -194,6 +224,10 @@ DECODE_CASES = [
     ("gemma2", False),
     ("gemma2_untied_mha_explicit_types", True),
     ("gemma", False),
+    ("gemma3_text", True),
+    ("gemma3_text", False),
+    ("gemma3_text_all_local_untied_cap", True),
+    ("gemma3_text_all_global", False),
     ("phi3_longrope_short", False),  # (not _long: like dynamic, HF switches factors as it grows)
 ]
 
@@ -237,10 +271,12 @@ def test_kv_cache_decode_matches_full_forward(case, tmp_path):
         "opt_proj_350m",
         "phi_qk_ln_rot75_gqa",
         "qwen2",
+        "qwen3",
         "phi3",
         "mistral_window",
         "gemma2",
         "gemma",
+        "gemma3_text",
     ],
 )
 def test_bfloat16_smoke(name, tmp_path):
@@ -304,7 +340,8 @@ def test_from_config_random_init_runs():
 
     from sga_jax.models import from_config
 
-    for model_type in ("llama", "opt", "phi", "qwen2", "phi3", "mistral", "gemma2", "gemma"):
+    types = ("llama", "opt", "phi", "qwen2", "qwen3", "phi3", "mistral", "gemma2", "gemma", "gemma3_text")
+    for model_type in types:
         model = from_config(tiny_config(model_type), rngs=nnx.Rngs(1))
         ids, mask = _batch()
         out = model(ids, mask)
@@ -365,8 +402,20 @@ def test_kfac_taps_sow_inputs_and_perturb_outputs(tmp_path):
         ("gemma2", dict(query_pre_attn_scalar=-1), "query_pre_attn_scalar"),
         ("gemma2", dict(attention_dropout=0.1), "attention_dropout"),
         ("gemma", dict(hidden_act="gelu_10"), "hidden_act"),
+        ("gemma3_text", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
+        ("gemma3_text", dict(layer_types=["sliding_attention"]), "layer_types"),
+        ("gemma3_text", dict(sliding_window_pattern=0), "sliding_window_pattern"),
+        ("gemma3_text", dict(sliding_window=None), "sliding_window"),
+        ("gemma3_text", dict(query_pre_attn_scalar=0), "query_pre_attn_scalar"),
+        ("gemma3_text", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping"),
+        ("gemma3_text", dict(final_logit_softcapping=-1.0), "final_logit_softcapping"),
+        ("gemma3_text", dict(rope_scaling={"rope_type": "yarn_v2", "factor": 2.0}), "rope_type"),
+        ("gemma3_text", dict(model_type="gemma3", text_config=None), "text_config"),
         ("gemma", dict(use_bidirectional_attention=True), "use_bidirectional_attention"),
         ("qwen2", dict(attention_dropout=0.1), "attention_dropout"),
+        ("qwen3", dict(attention_dropout=0.1), "attention_dropout"),
+        ("qwen3", dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),  # no window
+        ("qwen3", dict(model_type="qwen3_moe", num_experts=4), "mixture-of-experts"),
         ("llama", dict(hidden_act="gelu_10"), "hidden_act"),
         ("phi3", dict(resid_pdrop=0.1), "resid_pdrop"),
         ("phi3", dict(rope_scaling={"rope_type": "yarn_v2", "factor": 2.0}), "rope_type"),
@@ -430,8 +479,10 @@ def test_phi35_config_json_rope_scaling_aliases():
     [
         ("mistral_window", dict(sliding_window=None)),
         ("qwen2_sliding_mixed", dict(use_sliding_window=False)),
+        ("qwen3_untied_bias_window", dict(use_sliding_window=False)),
         ("phi3_rot50_gqa_tied_window", dict(sliding_window=None)),
         ("gemma2", dict(layer_types=["full_attention"] * 2)),
+        ("gemma3_text", dict(sliding_window=64)),
     ],
 )
 def test_sliding_window_changes_the_model(name, no_window, tmp_path):
@@ -494,3 +545,50 @@ def test_gemma2_sequence_nll_matches_transformers_loss(implementation, tmp_path)
     uncapped = sga_jax.load_model(path)
     object.__setattr__(uncapped.config, "final_logit_softcapping", None)
     assert np.abs(np.asarray(sequence_nll(uncapped, batch, implementation, **kw)) - ours).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "change",
+    [dict(rope_local_base_freq=1000000.0), dict(rope_scaling=None), dict(rope_theta=10000.0)],
+    ids=["local_base", "global_scaling", "global_base"],
+)
+def test_gemma3_rope_bases_change_the_model(change, tmp_path):
+    """Gemma 3's two RoPE tables have power: changing the local base, the global scaling or the
+    global base moves HF's logits by >> 1e-4 (same weights), and ours follow HF's both ways."""
+    path, tm = write_tiny_hf("gemma3_text", tmp_path / "a")
+    other_path, other_tm = write_tiny_hf("gemma3_text", tmp_path / "b", **change)
+    ids, mask = _batch(9)
+    real = mask.astype(bool)
+    ref, other = _torch_logits(tm, ids, mask), _torch_logits(other_tm, ids, mask)
+    assert np.abs(other - ref)[real].max() > 1e-2
+    assert np.abs(np.asarray(sga_jax.load_model(other_path)(ids, mask)) - other)[real].max() <= 1e-4
+    assert np.abs(np.asarray(sga_jax.load_model(path)(ids, mask)) - ref)[real].max() <= 1e-4
+
+
+def test_gemma3_released_config_form_reads_as_transformers_5_form():
+    """google/gemma-3-*'s config.json form (rope_theta, rope_local_base_freq, rope_scaling,
+    sliding_window_pattern) and the rope_parameters / layer_types form transformers 5 writes give
+    the same model config."""
+    from tiny_models import tiny_config
+
+    from sga_jax.models import resolve
+
+    new = tiny_config("gemma3_text").to_dict()
+    assert set(new["rope_parameters"]) == {"full_attention", "sliding_attention"}
+    old = {k: v for k, v in new.items() if k not in ("rope_parameters", "layer_types")}
+    old.update(
+        rope_theta=1000000.0,
+        rope_local_base_freq=10000.0,
+        rope_scaling={"rope_type": "linear", "factor": 8.0},
+        sliding_window_pattern=2,
+    )
+    a, b = resolve(new)[0], resolve(old)[0]
+    assert (a.rope, a.rope_local, a.sliding_layers, a.sliding_window) == (
+        b.rope,
+        b.rope_local,
+        b.sliding_layers,
+        b.sliding_window,
+    )
+    assert a.rope.rope_type == "linear" and a.rope.factor == 8.0 and a.rope.theta == 1e6
+    assert a.rope_local.rope_type == "default" and a.rope_local.theta == 1e4
+    assert a.sliding_layers == (True, False)

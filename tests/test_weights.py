@@ -50,10 +50,14 @@ def _torch(tm, ids):
         ("phi", dict(qk_layernorm=True)),
         ("qwen2", {}),
         ("qwen2", dict(use_sliding_window=True, sliding_window=4)),  # layer_types exported
+        ("qwen3", {}),  # QK-norm, tied, head_dim 16
+        ("qwen3", dict(tie_word_embeddings=False, attention_bias=True)),
         ("mistral", {}),  # sliding window 5
         ("gemma2", {}),  # pre/post norms, soft-caps, alternating windows, tied
         ("gemma2", dict(tie_word_embeddings=False, attention_bias=True)),
         ("gemma", {}),
+        ("gemma3_text", {}),  # QK-norm, two rope bases (global scaled), local / global layers
+        ("gemma3_text", dict(tie_word_embeddings=False, attention_bias=True)),
         # fused qkv / gate_up written back from our split modules; longrope config exported
         (
             "phi3",
@@ -83,6 +87,55 @@ def test_round_trip_through_transformers(tmp_path, model_type, overrides, scan):
     # and back into sga_jax: bit-identical parameters
     again = sga_jax.load_model(out, scan_layers=scan)
     np.testing.assert_array_equal(np.asarray(again(ids)), np.asarray(model(ids)))
+
+
+def test_gemma3_multimodal_checkpoint_text_part(tmp_path):
+    """A (tiny) Gemma3ForConditionalGeneration checkpoint: its language model is loaded, the vision
+    tower and projector ignored; logits on text equal the multimodal model's own, and the export is
+    a gemma3_text checkpoint that transformers loads as Gemma3ForCausalLM with the same logits."""
+    import transformers
+    from tiny_models import _BASE
+
+    text = {
+        k: v
+        for k, v in _BASE["gemma3_text"].items()
+        if k not in ("bos_token_id", "eos_token_id", "pad_token_id")
+    }
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)  # fmt: skip
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=95, boi_token_index=93, eoi_token_index=94)  # fmt: skip
+    torch.manual_seed(0)
+    tm = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in tm.parameters():
+            p.normal_(0.0, 0.08) if p.ndim >= 2 else p.uniform_(-0.2, 0.2)
+    tm.save_pretrained(tmp_path / "mm")
+    names = hf.safetensors_weight_map(tmp_path / "mm")
+    assert any(n.startswith("vision_tower.") for n in names)  # the hub layout: language_model.model.*
+    # ... and the layout of transformers 5's modules (model.language_model.*, model.vision_tower.*)
+    from safetensors.numpy import load_file, save_file
+
+    new = tmp_path / "mm5"
+    new.mkdir()
+    shutil.copy(tmp_path / "mm" / "config.json", new / "config.json")
+    tensors = load_file(str(tmp_path / "mm" / "model.safetensors"))
+    renamed = {n.replace("language_model.model.", "model.language_model."): t for n, t in tensors.items()}
+    renamed = {
+        ("model." + n if n.startswith(("vision_tower.", "multi_modal")) else n): t for n, t in renamed.items()
+    }
+    save_file(renamed, str(new / "model.safetensors"))
+    ids = np.random.RandomState(0).randint(3, 90, size=(2, 9)).astype(np.int32)
+    ref = _torch(tm, ids)
+    assert ref.std() > 0.1
+    assert np.abs(np.asarray(sga_jax.load_model(new)(ids)) - ref).max() <= 1e-4
+    model = sga_jax.load_model(tmp_path / "mm")
+    assert np.abs(np.asarray(model(ids)) - ref).max() <= 1e-4
+    out = sga_jax.save_model(model, tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(reloaded).__name__ == "Gemma3ForCausalLM"
+    assert np.abs(_torch(reloaded, ids) - ref).max() <= 1e-4
 
 
 def test_sharded_safetensors_index(tmp_path, tiny_llama):
@@ -137,7 +190,8 @@ def test_unknown_model_type_lists_supported(tmp_path, tiny_llama):
     cfg["model_type"] = "gpt_neox"
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(
-        ModelLoadError, match=r"gpt_neox.*gemma, gemma2, llama, mistral, opt, phi, phi3, qwen2"
+        ModelLoadError,
+        match=r"gpt_neox.*gemma, gemma2, gemma3, gemma3_text, llama, mistral, opt, phi, phi3, qwen2, qwen3",
     ):
         sga_jax.load_model(d)
 

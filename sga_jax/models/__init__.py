@@ -1,5 +1,5 @@
 """Flax NNX ports of the causal LMs sga_jax supports and their HF loaders (Llama, Mistral, Qwen2,
-Gemma, Gemma 2, OPT, Phi, Phi-3).
+Qwen3, Gemma, Gemma 2, Gemma 3, OPT, Phi, Phi-3).
 
 ``from_config(hf_config, rngs=..., dtype=...)`` builds a randomly initialised model from a
 transformers config (object or ``config.json`` dict); ``sga_jax.models.hf.load_model`` loads weights.
@@ -19,12 +19,20 @@ from sga_jax.models.layers import activation
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "gemma": ("sga_jax.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
     "gemma2": ("sga_jax.models.gemma2", "Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("sga_jax.models.gemma3", "Gemma3Config", "Gemma3ForCausalLM"),  # its text part
+    "gemma3_text": ("sga_jax.models.gemma3", "Gemma3Config", "Gemma3ForCausalLM"),
     "llama": ("sga_jax.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("sga_jax.models.mistral", "MistralConfig", "MistralForCausalLM"),
     "opt": ("sga_jax.models.opt", "OPTConfig", "OPTForCausalLM"),
     "phi": ("sga_jax.models.phi", "PhiConfig", "PhiForCausalLM"),
     "phi3": ("sga_jax.models.phi3", "Phi3Config", "Phi3ForCausalLM"),
     "qwen2": ("sga_jax.models.qwen2", "Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("sga_jax.models.qwen3", "Qwen3Config", "Qwen3ForCausalLM"),
+}
+# model_types refused with a reason of their own (not merely absent from the registry).
+REFUSED: dict[str, str] = {
+    "qwen3_moe": "Qwen3-MoE (mixture-of-experts MLPs with a router) is not supported: sga_jax ports "
+    "dense models only; use a dense Qwen3 (model_type qwen3)",
 }
 SUPPORTED_MODEL_TYPES = tuple(sorted(_REGISTRY))
 
@@ -46,6 +54,8 @@ def resolve(hf_config: Any) -> tuple[Any, type]:
             f"remote code. Supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     model_type = hf.get("model_type")
+    if model_type in REFUSED:
+        raise ModelLoadError(REFUSED[model_type])
     if model_type not in _REGISTRY:
         raise ModelLoadError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"

@@ -178,6 +178,7 @@ class Gemma2ForCausalLM(llama.LlamaForCausalLM):
     """``model(input_ids, attention_mask) -> logits [B, T, V]`` float32 (see docs/interfaces.md)."""
 
     HF_NAMES = HF_NAMES
+    LAYER: type[nnx.Module] = Gemma2DecoderLayer  # Gemma 3: the same layer with QK-norm
 
     def __init__(
         self,
@@ -194,9 +195,7 @@ class Gemma2ForCausalLM(llama.LlamaForCausalLM):
         c = config
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = L.Embed(c.vocab_size, c.hidden_size, rngs=rngs, **kw)
-        self.layers = L.make_layers(
-            lambda r: Gemma2DecoderLayer(c, rngs=r, **kw), c.num_layers, rngs, scan_layers
-        )
+        self.layers = L.make_layers(lambda r: self.LAYER(c, rngs=r, **kw), c.num_layers, rngs, scan_layers)
         self.norm = GemmaRMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
         self.lm_head = (
             None if c.tie_word_embeddings else L.Linear(c.hidden_size, c.vocab_size, rngs=rngs, **kw)

@@ -13,8 +13,14 @@ Built to match transformers' own GGUF tokenizer token for token (``tests/test_gg
 compares both): byte-level BPE (``tokenizer.ggml.model == "gpt2"``), the byte alphabet re-spelling
 of tokens written as raw text, control tokens (type 3) as special added tokens, user-defined tokens
 (type 4) as plain added tokens, the Llama-3 split regex for the ``pre`` types that use it, GPT-2's
-byte-level regex otherwise. Other tokenizer models (sentencepiece ``llama``, ``t5``) fall back to
-transformers, which then needs torch.
+byte-level regex otherwise. Gemma's SentencePiece vocabulary (``tokenizer.ggml.model == "llama"`` in
+``gemma`` / ``gemma2`` / ``gemma3`` files) is built the same way (:func:`build_gemma`): the file lists
+no merges, so they are recovered from the vocabulary with transformers' ``generate_merges``, ranked
+by the tokens' order in the file (Gemma's scores do not follow its merge order), tokens that are
+runs of spaces re-spelled with ``▁``, into transformers' own ``GemmaTokenizer`` (byte fallback,
+``▁`` for spaces); control / user-defined tokens as above. Other tokenizer models (sentencepiece
+``llama`` of other architectures, ``t5``) fall back to transformers, which then needs torch; the
+error names what is missing.
 """
 
 from __future__ import annotations
@@ -141,11 +147,63 @@ def build_backend(meta: dict[str, Any]):
     return tok
 
 
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
+
+
+def build_gemma(meta: dict[str, Any]):
+    """transformers' ``GemmaTokenizer`` for a Gemma SentencePiece GGUF vocabulary (no torch)."""
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    tokens = ["\u2581" * len(t) if t and not t.strip(" ") else t for t in meta["tokenizer.ggml.tokens"]]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # Rank = position in the file, best first (generate_merges sorts by score, descending).
+    merges = generate_merges(vocab, {t: -i for i, t in enumerate(tokens)})
+
+    def special(key: str) -> str | None:
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[token_id] if token_id is not None and 0 <= token_id < len(tokens) else None
+
+    kwargs: dict[str, Any] = {
+        name: special(key)
+        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))
+        if special(key) is not None
+    }  # fmt: skip
+    kwargs.update(
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", True)),  # llama.cpp's default here
+        add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+    )
+    if meta.get("tokenizer.chat_template"):
+        kwargs["chat_template"] = meta["tokenizer.chat_template"]
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, **kwargs)
+    types = list(meta.get("tokenizer.ggml.token_type") or ())
+    control = [
+        AddedToken(t, normalized=False, special=True) for t, ty in zip(tokens, types) if ty == _CONTROL
+    ]
+    if control:
+        tok.add_special_tokens({"additional_special_tokens": control}, replace_extra_special_tokens=False)
+    have = tok.get_vocab()
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, ty in zip(tokens, types)
+        if ty == _USER_DEFINED and t in have
+    ]
+    if user:
+        tok.add_tokens(user)
+    return tok
+
+
 def load_gguf_tokenizer(path: str | Path):
     """``PreTrainedTokenizerFast`` of a GGUF file (special tokens and chat template included)."""
     path = Path(path)
     meta = read_metadata(path)
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama" and meta.get("general.architecture") in _GEMMA_ARCHITECTURES:
+        tokenizer = build_gemma(meta)
+        tokenizer.name_or_path = str(path)
+        return tokenizer
     if kind != "gpt2":
         return _transformers_fallback(path, kind)
     from transformers import PreTrainedTokenizerFast

@@ -223,6 +223,8 @@ def load_model(
     """
     hf, source, resolved = _open(path)
     config, cls = resolve(hf)
+    if hasattr(cls, "adapt_source"):  # Gemma 3 multimodal checkpoints: the text part's tensors
+        source = cls.adapt_source(source)
     pdtype = L.as_dtype(param_dtype if param_dtype is not None else dtype)
     with source:
         _check_layer_count(config, cls.HF_NAMES, source.names(), resolved)

@@ -40,7 +40,7 @@ from sga_jax.models.attention import (  # noqa: F401
     forward_mask,
     softcapped_attention,
 )
-from sga_jax.models.rope import RopeConfig, apply_rope  # noqa: F401
+from sga_jax.models.rope import LayerRope, RopeConfig, apply_rope  # noqa: F401
 
 Array = jax.Array
 Dtype = Any
@@ -356,6 +356,8 @@ def make_layers(create: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs
 
 
 def _layer_body(x, layer, rope, mask, kv, cache_index, sliding):
+    if isinstance(rope, LayerRope):  # Gemma 3: a RoPE base per layer type
+        rope = rope.for_layer(sliding)
     return layer(x, rope, mask.for_layer(sliding), kv, cache_index)
 
 

@@ -157,6 +157,7 @@ class LlamaForCausalLM(L.DecoderLM):
     """``model(input_ids, attention_mask) -> logits [B, T, V]`` float32 (see docs/interfaces.md)."""
 
     HF_NAMES = HF_NAMES
+    LAYER: type[nnx.Module] = LlamaDecoderLayer  # Qwen3: the same layer with QK-norm
 
     def __init__(
         self,
@@ -175,7 +176,7 @@ class LlamaForCausalLM(L.DecoderLM):
             c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.layers = L.make_layers(
-            lambda r: LlamaDecoderLayer(c, dtype=dtype, param_dtype=param_dtype, rngs=r),
+            lambda r: self.LAYER(c, dtype=dtype, param_dtype=param_dtype, rngs=r),
             c.num_layers,
             rngs,
             scan_layers,

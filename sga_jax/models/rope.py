@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from sga_jax.errors import ModelLoadError
 
@@ -150,3 +151,21 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
     if x_pass.shape[-1]:
         out = jnp.concatenate([out, x_pass], axis=-1)
     return out.astype(x.dtype)
+
+
+@struct.dataclass
+class LayerRope:
+    """Two RoPE tables, one for the full-attention layers and one for the sliding ones (Gemma 3:
+    a global base with its scaling, a local base); :meth:`for_layer` picks one by the layer's
+    (traced, under scan) flag, as :meth:`sga_jax.models.attention.AttentionMask.for_layer` does."""
+
+    full: tuple[Array, Array]
+    local: tuple[Array, Array]
+
+    def for_layer(self, sliding: Array | bool) -> tuple[Array, Array]:
+        if isinstance(sliding, (bool, np.bool_)):
+            return self.local if sliding else self.full
+        return (
+            jnp.where(sliding, self.local[0], self.full[0]),
+            jnp.where(sliding, self.local[1], self.full[1]),
+        )

@@ -42,12 +42,14 @@ _COMMON: list[tuple[str, P]] = [
 PARTITION_RULES: dict[str, list[tuple[str, P]]] = {
     "gemma": _COMMON,
     "gemma2": _COMMON,
+    "gemma3_text": _COMMON,
     "llama": _COMMON,
     "mistral": _COMMON,
     "opt": _COMMON,
     "phi": _COMMON,
     "phi3": _COMMON,  # q/k/v and gate/up are separate modules here (fused only in HF files)
     "qwen2": _COMMON,
+    "qwen3": _COMMON,
 }
 
 
