@@ -38,7 +38,9 @@ class Method:
     ``name -> fn(model, batch) -> scalar`` is differentiated too and its gradient handed to the
     method's optax transform as the keyword ``name`` (SGA's normal-sample gradient, GRU's retain
     gradient). ``needs``: which parts of :class:`~sga_jax.train.TrainData` the method uses (the
-    schema's ``needs``).
+    schema's ``needs``). ``reference``: the loss is called ``loss(model, batch, ref=ref_model)``
+    with the frozen starting model (:mod:`sga_jax.reference`). ``trainable``: regexes on HF
+    parameter names selecting what trains (None: everything the model trains).
     """
 
     loss: LossFn
@@ -46,6 +48,8 @@ class Method:
     extra: dict[str, Callable[[Any, dict], jax.Array]] = dataclasses.field(default_factory=dict)
     needs: frozenset[str] = frozenset()
     report_loss: bool = True  # False when ``loss`` is not the method's objective (SGA's per-step r)
+    reference: bool = False
+    trainable: tuple[str, ...] | None = None
 
 
 def add_grads() -> optax.GradientTransformationExtraArgs:
@@ -223,7 +227,90 @@ def build_gru(m: C.GRUMixin) -> Method:
     gru = T.gru(m=m.momentum, clip=m.clip)
     transform = gru if base.transform is None else optax.chain(base.transform, gru)
     extra = {**base.extra, "retain_grads": retain_loss}
-    return Method(base.loss, transform, extra, m.needs, base.report_loss)  # type: ignore[attr-defined]
+    return dataclasses.replace(base, transform=transform, extra=extra, needs=m.needs)  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ methods with a frozen reference
+
+
+def _summed_nll(model, b) -> tuple[jax.Array, jax.Array]:
+    """``(summed answer NLL [B], token-mean NLL [B])`` from one forward."""
+    logp, mask = token_logprobs(model, b)
+    return -jnp.sum(logp * mask.astype(jnp.float32), axis=-1), O.sequence_nll_from_logprobs(logp, mask)
+
+
+def build_rmu(m: C.RMUConfig) -> Method:
+    """RMU as open-unlearning src/trainer/unlearn/rmu.py l. 139-173 (forget: layer-``layer``
+    activations of the forget answer tokens toward the steering vector, l. 147-161; retain:
+    ``EMBED_DIFF``, the same layer's retain activations toward the frozen model's, l. 119-134;
+    ``gamma·L_f + alpha·L_r``, l. 171); only ``trainable`` parameters move (l. 43-48)."""
+    layer = m.layer
+
+    def act(model, b):
+        return model.layer_outputs(b["input_ids"], b["attention_mask"], layers=(layer,))[layer]
+
+    def loss(model, batch, *, ref):
+        f, r = batch["forget"], batch["retain"]
+        h_f = act(model, f)
+        c = O.rmu_control_vector(h_f.shape[-1], m.steering_coeff, m.control_seed).astype(h_f.dtype)
+        forget = O.rmu_activation_loss(h_f, c, f["loss_mask"])
+        retain = O.rmu_activation_loss(act(model, r), act(ref, r), r["loss_mask"])
+        aux = {"forget_mse": forget, "retain_mse": retain}
+        return m.forget_weight * forget + m.retain_weight * retain, aux
+
+    return Method(loss, needs=m.needs, reference=True, trainable=tuple(m.trainable))
+
+
+def build_undial(m: C.UNDIALConfig) -> Method:
+    """UNDIAL as open-unlearning src/trainer/unlearn/undial.py l. 12-27 with utils.py l. 70-99
+    (``compute_undial_loss``); the full ``[B, T, V]`` logits of model and reference are formed."""
+
+    def loss(model, batch, *, ref):
+        f = batch["forget"]
+        ids, am = jnp.asarray(f["input_ids"]), f["attention_mask"]
+        logits = model(ids, am)[:, :-1]
+        ref_logits = ref(ids, am)[:, :-1]
+        mask = jnp.asarray(f["loss_mask"])[:, 1:]
+        forget = O.undial_loss(logits, ref_logits, ids[:, 1:], mask, beta=m.beta)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[:, 1:, None], axis=-1)[..., 0]
+        aux = {"forget_nll": jnp.mean(O.sequence_nll_from_logprobs(logp * mask, mask)), "undial": forget}
+        return m.forget_weight * forget + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs, reference=True)
+
+
+def build_idk_dpo(m: C.IdkDPOConfig) -> Method:
+    """IdkDPO as open-unlearning src/trainer/unlearn/dpo.py l. 12-33: ``compute_dpo_loss`` with
+    the IdK answer as ``win_inputs`` and the forget answer as ``lose_inputs``, reference = the
+    frozen starting model, plus ``alpha``·retain NLL."""
+
+    def loss(model, batch, *, ref):
+        f, k = batch["forget"], batch["idk"]
+        lose, lose_mean = _summed_nll(model, f)
+        win, win_mean = _summed_nll(model, k)
+        lose_ref, _ = _summed_nll(ref, f)
+        win_ref, _ = _summed_nll(ref, k)
+        aux = {"forget_nll": jnp.mean(lose_mean), "idk_nll": jnp.mean(win_mean)}
+        forget = O.dpo_loss(win, lose, win_ref, lose_ref, beta=m.beta)
+        return m.forget_weight * forget + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs, reference=True)
+
+
+def build_idk_nll(m: C.IdkNLLConfig) -> Method:
+    """IdkNLL as locuslab/tofu dataloader.py (``CustomTrainerForgetting.compute_loss``,
+    ``loss_type == "idk"``): one HF ``outputs.loss`` over the concatenated IdK + retain batch,
+    ``(Σ l_idk + w·Σ l_retain) / (n_idk + n_retain)`` over answer tokens (w = ``retain_weight``)."""
+
+    def loss(model, batch):
+        k, r = batch["idk"], batch["retain"]
+        s_k, mean_k = _summed_nll(model, k)
+        s_r, mean_r = _summed_nll(model, r)
+        n = jnp.sum(num_targets(k)) + jnp.sum(num_targets(r))
+        aux = {"idk_nll": jnp.mean(mean_k), "retain_nll": jnp.mean(mean_r)}
+        return (jnp.sum(s_k) + m.retain_weight * jnp.sum(s_r)) / n, aux
+
+    return Method(loss, needs=m.needs)
 
 
 BUILDERS: dict[type, Callable[[Any], Method]] = {
@@ -233,6 +320,10 @@ BUILDERS: dict[type, Callable[[Any], Method]] = {
     C.SimNPOConfig: build_simnpo,
     C.SGAConfig: build_sga,
     C.FLATConfig: build_flat,
+    C.RMUConfig: build_rmu,
+    C.UNDIALConfig: build_undial,
+    C.IdkDPOConfig: build_idk_dpo,
+    C.IdkNLLConfig: build_idk_nll,
 }
 
 
@@ -261,9 +352,13 @@ __all__ = [
     "build_ga",
     "build_graddiff",
     "build_gru",
+    "build_idk_dpo",
+    "build_idk_nll",
     "build_method",
     "build_npo",
+    "build_rmu",
     "build_sga",
     "build_simnpo",
+    "build_undial",
     "plain_nll",
 ]

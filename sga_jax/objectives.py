@@ -315,3 +315,68 @@ def flat_loss(
     p_f = mean_token_prob(logp_forget, mask_forget)
     p_e = mean_token_prob(logp_template, mask_template)
     return jnp.mean(-g(p_e) + conj(p_f))
+
+
+# ---------------------------------------------------------------- methods with a frozen reference
+
+
+def rmu_activation_loss(act: Array, target: Array, mask: Array) -> Array:
+    """RMU's activation MSE (open-unlearning src/trainer/unlearn/rmu.py l. 108-117,
+    ``compute_activation_loss``) over ``act [B, T, d]`` and ``target`` (broadcast to it: the
+    steering vector ``[d]`` on the forget set, the frozen model's activations on the retain set),
+    ``mask [B, T]`` the answer tokens (its ``labels != -100``). With ``s_b = Σ_t m_bt·mean_d
+    (a_btd - c_btd)²`` and ``n_b = Σ_t m_bt``, its ``(s / n).mean()`` divides ``s [B]`` by
+    ``n [B, 1]``, a ``[B, B]`` broadcast: the loss is ``mean_b s_b · mean_b (1 / n_b)`` (the
+    per-row mean ``mean_b s_b / n_b`` when rows have equal answer lengths), computed here as the
+    code computes it. In float32."""
+    a = act.astype(jnp.float32)
+    c = jnp.broadcast_to(jnp.asarray(target, jnp.float32), a.shape)
+    m = mask.astype(jnp.float32)
+    per_token = jnp.mean(jnp.square(a - c), axis=-1)
+    s = jnp.sum(per_token * m, axis=-1)
+    return jnp.mean(s) * jnp.mean(1.0 / jnp.maximum(jnp.sum(m, axis=-1), 1.0))
+
+
+def rmu_control_vector(dim: int, coeff: float, seed: int) -> Array:
+    """RMU's steering target ``coeff · u / ‖u‖`` with ``u ~ U[0, 1)^d`` drawn once (rmu.py
+    l. 100-106, ``torch.rand(1, 1, dim)``); here from ``jax.random.key(seed)``."""
+    u = jax.random.uniform(jax.random.key(seed), (dim,), jnp.float32)
+    return coeff * u / jnp.linalg.norm(u)
+
+
+def undial_loss(logits: Array, ref_logits: Array, targets: Array, mask: Array, *, beta: float) -> Array:
+    """UNDIAL (Dong et al. 2024, arXiv 2402.10052; open-unlearning src/trainer/utils.py l. 70-99,
+    ``compute_undial_loss``): the cross-entropy ``-Σ_v q_v log p_v`` of the model's next-token
+    distribution p against ``q = softmax(z_ref - β·onehot(y))``, the frozen model's logits with the
+    target token's lowered by β. ``logits`` / ``ref_logits [B, T, V]`` predict ``targets [B, T]``
+    (already shifted), ``mask [B, T]`` marks the answer tokens; the mean over them. (open-unlearning
+    averages over every position, prompt and padding included, where the -100 label wraps to token
+    V-100: here only answer tokens count.)"""
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    q = jax.nn.softmax(jax.lax.stop_gradient(ref_logits.astype(jnp.float32)) - beta * onehot, axis=-1)
+    ce = -jnp.sum(q * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+    m = mask.astype(jnp.float32)
+    return jnp.sum(ce * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def dpo_loss(
+    nll_chosen: Array,
+    nll_rejected: Array,
+    nll_chosen_ref: Array,
+    nll_rejected_ref: Array,
+    *,
+    beta: float = 0.1,
+) -> Array:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290) as open-unlearning's ``compute_dpo_loss``
+    (src/trainer/utils.py l. 47-67): with summed answer NLLs l and log-ratios
+    ``ρ = -(l - l_ref)``, ``L = -(2/β)·mean_b log σ(β(ρ_chosen - ρ_rejected))``. IdkDPO: an IdK
+    answer is chosen, the forget answer rejected (its dpo.py l. 13-22). The reference NLLs are
+    constants (``stop_gradient``)."""
+    for name, x in (("nll_rejected", nll_rejected), ("nll_chosen_ref", nll_chosen_ref)):
+        _check_same(("nll_chosen", name), nll_chosen, x)
+    if beta <= 0:
+        raise ConfigError(f"DPO beta must be > 0, got {beta}")
+    sg = jax.lax.stop_gradient
+    win = -(nll_chosen - sg(nll_chosen_ref))
+    lose = -(nll_rejected - sg(nll_rejected_ref))
+    return -(2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(beta * (win - lose)))

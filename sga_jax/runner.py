@@ -27,7 +27,14 @@ from omegaconf import OmegaConf
 from sga_jax import config as C
 from sga_jax.data.formatting import PromptFormatter
 from sga_jax.data.normal_samples import normal_index
-from sga_jax.data.splits import encode, flat_templates, load_normal_file, load_rows, template_rows
+from sga_jax.data.splits import (
+    encode,
+    flat_templates,
+    idk_answers,
+    load_normal_file,
+    load_rows,
+    template_rows,
+)
 from sga_jax.data.tofu import load_tofu
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.eval.run import evaluate as run_eval
@@ -82,14 +89,29 @@ def needs(cfg: C.RunConfig) -> frozenset[str]:
     return cfg.method.needs if cfg.mode == "unlearn" else frozenset()
 
 
+def _epochs_run(cfg: C.RunConfig, num_forget: int) -> int:
+    """How many (partial) epochs over the forget rows the run's steps take."""
+    return math.ceil(total_steps(cfg.train, num_forget) * cfg.train.batch_size / num_forget)
+
+
 def _method_rows(cfg: C.RunConfig, fmt, forget_rows: list[dict], forget: Batch) -> dict[str, Any]:
     """FLAT's template rows and SGA's file-given normal rows, aligned to every forget row."""
     need, m, out = needs(cfg), cfg.method, {}
-    if need & {"template", "normal"} and forget["input_ids"].shape[0] != len(forget_rows):
+    if need & {"template", "normal", "idk"} and forget["input_ids"].shape[0] != len(forget_rows):
         raise DataError(
             f"data.forget: {len(forget_rows) - forget['input_ids'].shape[0]} rows could not be encoded; "
-            "FLAT templates / SGA normal-sample files are aligned to every row: fix or drop those rows"
+            "FLAT templates / IdK answers / SGA normal-sample files are aligned to every row: fix or "
+            "drop those rows"
         )
+    if "idk" in need:  # an IdK answer per forget row, drawn anew each epoch (open-unlearning qa.py l. 85-89)
+        out["idk_epochs"], rows = template_rows(
+            forget_rows,
+            idk_answers(getattr(m, "idk", None), cfg.data),
+            per_epoch=True,
+            epochs=_epochs_run(cfg, len(forget_rows)),
+            seed=cfg.train.seed + 1,
+        )
+        out["idk"] = encode(rows, fmt, source="IdK answers", strict=True)
     if "template" in need:
         assert isinstance(m, C.FLATConfig)
         steps = total_steps(cfg.train, len(forget_rows))
@@ -147,6 +169,9 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     if cfg.model.lora is not None:  # adapters on the loaded model; only they train (train.split_model)
         apply_lora(model, cfg.model.lora, nnx.Rngs(cfg.train.seed), mesh=mesh)
     attach_method_data(model, data, cfg.method, need, seed=cfg.train.seed)
+    layer = getattr(cfg.method, "layer", None)
+    if cfg.mode == "unlearn" and layer is not None and not 0 <= layer < model.config.num_layers:
+        raise ConfigError(f"method.layer={layer}: the model has {model.config.num_layers} layers (0..)")
     pairing = data.normal_index.tolist() if data.normal_index is not None else None
     return Prepared(cfg, model, tokenizer, data, forget_rows, retain_rows, mesh, pairing)
 

@@ -41,7 +41,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm.auto import tqdm
 
 from sga_jax import config as C
 from sga_jax.checkpoint import Checkpointer
@@ -49,8 +48,10 @@ from sga_jax.errors import ConfigError, DivergenceError
 from sga_jax.methods import Method, build_method
 from sga_jax.metrics_log import MetricsLog
 from sga_jax.models.hf import save_model
-from sga_jax.models.lora import lora_filter
+from sga_jax.models.lora import has_lora, lora_filter
 from sga_jax.models.sharding import batch_sharding
+from sga_jax.progress import progress_bar
+from sga_jax.reference import reference_model, reference_params, trainable_mask, with_mask
 from sga_jax.transforms.sga import rate_record, warn_rate_range
 
 Batch = dict[str, np.ndarray]
@@ -70,8 +71,9 @@ class TrainData:
     rows of ``normal`` (when given: SGA normal samples read from a file) or else of ``retain`` that
     are its SGA normal samples. ``template``: FLAT template-answer rows, ``template_epochs`` blocks
     of one row per forget row (block ``e mod template_epochs`` serves epoch e: a new template per
-    row per epoch, or one block for a fixed template). ``ref_nll [N]``: the starting model's
-    *summed* forget NLLs (NPO), filled in by the runner.
+    row per epoch, or one block for a fixed template). ``idk``: IdK-answer rows in the same
+    layout (``idk_epochs`` blocks). ``ref_nll [N]``: the starting model's *summed* forget NLLs
+    (NPO), filled in by the runner.
     """
 
     forget: Batch
@@ -81,6 +83,8 @@ class TrainData:
     ref_nll: np.ndarray | None = None
     normal: Batch | None = None
     template_epochs: int = 1
+    idk: Batch | None = None
+    idk_epochs: int = 1
 
     @property
     def num_forget(self) -> int:
@@ -121,9 +125,10 @@ def step_batch(data: TrainData, step: int, batch_size: int, grad_accum: int, see
     if data.retain is not None:
         m = data.retain["input_ids"].shape[0]
         out["retain"] = _rows(data.retain, _stream(seed, 1, m, step * batch_size, batch_size))
-    if data.template is not None:
-        epoch = _epochs(data.num_forget, step * batch_size, batch_size) % data.template_epochs
-        out["template"] = _rows(data.template, epoch * data.num_forget + idx)
+    for key in ("template", "idk"):  # one row per forget row, a block per epoch
+        if getattr(data, key) is not None:
+            epoch = _epochs(data.num_forget, step * batch_size, batch_size) % getattr(data, f"{key}_epochs")
+            out[key] = _rows(getattr(data, key), epoch * data.num_forget + idx)
     if data.ref_nll is not None:
         out["ref_nll"] = data.ref_nll[idx].astype(np.float32)
 
@@ -142,8 +147,11 @@ def total_steps(cfg: C.TrainConfig, num_rows: int) -> int:
     return max(1, math.ceil(cfg.epochs * num_rows / cfg.batch_size))
 
 
-def make_optimizer(cfg: C.TrainConfig, steps: int, method_tx: optax.GradientTransformation | None = None):
-    """``chain(method transform, clip_by_global_norm, adamw(warm-up + decay))``."""
+def make_optimizer(
+    cfg: C.TrainConfig, steps: int, method_tx: optax.GradientTransformation | None = None, mask: Any = None
+):
+    """``chain(method transform, clip_by_global_norm, adamw(warm-up + decay))``; with a parameter
+    ``mask`` (:func:`sga_jax.reference.trainable_mask`) followed by ``masked(mask)``."""
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
     warmup = min(warmup, max(steps - 1, 0))
     decay_steps = max(steps - warmup, 1)
@@ -162,7 +170,7 @@ def make_optimizer(cfg: C.TrainConfig, steps: int, method_tx: optax.GradientTran
     if cfg.max_grad_norm is not None:
         parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
-    return optax.chain(*parts), schedule
+    return optax.chain(*with_mask(parts, mask)), schedule
 
 
 # ---------------------------------------------------------------------------------------- state
@@ -191,19 +199,23 @@ def split_model(model, freeze: Sequence[str] = ()):
     return graphdef, params, rest
 
 
-def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_rest: bool = True):
+def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_rest: bool = True, ref=None):
     """The jitted train step ``(params, opt_state, batch) -> (params, opt_state, metrics)``.
 
     ``rest`` (frozen parameters, buffers) is an argument of the jitted function, not a closure:
     closed-over arrays would be baked into the program as constants (a frozen 49152 x 576 embedding
     made XLA's constant folding take minutes). ``bind_rest=False`` returns the jitted
-    ``(params, opt_state, rest, batch)`` function itself."""
+    ``(params, opt_state, rest, batch, ref=None)`` function itself. A method with
+    ``method.reference`` gets the frozen reference model as ``loss(model, batch, ref=...)``, built
+    from ``ref`` (:mod:`sga_jax.reference`: the starting trainable parameters, or None with LoRA)."""
     names = list(method.extra)
 
-    def micro_grads(params, rest, mb):
+    def micro_grads(params, rest, ref, mb):
+        ref_model = reference_model(graphdef, params, ref, rest) if method.reference else None
+
         def main(p):
             model = nnx.merge(graphdef, p, rest)
-            return method.loss(model, mb)
+            return method.loss(model, mb, ref=ref_model) if method.reference else method.loss(model, mb)
 
         (loss, aux), g = jax.value_and_grad(main, has_aux=True)(params)
         extra = {}
@@ -212,14 +224,14 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_r
             extra[name] = jax.grad(lambda p, fn=fn: fn(nnx.merge(graphdef, p, rest), mb))(params)
         return g, extra, loss, aux
 
-    def step(params, opt_state, rest, batch):
+    def step(params, opt_state, rest, batch, ref=None):
         accum = jax.tree.leaves(batch)[0].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
-        out_shape = jax.eval_shape(micro_grads, params, rest, first)
+        out_shape = jax.eval_shape(micro_grads, params, rest, ref, first)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
 
         def body(carry, mb):
-            new = micro_grads(params, rest, mb)
+            new = micro_grads(params, rest, ref, mb)
             return jax.tree.map(jnp.add, carry, new), None
 
         total, _ = jax.lax.scan(body, zeros, batch)
@@ -232,14 +244,15 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_r
         return params, opt_state, metrics
 
     jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
-    return _bind_rest(jitted, rest) if bind_rest else jitted
+    return _bind_rest(jitted, rest, ref) if bind_rest else jitted
 
 
-def _bind_rest(jitted: Callable, rest) -> Callable:
-    """``(params, opt_state, batch) -> ...`` with ``rest`` passed to the jitted step as an argument."""
+def _bind_rest(jitted: Callable, rest, ref=None) -> Callable:
+    """``(params, opt_state, batch) -> ...`` with ``rest`` (and the reference's ``ref``) passed to
+    the jitted step as arguments."""
 
     def run_step(params, opt_state, batch):
-        return jitted(params, opt_state, rest, batch)
+        return jitted(params, opt_state, rest, batch, ref)
 
     return run_step
 
@@ -281,13 +294,13 @@ class StepCache:
         self.size = size
         self._steps: dict[Any, Callable] = {}
 
-    def step(self, graphdef, rest, method: Method, tx, key: tuple) -> Callable:
-        """``make_step(graphdef, rest, method, tx)``, compiled once per ``(graphdef, key)``."""
+    def step(self, graphdef, rest, method: Method, tx, key: tuple, ref=None) -> Callable:
+        """``make_step(graphdef, rest, method, tx, ref=ref)``, compiled once per ``(graphdef, key)``."""
         try:
             full = (graphdef, key)
             hash(full)
         except TypeError:  # an unhashable graph definition: no reuse
-            return make_step(graphdef, rest, method, tx)
+            return make_step(graphdef, rest, method, tx, ref=ref)
         jitted = self._steps.get(full)
         if jitted is None:
             jitted = make_step(graphdef, None, method, tx, bind_rest=False)
@@ -295,7 +308,7 @@ class StepCache:
                 self._steps[full] = jitted
             while len(self._steps) > self.size:
                 self._steps.pop(next(iter(self._steps)))
-        return _bind_rest(jitted, rest)
+        return _bind_rest(jitted, rest, ref)
 
 
 SHARED_STEPS = StepCache()
@@ -365,20 +378,18 @@ def train_loop(
     steps and after the last; ``hooks`` run after the built-in ones (guard, evaluation, logging,
     progress, checkpoint); ``step_cache`` reuses compiled steps (default :data:`SHARED_STEPS`)."""
     t_cfg, out = cfg.train, Path(output_dir)
-    method = build_method(cfg.method, cfg.mode)
     steps = total_steps(t_cfg, data.num_forget)
-    tx, schedule = make_optimizer(t_cfg, steps, method.transform)
-    graphdef, params, rest = split_model(model, cfg.model.freeze)
+    method, tx, schedule, (graphdef, params, rest), ref = method_setup(model, cfg, steps)
     opt_state = tx.init(params)
     # In progress: keep two, so that the guard can drop the newest and still name a good one.
     ckpt = Checkpointer(out / "checkpoints", keep=max(t_cfg.keep_checkpoints, 2))
     params, opt_state, start = _resumed(ckpt, params, opt_state, t_cfg.resume)
-    step_fn = (step_cache or SHARED_STEPS).step(graphdef, rest, method, tx, step_key(cfg, steps))
+    step_fn = (step_cache or SHARED_STEPS).step(graphdef, rest, method, tx, step_key(cfg, steps), ref)
     device_batch = _device_batches(data, t_cfg, mesh)
     stop = steps if t_cfg.stop_after is None else min(steps, t_cfg.stop_after)
     history: list[dict[str, Any]] = []
     log = MetricsLog(out / "metrics.jsonl", start)
-    progress = _progress(cfg, steps, start)
+    progress = progress_bar(cfg, steps, start)
     all_hooks = [*_builtin_hooks(cfg, ckpt, log, progress, evaluate, eval_every), *hooks]
     try:
         if start == 0 and evaluate is not None:  # the starting model, as step 0
@@ -411,6 +422,25 @@ def train_loop(
 def _say(line: str | None) -> None:
     if line:
         print(f"sga-jax: {line}", file=sys.stderr)
+
+
+def method_setup(model, cfg: C.RunConfig, steps: int):
+    """``(method, tx, schedule, (graphdef, params, rest), ref)``: the method, its optimizer (with
+    its parameter mask), the split model and the reference's parameters (:mod:`sga_jax.reference`;
+    taken now, from the starting model, before any step donates ``params``)."""
+    method = build_method(cfg.method, cfg.mode)
+    graphdef, params, rest = split_model(model, cfg.model.freeze)
+    lora = has_lora(model)
+    mask = None
+    if method.trainable is not None:
+        if lora:
+            raise ConfigError("method.trainable selects base weights: it does not apply with model.lora")
+        mask = trainable_mask(model, params, method.trainable)
+    tx, schedule = make_optimizer(cfg.train, steps, method.transform, mask)
+    ref = None
+    if method.reference:
+        ref = reference_params(params, lora=lora, dtype=getattr(cfg.method, "ref_dtype", None))
+    return method, tx, schedule, (graphdef, params, rest), ref
 
 
 def _resumed(ckpt: Checkpointer, params, opt_state, resume: bool) -> tuple[Any, Any, int]:
@@ -492,27 +522,6 @@ def _checkpoint_hook(t_cfg: C.TrainConfig, ckpt: Checkpointer) -> Callable[[Step
     return fn
 
 
-class _Progress:
-    """A tqdm bar fed by a hook."""
-
-    def __init__(self, bar):
-        self.bar = bar
-
-    def update_from(self, info: StepInfo) -> None:
-        self.bar.update(1)
-        self.bar.set_postfix(_postfix(info.record), refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
-def _progress(cfg: C.RunConfig, steps: int, start: int) -> _Progress | None:
-    if not cfg.train.progress:
-        return None
-    desc = cfg.mode if cfg.mode == "finetune" else cfg.method.name
-    return _Progress(tqdm(total=steps, initial=start, desc=desc))
-
-
 def prune_checkpoints(directory: Path, keep: int) -> None:
     """After a run ended well: keep the ``keep`` newest checkpoints (and checksums.json in step with
     them, through the Checkpointer), or remove the folder when ``keep`` is 0."""
@@ -526,11 +535,6 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
     with Checkpointer(directory, keep=keep) as ckpt:
         for step in sorted(ckpt.all_steps(), reverse=True)[keep:]:
             ckpt.delete(step)
-
-
-def _postfix(rec: dict[str, Any]) -> dict[str, str]:
-    short = {"loss": "loss", "forget_nll": "f_nll", "retain_nll": "r_nll", "normal_nll": "n_nll", "r": "r"}
-    return {v: f"{rec[k]:.4g}" for k, v in short.items() if k in rec}
 
 
 def _last_good(ckpt) -> str:
@@ -577,6 +581,7 @@ __all__ = [
     "TrainData",
     "make_optimizer",
     "make_step",
+    "method_setup",
     "prune_checkpoints",
     "split_model",
     "step_batch",

@@ -102,8 +102,14 @@ def encode(
 
 def flat_templates(m: C.FLATConfig, d: C.DataConfig) -> list[str]:
     """FLAT's template answers: method.template file, else TOFU's idontknow.jsonl, else built-in."""
-    if m.template:
-        rows = jsonl.load_user_rows(data_file(m.template, "method.template"), kind="text")
+    return idk_answers(m.template, d, key="method.template")
+
+
+def idk_answers(path: str | None, d: C.DataConfig, *, key: str = "method.idk") -> list[str]:
+    """IdK answers: the file ``path`` (JSONL ``{"text": ...}``), else TOFU's idontknow.jsonl in the
+    data folder, else a built-in refusal."""
+    if path:
+        rows = jsonl.load_user_rows(data_file(path, key), kind="text")
         return [r["text"] for r in rows]
     try:
         return tofu.load_idontknow(data_dir=benchmark_dir(d.data_dir, "tofu"))

@@ -366,13 +366,18 @@ def _tapped(layers: nnx.Module) -> bool:
     return any(isinstance(n, Linear) and n.kfac_tap for _, n in nnx.iter_graph(layers))
 
 
-def _scan_layers(layers, x, rope, mask, cache, cache_index, sliding, use_remat: bool, policy):
+def _scan_layers(layers, x, rope, mask, cache, cache_index, sliding, use_remat: bool, policy, span=None):
     """The stacked layers as a ``jax.lax.scan`` over their state, a plain pytree, rebuilt into a
     layer in each step. ``nnx.scan`` over the module would also return every layer's variables as
     a stacked scan output: one more copy of all layer weights per step (≈ 26 GiB of float32 temporaries
     for Llama-3.1-8B, docs/performance.md "LoRA memory"). A forward writes no variable here (the
-    K-FAC taps, which do, keep ``nnx.scan``), so nothing needs carrying out."""
+    K-FAC taps, which do, keep ``nnx.scan``), so nothing needs carrying out. ``span = (lo, hi)``:
+    layers ``lo .. hi-1`` only (a slice of the stacked axis; :meth:`DecoderLM.layer_outputs`)."""
     graphdef, state = nnx.split(layers)
+    if span is not None:
+        lo, hi = span
+        state = jax.tree.map(lambda a: a[lo:hi], state)
+        sliding = sliding[lo:hi]
 
     def body(x, st, kv, sl):
         return _layer_body(x, nnx.merge(graphdef, st), rope, mask, kv, cache_index, sl)
@@ -494,8 +499,8 @@ class DecoderLM(nnx.Module):
         )
 
     # --- public API (docs/interfaces.md) -----------------------------------------------------
-    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
-        """Final hidden states ``[B, T, d]`` (after the final norm; OPT: after project_out)."""
+    def _forward_inputs(self, input_ids: Array, attention_mask: Array | None):
+        """``(x, rope, mask, representable)``: the embedded tokens and what every layer takes."""
         input_ids = jnp.asarray(input_ids, jnp.int32)
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
@@ -506,10 +511,53 @@ class DecoderLM(nnx.Module):
         mask, representable = AttentionMask.for_forward(
             attention_mask, self.attention_impl(), window, mixed=flags is not None
         )
-        x, _ = self._run_layers(x, self._rope(positions), mask, None, None)
+        return x, self._rope(positions), mask, representable
+
+    def hidden_states(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
+        """Final hidden states ``[B, T, d]`` (after the final norm; OPT: after project_out)."""
+        x, rope, mask, representable = self._forward_inputs(input_ids, attention_mask)
+        x, _ = self._run_layers(x, rope, mask, None, None)
         # The lengths form is exact only for right padding (training and scoring batches); a left-
         # or inner-padded row under it gives NaN, loudly, instead of wrong logits.
         return jnp.where(representable[:, None, None], self._final(x), jnp.nan)
+
+    def layer_outputs(
+        self, input_ids: Array, attention_mask: Array | None = None, *, layers: tuple[int, ...]
+    ) -> dict[int, Array]:
+        """``{l: [B, T, d]}``: the output of decoder layer ``l`` (0-based) for each ``l`` of
+        ``layers``, the residual stream after that layer, before any final norm: what a forward hook
+        on HF's ``model.layers[l]`` sees as ``output[0]`` (open-unlearning rmu.py l. 83-98). Only the
+        layers up to ``max(layers)`` run, and the result is the same unrolled and under
+        ``scan_layers`` (the scanned stack runs as slices of its stacked axis, so nothing beyond the
+        asked layers is kept; flax's ``sow`` under ``nnx.scan`` would stack one per layer)."""
+        n = self.config.num_layers
+        want = sorted({int(i) for i in layers})
+        if not want or want[0] < 0 or want[-1] >= n:
+            raise ConfigError(
+                f"layer index {list(layers)} out of range: the model has {n} layers (0..{n - 1})"
+            )
+        if _tapped(self.layers):
+            raise ConfigError("layer_outputs does not run with K-FAC taps on")
+        x, rope, mask, representable = self._forward_inputs(input_ids, attention_mask)
+        out, lo = {}, 0
+        for hi in want:
+            x = self._run_span(x, rope, mask, lo, hi + 1)
+            out[hi] = jnp.where(representable[:, None, None], x, jnp.nan)
+            lo = hi + 1
+        return out
+
+    def _run_span(self, x, rope, mask, lo: int, hi: int) -> Array:
+        """Decoder layers ``lo .. hi-1`` on ``x`` (no KV cache), unrolled or as a scan over the slice."""
+        use_remat, policy = remat_policy(self.remat, self.scan_layers)
+        _, flags = self._windows()
+        sliding = np.zeros(self.config.num_layers, bool) if flags is None else flags
+        if self.scan_layers:
+            x, _ = _scan_layers(self.layers, x, rope, mask, None, None, sliding, use_remat, policy, (lo, hi))
+            return x
+        body = nnx.remat(_layer_body, policy=policy) if use_remat else _layer_body
+        for i in range(lo, hi):
+            x, _ = body(x, self.layers[i], rope, mask, None, None, bool(sliding[i]))
+        return x
 
     def __call__(self, input_ids: Array, attention_mask: Array | None = None) -> Array:
         """Logits ``[B, T, V]`` float32."""
