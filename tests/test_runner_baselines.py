@@ -39,7 +39,6 @@ from flax import nnx
 from tiny_models import write_tiny_llama_for
 
 from sga_jax import config as C
-from sga_jax import objectives as O  # noqa: N812
 from sga_jax import runner, train
 from sga_jax.models.hf import hf_tensors
 
@@ -132,7 +131,10 @@ def _torch_loss(m, model, ref, tb):
     f, r = tb["forget"], tb.get("retain")
     if m.name == "rmu":
         act_f = _cached(model, f, m.layer)
-        c = torch.tensor(np.asarray(O.rmu_control_vector(act_f.shape[-1], m.steering_coeff, m.control_seed)))
+        # rmu.py l. 100-106: a U[0, 1) draw, normalised, times the steering coefficient (the draw is
+        # jax's, the same seed; its normalisation and scale are re-derived here)
+        u = torch.tensor(np.asarray(jax.random.uniform(jax.random.key(m.control_seed), (act_f.shape[-1],))))
+        c = m.steering_coeff * u / torch.linalg.vector_norm(u)
         forget = _act_loss(act_f, c.expand_as(act_f), f["labels"] != -100)
         with torch.no_grad():
             ref_r = _cached(ref, r, m.layer)
