@@ -226,8 +226,7 @@ def _guarded(stepper: _Stepper, old, cand, step: int, delta: float, factor: floa
     if scale < 1.0 and log is not None:
         log(
             f"K-FADE step {step}: measured retain KL {first:.3g} per answer token > {factor:g} x "
-            f"trust region "
-            f"{delta:g}; step shrunk x{scale:.3g} (KL now {kl:.3g})"
+            f"trust region {delta:g}; step shrunk x{scale:.3g} (KL now {kl:.3g})"
         )
     return cand, {"retain_kl": kl, "shrink": scale}
 

@@ -48,6 +48,13 @@ def _forget_grads(model, batch):
     return params, jax.grad(lambda p: KD.forget_nll(nnx.merge(graphdef, p, rest), batch))(params)
 
 
+def _leaf(tree, key):
+    node = tree
+    for name in key.split("/"):
+        node = node[name]
+    return node
+
+
 def test_transform_takes_a_trust_region_step(setup):
     _, model, _, forget, eigen, factors = setup
     params, grads = _forget_grads(model, forget[0])
@@ -59,10 +66,7 @@ def test_transform_takes_a_trust_region_step(setup):
     # ½ Δᵀ(F + λI)Δ = δ with F = A ⊗ G per layer, computed with the explicit operator
     quad = 0.0
     for k in factors.a:
-        node = updates
-        for name in k.split("/"):
-            node = node[name]
-        d = node["kernel"]
+        d = _leaf(updates, k)["kernel"]
         quad += float(jnp.sum(d * M.kron_matvec(factors.a[k], factors.g[k], d, lam)))
     np.testing.assert_allclose(0.5 * quad, delta, rtol=2e-3)
     # uphill: the update has a positive inner product with the forget gradient
@@ -82,13 +86,6 @@ def test_transform_takes_a_trust_region_step(setup):
     tx3 = optax.chain(optax.identity(), kfade(eigen, damping=lam, trust_region=delta, max_step_size=1e-9))
     u3, s3 = tx3.update(grads, tx3.init(params), params)
     assert float(s3[1].last_step_size) == pytest.approx(1e-9)
-
-
-def _leaf(tree, key):
-    node = tree
-    for name in key.split("/"):
-        node = node[name]
-    return node
 
 
 def test_relative_damping_is_per_block(setup):

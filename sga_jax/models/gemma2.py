@@ -102,23 +102,27 @@ def check_gemma(hf: dict[str, Any], model_type: str) -> None:
         )
 
 
-def gemma2_layer_types(hf: dict[str, Any], num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
-    """``(sliding_window, per-layer flags)`` as HF's Gemma2Config / Gemma2Attention."""
+def gemma2_layer_types(
+    hf: dict[str, Any], num_layers: int, *, model_type: str = "gemma2", pattern: int = 2
+) -> tuple[int | None, tuple[bool, ...]]:
+    """``(sliding_window, per-layer flags)`` as HF's Gemma2Config / Gemma2Attention: ``layer_types``,
+    else every ``pattern``-th layer global and the rest sliding (Gemma 2: alternating; Gemma 3: 5:1)."""
     types = hf.get("layer_types")
     if types is None:
-        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_layers)]
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
     types = list(types)
     unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
     if unknown or len(types) != num_layers:
         raise ModelLoadError(
-            f"gemma2 config key layer_types must list full_attention / sliding_attention for each of the "
-            f"{num_layers} layers, got {len(types)} entries{f' with {unknown}' if unknown else ''}"
+            f"{model_type} config key layer_types must list full_attention / sliding_attention for each of "
+            f"the {num_layers} layers, got {len(types)} entries{f' with {unknown}' if unknown else ''}"
         )
     flags = tuple(t == "sliding_attention" for t in types)
     window = hf.get("sliding_window", 4096) if any(flags) else None
     if any(flags) and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ModelLoadError(
-            f"gemma2 config key sliding_window must be a whole number >= 1 (sliding layers), got {window!r}"
+            f"{model_type} config key sliding_window must be a whole number >= 1 (sliding layers), "
+            f"got {window!r}"
         )
     return window, flags
 

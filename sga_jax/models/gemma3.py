@@ -62,30 +62,16 @@ def text_config(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def layer_types(hf: dict[str, Any], num_layers: int) -> tuple[int | None, tuple[bool, ...]]:
-    """``(sliding_window, per-layer flags)`` as ``Gemma3TextConfig.__post_init__``."""
-    types = hf.get("layer_types")
-    if types is None:
-        pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
-        if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
-            raise ModelLoadError(
-                f"gemma3_text config key sliding_window_pattern must be a whole number >= 1, got {pattern!r}"
-            )
-        types = [_TYPES[bool((i + 1) % pattern)] for i in range(num_layers)]
-    types = list(types)
-    unknown = sorted(set(types) - set(_TYPES))
-    if unknown or len(types) != num_layers:
+    """``(sliding_window, per-layer flags)`` as ``Gemma3TextConfig.__post_init__``: Gemma 2's rule
+    with every ``sliding_window_pattern``-th layer global (default 6)."""
+    pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+    if hf.get("layer_types") is None and (
+        isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1
+    ):
         raise ModelLoadError(
-            f"gemma3_text config key layer_types must list full_attention / sliding_attention for each of "
-            f"the {num_layers} layers, got {len(types)} entries{f' with {unknown}' if unknown else ''}"
+            f"gemma3_text config key sliding_window_pattern must be a whole number >= 1, got {pattern!r}"
         )
-    flags = tuple(t == "sliding_attention" for t in types)
-    window = hf.get("sliding_window", 4096) if any(flags) else None
-    if any(flags) and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise ModelLoadError(
-            "gemma3_text config key sliding_window must be a whole number >= 1 (sliding layers), "
-            f"got {window!r}"
-        )
-    return window, flags
+    return gemma2.gemma2_layer_types(hf, num_layers, model_type="gemma3_text", pattern=pattern)
 
 
 def ropes(hf: dict[str, Any], head_dim: int) -> tuple[L.RopeConfig, L.RopeConfig]:
