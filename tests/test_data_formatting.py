@@ -84,3 +84,54 @@ def test_collate_and_buckets(smollm2_tokenizer):
     assert bucket_length(17, 16) == 32 and bucket_length(16, 16) == 16 and bucket_length(5, 16, cap=8) == 8
     seen = [i for idx, _ in iterate_batches(encs, 2, pad_id=0, sort_by_length=True) for i in idx]
     assert sorted(seen) == [0, 1, 2]
+
+
+# Qwen3's chat turns as its model card shows them (Qwen/Qwen3-8B, "Switching Between Thinking and
+# Non-Thinking Mode"): with enable_thinking=False the generation prompt ends in an empty reasoning
+# block, and an answered turn carries that same block before the answer.
+QWEN3_PROMPT = "<|im_start|>user\nWho wrote Hamlet?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_qwen3_turns_mask_the_empty_reasoning_block(smollm2_tokenizer):
+    # SmolLM2's vocabulary holds ChatML's <|im_start|> / <|im_end|>, the tokens Qwen3's turns use.
+    fmt = PromptFormatter(smollm2_tokenizer, "qwen3", max_length=128)
+    assert fmt.mode == "chat"
+    assert fmt.generation_prompt("Who wrote Hamlet?") == QWEN3_PROMPT
+    assert fmt.full_text("Who wrote Hamlet?", "Shakespeare.") == QWEN3_PROMPT + "Shakespeare.<|im_end|>\n"
+    enc = fmt.encode_qa("Who wrote Hamlet?", "Shakespeare.")
+    targets = smollm2_tokenizer.decode([t for t, m in zip(enc.input_ids, enc.loss_mask) if m])
+    # The <think> block is prompt, not a target (SmolLM2's BPE merges the block's last "\n" with the
+    # answer's first token, as TOFU's prompt-length masking allows).
+    assert targets.lstrip("\n") == "Shakespeare.<|im_end|>\n"
+    with_system = PromptFormatter(smollm2_tokenizer, "qwen3", system_prompt="Be brief.")
+    assert with_system.generation_prompt("Q?").startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_chat_template_that_is_not_a_prefix_is_refused(smollm2_tokenizer):
+    import copy
+
+    tok = copy.copy(smollm2_tokenizer)
+    # A template whose generation prompt is not the start of the answered turn (here it announces a
+    # role the answered turn does not use): masking by prompt length would train on prompt tokens.
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>bot says\n{% endif %}"
+    )
+    fmt = PromptFormatter(tok, "chat", max_length=128)
+    with pytest.raises(ConfigError, match="not a prefix"):
+        fmt.encode_qa("Who wrote Hamlet?", "William Shakespeare.")
+
+
+def test_family_templates_are_accepted_where_formats_are_named():
+    """The config and eval option checks spell the formats out (so reading a config imports no
+    tokenizer code); they must name exactly the formats the formatter knows."""
+    from sga_jax import config as C
+    from sga_jax.data.formatting import TEMPLATES
+    from sga_jax.eval.options import PROMPT_FORMATS, check_options
+
+    assert tuple(TEMPLATES) == tuple(PROMPT_FORMATS)
+    for name in TEMPLATES:
+        assert C.DataConfig(prompt_format=name).prompt_format == name
+        check_options("tofu", {"template": name})
+    with pytest.raises(ConfigError, match="data.prompt_format"):
+        C.DataConfig(prompt_format="llama3")

