@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sga_jax.errors import ConfigError
-from sga_jax.fsutil import tree_digest
+from sga_jax.fsutil import faults_at, tree_digest
 
 CHECKSUMS = "checksums.json"  # {step: {"sha256": ..., "good": bool}}, beside the step folders
 
@@ -63,32 +64,39 @@ class Checkpointer:
 
         A full disk is one ``OSError`` naming the checkpoint and the space it needs; the partial step
         is removed, and the earlier checkpoints stay as they were."""
+        held = _HeldLog()
         try:
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    meta=ocp.args.JsonSave(_jsonable(meta)),
-                ),
-                force=True,
-            )
-            self._manager.wait_until_finished()
+            with held:  # Orbax logs a fault with its traceback from each of its threads
+                self._save(step, state, meta)
         except Exception as e:
             code = _disk_full(e)
             if code is None:
+                held.replay()
                 raise
-            self._remove_partial(step)
+            self._remove_partial(step)  # the fault is ours to report, in one line: its logs go
             need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
             raise OSError(
                 code,
                 f"{os.strerror(code)} writing checkpoint {step} (it needs about {need / 2**20:.1f} MiB)",
                 str(self.path(step)),
             ) from None
+        held.replay()
         sums = self._sums()
         sums[str(step)] = {"sha256": tree_digest(self.path(step)), "good": False}
         self._write_sums(sums)
         self.prune()
         return self.path(step)
+
+    def _save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(_jsonable(meta)),
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
 
     def _remove_partial(self, step: int) -> None:
         """The folders a failed save of ``step`` left (Orbax writes ``<step>.orbax-checkpoint-tmp-*``)."""
@@ -111,8 +119,13 @@ class Checkpointer:
 
     def _write_sums(self, sums: dict[str, Any]) -> None:
         tmp = self._sums_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(sums, sort_keys=True))
-        os.replace(tmp, self._sums_path())
+        try:
+            with faults_at(self._sums_path()):
+                tmp.write_text(json.dumps(sums, sort_keys=True))
+                os.replace(tmp, self._sums_path())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def problem(self, step: int) -> str | None:
         """Why checkpoint ``step`` cannot be trusted, or None: its bytes must match the SHA-256 that
@@ -239,6 +252,35 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _HeldLog(logging.Filter):
+    """Holds what Orbax logs (the ``absl`` logger) at WARNING and above while a save runs: replayed
+    when the save succeeds or fails for another reason, dropped when the fault is a full disk (the
+    one line of :meth:`Checkpointer.save` replaces one traceback per Orbax thread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self.records.append(record)
+        return False
+
+    def __enter__(self) -> _HeldLog:
+        logging.getLogger("absl").addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("absl").removeFilter(self)
+
+    def replay(self) -> None:
+        log = logging.getLogger("absl")
+        for record in self.records:
+            log.handle(record)
+        self.records = []
 
 
 def _disk_full(e: BaseException) -> int | None:

@@ -1,0 +1,152 @@
+"""A full disk during a run (issue 24): one line naming the disk that is full (the run's folder and
+its mount) and the space left on it, never Orbax's thread tracebacks, never the free space of the
+current directory's disk. No real full disk: the writes are made to fail with ``ENOSPC`` and
+``shutil.disk_usage`` tells a small disk (the run's) from a large one (everything else)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from tiny_models import write_tiny_llama_for
+
+from sga_jax.checkpoint import Checkpointer
+from sga_jax.cli import main
+
+SMALL, LARGE = 8 * 2**20, 70 * 2**30  # free bytes: the run's disk, every other disk
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("hostile_disk")
+    path, _ = write_tiny_llama_for(smollm2_tokenizer, root / "tiny")
+    rows = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is number {i * 7}."} for i in range(4)]
+    (root / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root, path
+
+
+def _args(root: Path, model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "unlearn", "benchmark=jsonl", f"data.forget={root / 'forget.jsonl'}", f"model.path={model}",
+        f"output_dir={out}", "method=ga", "train.steps=3", "train.batch_size=4", "train.lr=1e-3",
+        "train.checkpoint_every=1", "train.progress=false", "train.keep_checkpoints=3", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """``tmp_path / "disk"`` is a small disk with 8 MiB free; every other path is on a large one.
+    The test runs from another folder (the current directory is on the large disk)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    real = shutil.disk_usage
+
+    def disk_usage(path):
+        total, used, _ = real(path)
+        p = Path(path).resolve()
+        return type(real(path))(total, used, SMALL if p == disk or disk in p.parents else LARGE)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    return disk
+
+
+def _mount(path: Path) -> Path:
+    return next(p for p in [path, *path.parents] if os.path.ismount(p))
+
+
+def _one_line(capsys, caplog) -> str:
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("sga-jax: error: "), err
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not logged, [r.getMessage()[:200] for r in logged]  # no Orbax tracebacks either
+    return err[0]
+
+
+def test_full_disk_inside_orbax_names_that_disk_and_no_traceback(
+    setup, small_disk, capsys, caplog, monkeypatch
+):
+    """The write of checkpoint 2 fails inside Orbax's serialisation thread, as tensorstore's does on a
+    full disk: Orbax logs the fault with its traceback from each thread; the user sees one line naming
+    checkpoint 2, the space it needs, the run's disk and its 8 MiB (not the 70 GiB of the current
+    directory's disk). Checkpoint 1 stays and verifies, no partial step is left."""
+    from orbax.checkpoint._src.serialization import serialization
+
+    root, model = setup
+    out = small_disk / "run"
+    real = serialization.async_serialize_from_host
+
+    async def write(*args, **kwargs):
+        if (out / "checkpoints" / "1").is_dir():  # checkpoint 1 is written, 2 meets a full disk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", write)
+    caplog.set_level(logging.INFO)
+    assert main(_args(root, model, out)) == 2
+    err = _one_line(capsys, caplog)
+    assert str(out / "checkpoints" / "2") in err and "No space left on device" in err, err
+    assert "it needs about" in err and f"{SMALL / 2**20:.1f} MiB free" in err, err
+    assert f"mounted at {_mount(small_disk)}" in err, err
+    ckpt = Checkpointer(out / "checkpoints")
+    try:
+        assert ckpt.all_steps() == [1] and ckpt.verify(1)
+    finally:
+        ckpt.close()
+    assert not [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("2")]
+    assert not (out / "model").exists()
+
+
+def test_full_disk_writing_the_metrics_log_names_that_disk(setup, small_disk, capsys, caplog, monkeypatch):
+    """A write to ``metrics.jsonl`` that fails with a bare ``ENOSPC`` (a buffered write names no
+    file): the line names ``metrics.jsonl`` and the run's disk, not the current directory's."""
+    from sga_jax import metrics_log
+
+    root, model = setup
+    out = small_disk / "run"
+
+    class FullDisk:  # a file whose writes fail as a full disk's do, naming no file
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    real = metrics_log.MetricsLog.__init__
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        self._file.close()
+        self._file = FullDisk()
+
+    monkeypatch.setattr(metrics_log.MetricsLog, "__init__", init)
+    assert main(_args(root, model, out)) == 2
+    err = _one_line(capsys, caplog)
+    assert f"{out / 'metrics.jsonl'}: No space left on device" in err, err
+    assert f"{SMALL / 2**20:.1f} MiB free" in err and f"mounted at {_mount(small_disk)}" in err, err
+
+
+def test_a_bare_disk_fault_names_the_output_dir(setup, small_disk, capsys, caplog, monkeypatch):
+    """An ``ENOSPC`` with no file name from anywhere in the run is reported on ``output_dir``'s disk."""
+    from sga_jax import runner
+
+    root, model = setup
+    out = small_disk / "run"
+
+    def run(cfg):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runner, "run", run)
+    assert main(_args(root, model, out)) == 2
+    err = _one_line(capsys, caplog)
+    assert f"{out}: No space left on device" in err and f"{SMALL / 2**20:.1f} MiB free" in err, err
