@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -392,13 +393,17 @@ def _read_adapter_config(cfg_file: Path) -> tuple[LoRAConfig, float]:
     return lcfg, float(dropout)
 
 
+# What PEFT stores adapters as (a half-precision model saves them in its dtype).
+_FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
+
+
 def _adapter_tensor(h, name: str, weights: Path) -> np.ndarray:
     """One stored adapter tensor, refused unless it is floating point and finite."""
     try:
         t = h.get_tensor(name)
     except Exception as e:  # a damaged file or a dtype numpy cannot hold
         raise ModelLoadError(f"{weights}: cannot read {name!r}: {' '.join(str(e).split())}") from None
-    if t.dtype.kind != "f":
+    if t.dtype not in _FLOAT_DTYPES:  # bfloat16 is numpy's void kind: a kind test would refuse it
         raise ModelLoadError(f"{weights}: {name!r} is stored as {t.dtype}; adapter weights are floats")
     if not np.isfinite(t).all():
         raise ModelLoadError(f"{weights}: {name!r} holds NaN or inf")
