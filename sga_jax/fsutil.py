@@ -271,7 +271,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with faults_at(path), os.fdopen(fd, "w") as f:  # a failed write names no file: name ours
             f.write(text)
         ordinary_file_mode(tmp)
         os.replace(tmp, path)

@@ -150,3 +150,31 @@ def test_a_bare_disk_fault_names_the_output_dir(setup, small_disk, capsys, caplo
     assert main(_args(root, model, out)) == 2
     err = _one_line(capsys, caplog)
     assert f"{out}: No space left on device" in err and f"{SMALL / 2**20:.1f} MiB free" in err, err
+
+
+def test_full_disk_writing_a_small_file_names_it(small_disk, monkeypatch):
+    """``config.yaml``, markers, checksums: a write that fails with a bare ``ENOSPC`` in
+    ``atomic_write_text`` names the file it was writing, and leaves no temporary file."""
+    from sga_jax import fsutil
+
+    class FullDisk:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fsutil.os, "fdopen", FullDisk)
+    target = small_disk / "config.yaml"
+    with pytest.raises(OSError) as e:
+        fsutil.atomic_write_text(target, "a: 1\n")
+    line = fsutil.describe_os_error(e.value)
+    assert line.startswith(f"{target}: No space left on device"), line
+    assert f"{SMALL / 2**20:.1f} MiB free on the disk of {small_disk}" in line, line
+    assert list(small_disk.iterdir()) == []
