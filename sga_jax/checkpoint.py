@@ -16,6 +16,7 @@ import errno
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -283,14 +284,20 @@ class _HeldLog(logging.Filter):
         self.records = []
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _disk_full(e: BaseException) -> int | None:
     """The errno of a full disk / quota / file-size fault anywhere in ``e``'s cause chain (Orbax and
     tensorstore re-raise I/O faults wrapped in their own exceptions), else None."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
             return e.errno
+        found = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore's own ValueError
+        if found and int(found.group(1)) in _DISK_FULL:
+            return int(found.group(1))
         if "No space left on device" in str(e):
             return errno.ENOSPC
         e = e.__cause__ or e.__context__

@@ -178,3 +178,31 @@ def test_full_disk_writing_a_small_file_names_it(small_disk, monkeypatch):
     assert line.startswith(f"{target}: No space left on device"), line
     assert f"{SMALL / 2**20:.1f} MiB free on the disk of {small_disk}" in line, line
     assert list(small_disk.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "code,text",
+    [(errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded"),
+     (errno.EFBIG, "File too large")],
+)  # fmt: skip
+def test_tensorstores_own_disk_faults_are_recognised(tmp_path, caplog, monkeypatch, code, text):
+    """tensorstore reports an OS fault as ``ValueError("RESOURCE_EXHAUSTED: ... [os_error_code='N']")``
+    (its text, as a real full disk gave it): a quota or file-size fault is one ``OSError`` naming the
+    checkpoint too, not a traceback, and its Orbax logs are dropped."""
+    import jax.numpy as jnp
+    from orbax.checkpoint._src.serialization import serialization
+
+    async def write(*args, **kwargs):
+        raise ValueError(
+            f'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file "{tmp_path}": '
+            f"Failed to write 4030464 bytes to file 9: {text} [os_error_code='{code}']"
+        )
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", write)
+    caplog.set_level(logging.INFO)
+    with Checkpointer(tmp_path / "checkpoints") as ckpt:
+        with pytest.raises(OSError) as e:
+            ckpt.save(1, {"params": {"w": jnp.ones((4, 4))}}, {"step": 1})
+        assert ckpt.all_steps() == []
+    assert e.value.errno == code and e.value.filename == str(tmp_path / "checkpoints" / "1"), e.value
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
