@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +41,15 @@ class Checkpointer:
     complete before the guard can call it "last good").
     """
 
-    def __init__(self, directory: str | Path, *, keep: int | None = 2):
+    def __init__(self, directory: str | Path, *, keep: int | None = 2, cleanup: bool = False):
         self.directory = Path(directory).expanduser().resolve()
         self.keep = keep
         # Pruning is ours (see ``prune``): Orbax's max_to_keep would delete the last good checkpoint.
-        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+        # ``cleanup`` (the run that holds the folder's lock): Orbax removes the temporary folders of
+        # saves that were killed or failed, which would otherwise keep their space.
+        options = ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=False, cleanup_tmp_directories=cleanup
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # -- queries ---------------------------------------------------------------------------------
@@ -65,6 +70,7 @@ class Checkpointer:
 
         A full disk is one ``OSError`` naming the checkpoint and the space it needs; the partial step
         is removed, and the earlier checkpoints stay as they were."""
+        _drop_closed_loop_reports()
         held = _HeldLog()
         try:
             with held:  # Orbax logs a fault with its traceback from each of its threads
@@ -100,11 +106,20 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def _remove_partial(self, step: int) -> None:
-        """The folders a failed save of ``step`` left (Orbax writes ``<step>.orbax-checkpoint-tmp-*``)."""
-
-        for p in self.directory.glob(f"{step}*"):
-            if p.is_dir() and (p.name == str(step) or p.name.startswith(f"{step}.")):
+        """The folders a failed save of ``step`` left (Orbax writes ``<step>.orbax-checkpoint-tmp-*``).
+        tensorstore's writes still in flight when Orbax gave up may create them again: removed until
+        none comes back for a while (at most 2 s)."""
+        deadline, quiet = time.monotonic() + 2.0, 0
+        while quiet < 3 and time.monotonic() < deadline:
+            found = [
+                p
+                for p in self.directory.glob(f"{step}*")
+                if p.is_dir() and (p.name == str(step) or p.name.startswith(f"{step}."))
+            ]
+            for p in found:
                 shutil.rmtree(p, ignore_errors=True)
+            quiet = 0 if found else quiet + 1
+            time.sleep(0.05)
 
     # -- integrity and retention -----------------------------------------------------------------
 
@@ -285,6 +300,25 @@ class _HeldLog(logging.Filter):
 
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _drop_closed_loop_reports() -> None:
+    """After Orbax gave up on a failed save, tensorstore completes the writes still in flight on its
+    closed event loop: each reports ``RuntimeError('Event loop is closed')`` as an unraisable
+    exception with its traceback, dozens of them after the one line that says what failed. Those
+    are dropped (they say nothing); every other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "sga_jax_closed_loop", False):
+        return
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.sga_jax_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _disk_full(e: BaseException) -> int | None:

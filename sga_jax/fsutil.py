@@ -284,11 +284,15 @@ def describe_os_error(e: OSError, where: str | os.PathLike | None = None) -> str
     """One line for an I/O fault: the file, the cause and, for a full disk, the space left on the
     disk that holds the file (its mount named). A fault without a file name (a buffered write) is
     placed at ``where`` (e.g. the run's ``output_dir``); never at the current directory, whose disk
-    may not be the full one."""
+    may not be the full one. A file-size fault names the limit, not the free space."""
     name = e.filename or getattr(e, "filename2", None) or where
     cause = e.strerror or str(e)
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and name is not None:
-        cause += disk_space(Path(name))
+    if name is not None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        space = disk_space(Path(name))
+        advice = "your quota on it is used up" if e.errno == errno.EDQUOT else "free space"
+        cause += f" ({space}; {advice} or choose another folder)" if space else ""
+    elif name is not None and e.errno == errno.EFBIG:
+        cause += " (a file-size limit: `ulimit -f`, or the largest file its file system holds)"
     return f"{name}: {cause}" if name else cause
 
 
@@ -305,8 +309,8 @@ def faults_at(path: str | os.PathLike) -> Iterator[None]:
 
 
 def disk_space(path: Path) -> str:
-    """`` (N MiB free on the disk of DIR, mounted at MOUNT; ...)`` for the disk holding ``path``
-    (its nearest existing folder); empty when it cannot be measured."""
+    """``N MiB free on the disk of DIR, mounted at MOUNT`` for the disk holding ``path`` (its
+    nearest existing folder); empty when it cannot be measured."""
     folder = Path(os.path.abspath(path))
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
@@ -317,10 +321,7 @@ def disk_space(path: Path) -> str:
         free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    return (
-        f" ({free / 2**20:.1f} MiB free on the disk of {folder}, mounted at {mount}; "
-        "free space or choose another folder)"
-    )
+    return f"{free / 2**20:.1f} MiB free on the disk of {folder}, mounted at {mount}"
 
 
 __all__ = [

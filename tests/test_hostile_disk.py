@@ -206,3 +206,53 @@ def test_tensorstores_own_disk_faults_are_recognised(tmp_path, caplog, monkeypat
         assert ckpt.all_steps() == []
     assert e.value.errno == code and e.value.filename == str(tmp_path / "checkpoints" / "1"), e.value
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+_REAL_FAULT = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+import jax
+from sga_jax.checkpoint import Checkpointer
+from sga_jax.fsutil import describe_os_error
+state = {"params": {f"w{i}": jax.random.normal(jax.random.key(i), (1024, 1024)) for i in range(8)}}
+with Checkpointer(sys.argv[1]) as ckpt:
+    try:
+        ckpt.save(1, state, {"step": 1})
+    except OSError as e:
+        print("sga-jax: error:", describe_os_error(e), file=sys.stderr)
+        sys.exit(2)
+"""
+
+
+def test_a_real_write_fault_in_tensorstore_is_one_line_and_leaves_nothing(tmp_path):
+    """A real fault from the kernel, in a child process: a 1 MiB file-size limit (``ulimit -f``;
+    EFBIG, down the same tensorstore path as a full disk's ENOSPC) under a 32 MiB checkpoint. Before:
+    Orbax's logged tracebacks, then one ``RuntimeError('Event loop is closed')`` traceback per
+    write still in flight, and an empty ``1.orbax-checkpoint-tmp`` tree recreated by those writes
+    after the partial step was removed. Now: one line, and the checkpoint folder is empty."""
+    import subprocess
+    import sys
+
+    ckpts = tmp_path / "checkpoints"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", _REAL_FAULT, str(ckpts)], capture_output=True, text=True,
+                       env=env, timeout=120)  # fmt: skip
+    err = [x for x in r.stderr.splitlines() if x.strip()]
+    assert r.returncode == 2 and len(err) == 1, r.stderr[-3000:]
+    assert err[0].startswith(f"sga-jax: error: {ckpts / '1'}: File too large writing checkpoint 1"), err
+    assert "it needs about 32.0 MiB" in err[0] and "ulimit -f" in err[0], err
+    assert [p.name for p in ckpts.iterdir()] == [], list(ckpts.rglob("*"))
+
+
+def test_a_killed_saves_temporary_folder_is_removed_when_the_run_resumes(setup, tmp_path, capsys):
+    """A save killed mid-write leaves Orbax's ``<step>.orbax-checkpoint-tmp`` (its space stays taken):
+    the run that resumes the folder (holding its lock) removes it; the checkpoints stay."""
+    root, model = setup
+    out = tmp_path / "run"
+    assert main(_args(root, model, out, "train.stop_after=1")) == 0
+    partial = out / "checkpoints" / "9.orbax-checkpoint-tmp"  # a step this run will not save again
+    shutil.copytree(out / "checkpoints" / "1", partial)
+    assert main(_args(root, model, out)) == 0
+    assert not partial.exists()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["1", "2", "3", "checksums.json"]
