@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sga_jax.errors import ConfigError
-from sga_jax.fsutil import tree_digest
+from sga_jax.fsutil import faults_at, tree_digest
 
 CHECKSUMS = "checksums.json"  # {step: {"sha256": ..., "good": bool}}, beside the step folders
 
@@ -38,11 +41,15 @@ class Checkpointer:
     complete before the guard can call it "last good").
     """
 
-    def __init__(self, directory: str | Path, *, keep: int | None = 2):
+    def __init__(self, directory: str | Path, *, keep: int | None = 2, cleanup: bool = False):
         self.directory = Path(directory).expanduser().resolve()
         self.keep = keep
         # Pruning is ours (see ``prune``): Orbax's max_to_keep would delete the last good checkpoint.
-        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+        # ``cleanup`` (the run that holds the folder's lock): Orbax removes the temporary folders of
+        # saves that were killed or failed, which would otherwise keep their space.
+        options = ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=False, cleanup_tmp_directories=cleanup
+        )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # -- queries ---------------------------------------------------------------------------------
@@ -63,39 +70,56 @@ class Checkpointer:
 
         A full disk is one ``OSError`` naming the checkpoint and the space it needs; the partial step
         is removed, and the earlier checkpoints stay as they were."""
+        _drop_closed_loop_reports()
+        held = _HeldLog()
         try:
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state),
-                    meta=ocp.args.JsonSave(_jsonable(meta)),
-                ),
-                force=True,
-            )
-            self._manager.wait_until_finished()
+            with held:  # Orbax logs a fault with its traceback from each of its threads
+                self._save(step, state, meta)
         except Exception as e:
             code = _disk_full(e)
             if code is None:
+                held.replay()
                 raise
-            self._remove_partial(step)
+            self._remove_partial(step)  # the fault is ours to report, in one line: its logs go
             need = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype"))
             raise OSError(
                 code,
                 f"{os.strerror(code)} writing checkpoint {step} (it needs about {need / 2**20:.1f} MiB)",
                 str(self.path(step)),
             ) from None
+        held.replay()
         sums = self._sums()
         sums[str(step)] = {"sha256": tree_digest(self.path(step)), "good": False}
         self._write_sums(sums)
         self.prune()
         return self.path(step)
 
-    def _remove_partial(self, step: int) -> None:
-        """The folders a failed save of ``step`` left (Orbax writes ``<step>.orbax-checkpoint-tmp-*``)."""
+    def _save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(_jsonable(meta)),
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
 
-        for p in self.directory.glob(f"{step}*"):
-            if p.is_dir() and (p.name == str(step) or p.name.startswith(f"{step}.")):
+    def _remove_partial(self, step: int) -> None:
+        """The folders a failed save of ``step`` left (Orbax writes ``<step>.orbax-checkpoint-tmp-*``).
+        tensorstore's writes still in flight when Orbax gave up may create them again: removed until
+        none comes back for a while (at most 2 s)."""
+        deadline, quiet = time.monotonic() + 2.0, 0
+        while quiet < 3 and time.monotonic() < deadline:
+            found = [
+                p
+                for p in self.directory.glob(f"{step}*")
+                if p.is_dir() and (p.name == str(step) or p.name.startswith(f"{step}."))
+            ]
+            for p in found:
                 shutil.rmtree(p, ignore_errors=True)
+            quiet = 0 if found else quiet + 1
+            time.sleep(0.05)
 
     # -- integrity and retention -----------------------------------------------------------------
 
@@ -111,8 +135,13 @@ class Checkpointer:
 
     def _write_sums(self, sums: dict[str, Any]) -> None:
         tmp = self._sums_path().with_suffix(".tmp")
-        tmp.write_text(json.dumps(sums, sort_keys=True))
-        os.replace(tmp, self._sums_path())
+        try:
+            with faults_at(self._sums_path()):
+                tmp.write_text(json.dumps(sums, sort_keys=True))
+                os.replace(tmp, self._sums_path())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def problem(self, step: int) -> str | None:
         """Why checkpoint ``step`` cannot be trusted, or None: its bytes must match the SHA-256 that
@@ -241,14 +270,68 @@ class Checkpointer:
         self.close()
 
 
+class _HeldLog(logging.Filter):
+    """Holds what Orbax logs (the ``absl`` logger) at WARNING and above while a save runs: replayed
+    when the save succeeds or fails for another reason, dropped when the fault is a full disk (the
+    one line of :meth:`Checkpointer.save` replaces one traceback per Orbax thread)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        self.records.append(record)
+        return False
+
+    def __enter__(self) -> _HeldLog:
+        logging.getLogger("absl").addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("absl").removeFilter(self)
+
+    def replay(self) -> None:
+        log = logging.getLogger("absl")
+        for record in self.records:
+            log.handle(record)
+        self.records = []
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _drop_closed_loop_reports() -> None:
+    """After Orbax gave up on a failed save, tensorstore completes the writes still in flight on its
+    closed event loop: each reports ``RuntimeError('Event loop is closed')`` as an unraisable
+    exception with its traceback, dozens of them after the one line that says what failed. Those
+    are dropped (they say nothing); every other unraisable exception goes to the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "sga_jax_closed_loop", False):
+        return
+
+    def hook(unraisable) -> None:
+        exc = unraisable.exc_value
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.sga_jax_closed_loop = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def _disk_full(e: BaseException) -> int | None:
     """The errno of a full disk / quota / file-size fault anywhere in ``e``'s cause chain (Orbax and
     tensorstore re-raise I/O faults wrapped in their own exceptions), else None."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
             return e.errno
+        found = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore's own ValueError
+        if found and int(found.group(1)) in _DISK_FULL:
+            return int(found.group(1))
         if "No space left on device" in str(e):
             return errno.ENOSPC
         e = e.__cause__ or e.__context__

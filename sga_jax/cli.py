@@ -32,7 +32,7 @@ from sga_jax import __version__
 from sga_jax import config as C
 from sga_jax.errors import ConfigError, DataError, ModelLoadError, SgaJaxError
 from sga_jax.eval.options import check_options
-from sga_jax.fsutil import describe_os_error
+from sga_jax.fsutil import describe_os_error, faults_at
 from sga_jax.paths import benchmark_dir
 
 # The modules of the commands themselves (runner, eval, sweep, reapply, demo: jax, flax, optax,
@@ -169,7 +169,8 @@ def cmd_train(args: argparse.Namespace, mode: str) -> int:
     if cfg.mode != mode:
         raise ConfigError(f"mode={cfg.mode} in the config, but the command is `{PROG} {mode}`")
     _maybe_distributed(cfg.distributed)
-    result = runner.run(cfg)
+    with faults_at(cfg.output_dir):
+        result = runner.run(cfg)
     print(
         f"{mode}: {result.steps} steps; model: {result.model_dir}; "
         f"metrics: {result.output_dir / 'metrics.jsonl'}"
@@ -265,8 +266,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from sga_jax.sweep import sweep
 
-    _maybe_distributed(C.compose(args.config, list(args.overrides)).distributed)
-    result = sweep(args.config, list(args.overrides))
+    base = C.compose(args.config, list(args.overrides))
+    _maybe_distributed(base.distributed)
+    with faults_at(base.output_dir):
+        result = sweep(args.config, list(args.overrides))
     print(f"sweep: {len(result.rows) - 1} runs; table: {result.table_path}; plot: {result.plot_path}")
     return 0
 

@@ -7,6 +7,7 @@ they were.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import hashlib
@@ -16,7 +17,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from sga_jax.errors import ConfigError, ModelLoadError
@@ -270,7 +271,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with faults_at(path), os.fdopen(fd, "w") as f:  # a failed write names no file: name ours
             f.write(text)
         ordinary_file_mode(tmp)
         os.replace(tmp, path)
@@ -279,20 +280,48 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def describe_os_error(e: OSError) -> str:
-    """One line for an I/O fault: the file, the cause and, for a full disk, the space left."""
-    name = e.filename or getattr(e, "filename2", None)
+def describe_os_error(e: OSError, where: str | os.PathLike | None = None) -> str:
+    """One line for an I/O fault: the file, the cause and, for a full disk, the space left on the
+    disk that holds the file (its mount named). A fault without a file name (a buffered write) is
+    placed at ``where`` (e.g. the run's ``output_dir``); never at the current directory, whose disk
+    may not be the full one. A file-size fault names the limit, not the free space."""
+    name = e.filename or getattr(e, "filename2", None) or where
     cause = e.strerror or str(e)
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        where = Path(name).parent if name else Path.cwd()
-        try:
-            import shutil
-
-            free = shutil.disk_usage(where if where.exists() else Path.cwd()).free
-            cause += f" ({free / 2**20:.1f} MiB free on that disk; free space or choose another folder)"
-        except OSError:
-            pass
+    if name is not None and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        space = disk_space(Path(name))
+        advice = "your quota on it is used up" if e.errno == errno.EDQUOT else "free space"
+        cause += f" ({space}; {advice} or choose another folder)" if space else ""
+    elif name is not None and e.errno == errno.EFBIG:
+        cause += " (a file-size limit: `ulimit -f`, or the largest file its file system holds)"
     return f"{name}: {cause}" if name else cause
+
+
+@contextlib.contextmanager
+def faults_at(path: str | os.PathLike) -> Iterator[None]:
+    """Give an ``OSError`` that names no file (a failed buffered write) ``path`` as its file, so the
+    one-line report names the disk that failed, not the current directory's."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(Path(path).expanduser())) from None
+
+
+def disk_space(path: Path) -> str:
+    """``N MiB free on the disk of DIR, mounted at MOUNT`` for the disk holding ``path`` (its
+    nearest existing folder); empty when it cannot be measured."""
+    folder = Path(os.path.abspath(path))
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
+    mount = folder
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return ""
+    return f"{free / 2**20:.1f} MiB free on the disk of {folder}, mounted at {mount}"
 
 
 __all__ = [
@@ -302,6 +331,8 @@ __all__ = [
     "atomic_write_text",
     "check_destination",
     "describe_os_error",
+    "disk_space",
+    "faults_at",
     "foreign_files",
     "open_nofollow",
     "ordinary_file_mode",

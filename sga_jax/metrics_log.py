@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sga_jax.fsutil import atomic_write_text, open_nofollow, refuse_link
+from sga_jax.fsutil import atomic_write_text, faults_at, open_nofollow, refuse_link
 
 
 def _logged_step(line: str) -> float:
@@ -41,15 +41,17 @@ class MetricsLog:
             self._tb = None
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        with faults_at(self.path):  # a failed buffered write names no file: name ours
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float):
                     self._tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
-        self._file.close()
+        with faults_at(self.path):
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

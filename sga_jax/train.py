@@ -382,7 +382,7 @@ def train_loop(
     method, tx, schedule, (graphdef, params, rest), ref = method_setup(model, cfg, steps)
     opt_state = tx.init(params)
     # In progress: keep two, so that the guard can drop the newest and still name a good one.
-    ckpt = Checkpointer(out / "checkpoints", keep=max(t_cfg.keep_checkpoints, 2))
+    ckpt = Checkpointer(out / "checkpoints", keep=max(t_cfg.keep_checkpoints, 2), cleanup=True)
     params, opt_state, start = _resumed(ckpt, params, opt_state, t_cfg.resume)
     step_fn = (step_cache or SHARED_STEPS).step(graphdef, rest, method, tx, step_key(cfg, steps), ref)
     device_batch = _device_batches(data, t_cfg, mesh)

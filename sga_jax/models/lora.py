@@ -32,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -195,14 +196,7 @@ def apply_lora(
         )
     if dropout > 0 and any(stacked for _, _, stacked in chosen):
         raise ConfigError("LoRA dropout needs an unrolled model (model.scan_layers=false)")
-    # before any allocation: a rank past a projection's sizes adds nothing, and a huge one (r: 1e9)
-    # would allocate hundreds of GB before failing
-    smallest = min(min(lin.kernel.get_value().shape[-2:]) for _, lin, _ in chosen)
-    if config.rank > smallest:
-        raise ConfigError(
-            f"LoRA rank {config.rank} is larger than the smallest projection it adapts ({smallest}: "
-            "min(in, out) of the targets); use a rank of at most that"
-        )
+    _check_rank_and_scale(config, [lin for _, lin, _ in chosen])
     replicated = None if mesh is None else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     for _, lin, _ in chosen:
         kernel = lin.kernel.get_value()
@@ -218,6 +212,23 @@ def apply_lora(
             if isinstance(var, nnx.Param) and not isinstance(var, LoRAParam):
                 var.set_value(var.get_value().astype(dt))
     return model
+
+
+def _check_rank_and_scale(config: LoRAConfig, chosen: list[L.Linear]) -> None:
+    """Before any allocation: a rank past a projection's sizes adds nothing, and a huge one (r: 1e9)
+    would allocate hundreds of GB before failing; an alpha past float32's range makes every output
+    inf or NaN."""
+    smallest = min(min(lin.kernel.get_value().shape[-2:]) for lin in chosen)
+    if config.rank > smallest:
+        raise ConfigError(
+            f"LoRA rank {config.rank} is larger than the smallest projection it adapts ({smallest}: "
+            "min(in, out) of the targets); use a rank of at most that"
+        )
+    if not abs(config.alpha) <= float(np.finfo(np.float32).max):  # then so is alpha / r, r >= 1
+        raise ConfigError(
+            f"LoRA alpha {config.alpha:g} overflows float32 (with it the adapters' scale alpha / rank "
+            "makes every output inf or NaN); use a smaller alpha"
+        )
 
 
 def merged_kernel(lin: L.Linear) -> Array:
@@ -392,13 +403,17 @@ def _read_adapter_config(cfg_file: Path) -> tuple[LoRAConfig, float]:
     return lcfg, float(dropout)
 
 
+# What PEFT stores adapters as (a half-precision model saves them in its dtype).
+_FLOAT_DTYPES = tuple(np.dtype(d) for d in (np.float16, np.float32, np.float64, ml_dtypes.bfloat16))
+
+
 def _adapter_tensor(h, name: str, weights: Path) -> np.ndarray:
     """One stored adapter tensor, refused unless it is floating point and finite."""
     try:
         t = h.get_tensor(name)
     except Exception as e:  # a damaged file or a dtype numpy cannot hold
         raise ModelLoadError(f"{weights}: cannot read {name!r}: {' '.join(str(e).split())}") from None
-    if t.dtype.kind != "f":
+    if t.dtype not in _FLOAT_DTYPES:  # bfloat16 is numpy's void kind: a kind test would refuse it
         raise ModelLoadError(f"{weights}: {name!r} is stored as {t.dtype}; adapter weights are floats")
     if not np.isfinite(t).all():
         raise ModelLoadError(f"{weights}: {name!r} holds NaN or inf")
@@ -422,17 +437,39 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, mesh: jax.sharding.Me
         raise ModelLoadError(
             f"{weights} is not a readable safetensors file: {' '.join(str(e).split())}"
         ) from None
-    apply_lora(model, lcfg, mesh=mesh)
+    try:
+        apply_lora(model, lcfg, mesh=mesh)  # checks the rank and scale before allocating
+    except ConfigError as e:
+        raise ModelLoadError(f"{cfg_file}: {e}") from None
     try:
         for lin in adapters(model).values():
             lin.lora.dropout_rate = dropout
         with h:
             _fill_adapters(model, h, weights, mesh)
+        _check_deltas(model, cfg_file)
     except BaseException:
         for lin in adapters(model).values():  # no half-loaded adapters left on the user's model
             lin.lora = None
         raise
     return model
+
+
+def _check_deltas(model, cfg_file: Path) -> None:
+    """Refuse finite adapters whose update ``(alpha / r) · A B`` is not finite in float32 (huge
+    values or alpha): a NaN model otherwise. The bound ``scale · r · max|A| · max|B|`` clears almost
+    every adapter without forming the product; only one past float32's range is multiplied out."""
+    limit = float(np.finfo(np.float32).max)
+    for path, lin in adapters(model).items():
+        lo = lin.lora
+        a_max = float(jnp.max(jnp.abs(lo.lora_a.kernel.get_value())))
+        b_max = float(jnp.max(jnp.abs(lo.lora_b.kernel.get_value())))
+        if lo.scale * lo.rank * a_max * b_max < limit or bool(jnp.isfinite(lo.delta()).all()):
+            continue
+        name = _hf_module(model, path)[0].replace("{i}", "*")
+        raise ModelLoadError(
+            f"{cfg_file.parent}: the adapter of {name} gives an update (lora_alpha / r) · B A that "
+            f"overflows float32 (lora_alpha={lo.alpha:g}, r={lo.rank}); it would make the model NaN"
+        )
 
 
 def _fill_adapters(model, h, weights: Path, mesh) -> None:
