@@ -173,6 +173,30 @@ def _summary(res: dict[str, Any]) -> dict[str, Any]:
     return {k: res.get(k) for k in keys}
 
 
+def base_model_mismatch(runs_dir: Path, base_model: str) -> str | None:
+    """Why ``runs_dir`` cannot be resumed from ``base_model``, or None. Every run descends from the
+    target, which was finetuned from the base model its ``config.yaml`` names: finished runs of
+    another base model must not be reused as if they were this study's."""
+    target = runs_dir / "target"
+    if not (target / RESULT).is_file():
+        return None
+    from omegaconf import OmegaConf
+
+    try:
+        before = str(OmegaConf.load(target / "config.yaml").model.path)
+    except Exception as e:  # an unreadable record is not a match
+        return f"{target / 'config.yaml'} cannot be read ({e}), so its base model is unknown"
+    same = before == base_model or (
+        Path(before).exists() and Path(before).resolve() == Path(base_model).resolve()
+    )
+    if same:
+        return None
+    return (
+        f"{runs_dir} holds runs finetuned from base model {before}, not {base_model}; "
+        "use another --runs-dir (or remove that one) to study another base model"
+    )
+
+
 def execute(run: Run, study: dict[str, Any], ctx: dict[str, Any]) -> dict[str, Any]:
     """Train (or finetune) one run, evaluate it and write its ``study_result.json`` last."""
     import sga_jax
@@ -412,6 +436,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tofu_study: error: --only names unknown runs: {sorted(unknown)}", file=sys.stderr)
             return 2
     runs_dir, results_dir = Path(args.runs_dir), Path(args.out)
+    mismatch = base_model_mismatch(runs_dir, str(base_model))
+    if mismatch:
+        print(f"tofu_study: error: {mismatch}", file=sys.stderr)
+        return 2
     if args.dry_run:
         print(f"study: {args.config} (scale {args.scale}); base model {base_model}")
         print(f"runs: {runs_dir}; results: {results_dir}; eval: {study['eval']}")

@@ -106,7 +106,7 @@ class DemoModel:
 # SmolLM2's settings are DEMO_CONFIG's (measured, docs/cli.md). Gemma-3-270M moves ~20x more per
 # unit lr (one Adam-sized step of 5e-6 takes its retain NLL from 1.45 to 0.22; lr 2e-5 or 5e-6 wreck
 # it in 3 steps), and at r = -0.8 its retain facts fall with the forget ones (measured: lr 1e-6 gives
-# forget 0.10x, retain 0.34x); r = -2 keeps them (docs/cli.md).
+# forget 0.10x, retain 0.34x); r = -2 keeps them for 16 steps (docs/cli.md).
 DEMO_MODELS: dict[str, DemoModel] = {
     "smollm2": DemoModel("SmolLM2-135M-Instruct", chat_prompt, False, "", 2e-5, -0.8, 14),
     "gemma3-270m": DemoModel("Gemma-3-270M", plain_prompt, True, " ", 1e-6, -2.0, 16),

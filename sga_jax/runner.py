@@ -28,6 +28,8 @@ from sga_jax import config as C
 from sga_jax.data.formatting import PromptFormatter
 from sga_jax.data.normal_samples import normal_index
 from sga_jax.data.splits import (
+    check_forget_answers,
+    drop_forget_copies,
     encode,
     flat_templates,
     idk_answers,
@@ -149,8 +151,12 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     path = resolve_model_path(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
     fmt = PromptFormatter(tokenizer, cfg.data.prompt_format, cfg.data.max_length)
+    check_forget_answers(forget_rows)
+    kept = drop_forget_copies(forget_rows, retain_rows) if retain_rows else []
     forget = encode(forget_rows, fmt, source=f"data.forget ({cfg.data.forget})")
-    retain = encode(retain_rows, fmt, source=f"data.retain ({cfg.data.retain})") if retain_rows else None
+    retain = None
+    if retain_rows:
+        retain = encode([retain_rows[j] for j in kept], fmt, source=f"data.retain ({cfg.data.retain})")
     data = TrainData(forget=forget, retain=retain, **_method_rows(cfg, fmt, forget_rows, forget))
     model = hf.load_model(
         path,
@@ -172,8 +178,18 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     layer = getattr(cfg.method, "layer", None)
     if cfg.mode == "unlearn" and layer is not None and not 0 <= layer < model.config.num_layers:
         raise ConfigError(f"method.layer={layer}: the model has {model.config.num_layers} layers (0..)")
-    pairing = data.normal_index.tolist() if data.normal_index is not None else None
-    return Prepared(cfg, model, tokenizer, data, forget_rows, retain_rows, mesh, pairing)
+    return Prepared(cfg, model, tokenizer, data, forget_rows, retain_rows, mesh, _pairing(data, kept))
+
+
+def _pairing(data: TrainData, kept: list[int]) -> list[list[int]] | None:
+    """SGA's pairing as saved with the run: rows of the retain *file* (``kept``: the retain rows
+    left after forget rows were dropped), or of ``method.normal_file``."""
+    if data.normal_index is None:
+        return None
+    idx = data.normal_index.tolist()
+    if data.normal is not None or data.retain is None or data.retain["input_ids"].shape[0] != len(kept):
+        return idx
+    return [[kept[j] for j in row] for row in idx]
 
 
 # ------------------------------------------------------------------------------------------ run

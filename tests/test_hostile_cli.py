@@ -11,6 +11,8 @@ from tiny_models import write_tiny_llama_for
 
 from sga_jax import config, runner
 from sga_jax.cli import main
+from sga_jax.data import splits
+from sga_jax.data.formatting import PromptFormatter
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.eval import tofu
 
@@ -70,22 +72,58 @@ def test_forget_quality_needs_the_same_questions(data_dir, tmp_path):
         tofu.aggregate(ours, retain)
 
 
-def test_forget_rows_in_retain_are_never_normal_samples(tmp_path, smollm2_tokenizer, capsys):
-    path, _ = write_tiny_llama_for(smollm2_tokenizer, tmp_path / "tiny")
-    rows = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is {i * 7}."} for i in range(6)]
-    (tmp_path / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    (tmp_path / "retain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def _prepare_jsonl(tmp_path, tokenizer, forget, retain, *extra):
+    path = tmp_path / "tiny"
+    if not path.exists():
+        write_tiny_llama_for(tokenizer, path)
+    (tmp_path / "forget.jsonl").write_text("".join(json.dumps(r) + "\n" for r in forget))
+    (tmp_path / "retain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in retain))
     cfg = config.compose(
         [],
         [
             "benchmark=jsonl", f"data.forget={tmp_path / 'forget.jsonl'}",
-            f"data.retain={tmp_path / 'retain.jsonl'}", f"model.path={path}", "method=sga", "method.k=3",
-            "method.normal_samples=random", f"output_dir={tmp_path / 'run'}",
+            f"data.retain={tmp_path / 'retain.jsonl'}", f"model.path={path}",
+            f"output_dir={tmp_path / 'run'}", *extra,
         ],
     )  # fmt: skip
-    prep = runner.prepare(cfg)
-    assert "3 retain rows are also forget rows" in capsys.readouterr().err
-    assert set(np.asarray(prep.data.normal_index).ravel()) <= {3, 4, 5}
+    return runner.prepare(cfg)
+
+
+FACTS = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is {i * 7}."} for i in range(6)]
+
+
+def test_forget_rows_in_retain_are_never_normal_samples(tmp_path, smollm2_tokenizer, capsys):
+    """Forget copies spread through the retain file (rows 1, 3 and 5, one with a trailing space and a
+    doubled space): none is an SGA normal sample, and the saved pairing names rows of the file."""
+    near = {"question": FACTS[1]["question"] + " ", "answer": FACTS[1]["answer"].replace(" ", "  ", 1)}
+    retain = [FACTS[3], FACTS[0], FACTS[4], near, FACTS[5], FACTS[2]]
+    for how in ("random", "embedding"):
+        prep = _prepare_jsonl(
+            tmp_path, smollm2_tokenizer, FACTS[:3], retain, "method=sga", "method.k=3",
+            f"method.normal_samples={how}",
+        )  # fmt: skip
+        assert "3 retain rows are also forget rows" in capsys.readouterr().err
+        assert prep.data.retain["input_ids"].shape[0] == 3
+        assert {j for row in prep.pairing for j in row} == {0, 2, 4}, prep.pairing
+
+
+def test_graddiff_never_descends_a_forget_row(tmp_path, smollm2_tokenizer, capsys):
+    """GradDiff ascends the forget rows: a copy of one in the retain file (here the last row, with a
+    trailing space) is dropped from the retain set it descends, with the warning."""
+    retain = [FACTS[3], FACTS[4], {**FACTS[0], "answer": FACTS[0]["answer"] + " "}]
+    prep = _prepare_jsonl(tmp_path, smollm2_tokenizer, FACTS[:2], retain, "method=graddiff")
+    assert "1 retain rows are also forget rows" in capsys.readouterr().err
+    want = splits.encode(retain[:2], PromptFormatter(prep.tokenizer, "auto", 256), source="retain")
+    got = prep.data.retain
+    assert got["input_ids"].shape[0] == 2
+    n = want["input_ids"].shape[1]
+    np.testing.assert_array_equal(got["input_ids"][:, :n], want["input_ids"])
+
+
+def test_empty_forget_answer_is_refused(tmp_path, smollm2_tokenizer):
+    forget = [FACTS[0], {"question": "What is nothing?", "answer": "  "}]
+    with pytest.raises(DataError, match="row 1 has an empty answer"):
+        _prepare_jsonl(tmp_path, smollm2_tokenizer, forget, FACTS[3:], "method=graddiff")
 
 
 def test_eval_checks_retain_logs_before_evaluating(tmp_path, capsys):

@@ -108,6 +108,37 @@ def test_second_invocation_skips_finished_runs(study_run, capsys):
     assert len(names) == len(weights) and "ga_seed0" in names
 
 
+def test_resume_with_another_base_model_is_refused(study_run, tmp_path, capsys):
+    """Every finished run descends from a target finetuned from the first base model: a second
+    invocation with another --base-model must not reuse them (before: all 14 were skipped as done)."""
+    driver, root, args = study_run
+    other = tmp_path / "other"
+    other.mkdir()
+    swapped = [str(other) if a == args[args.index("--base-model") + 1] else a for a in args]
+    weights = sorted((root / "runs").glob("*/model/model.safetensors"))
+    before = {p: p.stat().st_mtime_ns for p in weights}
+    capsys.readouterr()
+    assert driver.main(swapped) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds runs finetuned from base model" in err and str(other) in err
+    assert "skip" not in err and {p: p.stat().st_mtime_ns for p in weights} == before
+
+
+def test_base_model_record_of_the_finished_target(tmp_path):
+    driver = _driver()
+    runs = tmp_path / "runs"
+    assert driver.base_model_mismatch(runs, "any") is None  # nothing finished yet
+    (runs / "target").mkdir(parents=True)
+    (runs / "target" / driver.RESULT).write_text("{}")
+    (runs / "target" / "config.yaml").write_text(f"model:\n  path: {tmp_path / 'base'}\n")
+    (tmp_path / "base").mkdir()
+    assert driver.base_model_mismatch(runs, str(tmp_path / "base")) is None
+    assert driver.base_model_mismatch(runs, str(tmp_path / "sub" / ".." / "base")) is None
+    assert "finetuned from base model" in driver.base_model_mismatch(runs, "smollm2")
+    (runs / "target" / "config.yaml").write_text("model: [")
+    assert "cannot be read" in driver.base_model_mismatch(runs, str(tmp_path / "base"))
+
+
 def test_target_that_has_not_memorised_stops_the_study(study_run, capsys):
     driver, root, args = study_run
     capsys.readouterr()

@@ -9,6 +9,7 @@ model.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,38 @@ def load_normal_file(path: str, num_forget: int, k_minus_1: int) -> list[dict]:
             )
         rows += [{"text": t} for t in texts]
     return rows
+
+
+def _row_key(row: dict) -> tuple[str, ...]:
+    """A row's question / answer / text with whitespace runs collapsed and the ends stripped, so a
+    forget row's near-copy (a trailing space, a doubled space, a newline) matches it."""
+    return tuple(" ".join(str(row.get(k, "")).split()) for k in ("question", "answer", "text"))
+
+
+def check_forget_answers(rows: Sequence[dict]) -> None:
+    """One error for a forget row whose answer is empty (or only whitespace): it would train on the
+    end-of-turn token alone."""
+    for i, row in enumerate(rows):
+        if "answer" in row and not str(row["answer"]).strip():
+            raise DataError(
+                f"data.forget: row {i} has an empty answer: there is nothing to unlearn in it (it would "
+                "train on the end-of-turn token alone); fix or drop the row"
+            )
+
+
+def drop_forget_copies(forget: Sequence[dict], retain: Sequence[dict]) -> list[int]:
+    """Indices of the ``retain`` rows to keep: those that are no forget row, up to whitespace. A
+    method never descends (or takes as an SGA normal sample) a row it ascends; dropped rows are
+    named in one warning line, and a retain set made only of forget rows is an error."""
+    keys = {_row_key(r) for r in forget}
+    copies = [j for j, r in enumerate(retain) if _row_key(r) in keys]
+    if copies:
+        print(
+            f"sga-jax: warning: {len(copies)} retain rows are also forget rows (up to whitespace; first: "
+            f"row {copies[0]}); they are dropped from the retain set",
+            file=sys.stderr,
+        )
+    if len(copies) == len(retain):
+        raise DataError("data.retain: every retain row is also a forget row; nothing is left to retain")
+    dropped = set(copies)
+    return [j for j in range(len(retain)) if j not in dropped]
