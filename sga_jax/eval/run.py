@@ -133,6 +133,22 @@ def _wmdp(r: _Run) -> dict[str, Any]:
     return wmdp_accuracy(r.model, r.tokenizer, rows, **r.options)
 
 
+def check_retain_logs_outside(
+    out: str | os.PathLike, retain_logs: Any, what: str = "retain_logs", where: str = "the output folder"
+) -> None:
+    """A ConfigError when the retain logs are, or lie inside, the evaluation's output folder: the
+    evaluation would overwrite them with the evaluated model's own logs (and report Forget Quality
+    1.0, the model against itself)."""
+    if retain_logs is None:
+        return
+    logs, folder = Path(retain_logs).expanduser().resolve(), Path(out).expanduser().resolve()
+    if logs == folder or folder in logs.parents:
+        raise ConfigError(
+            f"{what} {retain_logs} is inside {where} {out}: the evaluation would overwrite "
+            "the retain model's logs; choose another output folder"
+        )
+
+
 def _check_finite(results: dict[str, Any], benchmark: str, model_path: Any) -> None:
     """A NaN / inf score is a broken model, not a result (and not valid JSON): refused, naming it."""
     for key, value in results.items():
@@ -164,6 +180,7 @@ def evaluate(
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
     check_options(benchmark, options)
+    check_retain_logs_outside(out_dir, options.get("retain_logs"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
