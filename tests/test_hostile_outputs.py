@@ -73,3 +73,22 @@ def test_retain_logs_given_as_an_option_are_never_inside_out(setup, earlier_eval
     cfg = C.compose([], [f"output_dir={run}", "eval.benchmark=tofu", logs])
     with pytest.raises(ConfigError, match="inside the run's evaluation folder"):
         check_before_training(cfg)
+
+
+# ------------------------------------------------------------------- NaN models, every benchmark
+
+
+def test_a_nan_model_fails_mia_in_one_line(setup, tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    root, model = setup
+    bad = Path(shutil.copytree(model, tmp_path / "nan"))
+    tensors = load_file(bad / "model.safetensors")
+    tensors["model.norm.weight"][0] = np.nan
+    save_file(tensors, str(bad / "model.safetensors"))
+    texts, out = root / "texts.jsonl", tmp_path / "out"
+    argv = ["eval", str(bad), "-b", "mia", f"members={texts}", f"nonmembers={texts}", "--out", str(out)]
+    assert main(argv) == 2  # was a sklearn ValueError traceback, and --out left behind
+    _err(capsys, "not finite")
+    assert not out.exists()
