@@ -78,7 +78,8 @@ def test_retain_logs_given_as_an_option_are_never_inside_out(setup, earlier_eval
 # ------------------------------------------------------------------- NaN models, every benchmark
 
 
-def test_a_nan_model_fails_mia_in_one_line(setup, tmp_path, capsys):
+@pytest.mark.parametrize("bench", ["mia", "wmdp"])
+def test_a_nan_model_fails_mia_and_wmdp_in_one_line(setup, tmp_path, capsys, bench):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
@@ -88,7 +89,11 @@ def test_a_nan_model_fails_mia_in_one_line(setup, tmp_path, capsys):
     tensors["model.norm.weight"][0] = np.nan
     save_file(tensors, str(bad / "model.safetensors"))
     texts, out = root / "texts.jsonl", tmp_path / "out"
-    argv = ["eval", str(bad), "-b", "mia", f"members={texts}", f"nonmembers={texts}", "--out", str(out)]
-    assert main(argv) == 2  # was a sklearn ValueError traceback, and --out left behind
+    wmdp = root / "wmdp.jsonl"
+    row = {"question": "Which?", "choices": ["a", "b", "c", "d"], "answer": 1}
+    wmdp.write_text("".join(json.dumps(row) + "\n" for _ in range(2)))
+    opts = [f"members={texts}", f"nonmembers={texts}"] if bench == "mia" else [f"data={wmdp}"]
+    # mia was a sklearn ValueError traceback (--out left behind); wmdp an accuracy of " A", exit 0
+    assert main(["eval", str(bad), "-b", bench, *opts, "--out", str(out)]) == 2
     _err(capsys, "not finite")
     assert not out.exists()

@@ -76,6 +76,8 @@ def wmdp_accuracy(model: Any, tokenizer: Any, rows: list[dict], *, batch_size: i
             seqs.append(Encoded(list(prompt) + list(c), [0] * len(prompt) + [1] * len(c)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     nll, _ = summed_nll(model, seqs, pad_id=pad, batch_size=batch_size)
+    if not np.isfinite(nll).all():  # argmin over NaN picks " A": a silent, wrong accuracy
+        raise DataError("wmdp: the choices' log-probabilities are not finite (NaN or inf weights?)")
     pred = nll.reshape(len(rows), 4).argmin(axis=1)
     gold = np.array([r["answer"] for r in rows])
     return {"accuracy": float(np.mean(pred == gold)), "predictions": pred.tolist()}
