@@ -97,3 +97,21 @@ def test_a_nan_model_fails_mia_and_wmdp_in_one_line(setup, tmp_path, capsys, ben
     assert main(["eval", str(bad), "-b", bench, *opts, "--out", str(out)]) == 2
     _err(capsys, "not finite")
     assert not out.exists()
+
+
+# ------------------------------------------------------------------- links at temporary names
+
+
+def test_results_are_never_written_through_a_link_at_the_temporary_name(tmp_path):
+    import os
+
+    from sga_jax.data.jsonl import write_json_atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's file")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / f".results.json.tmp{os.getpid()}").symlink_to(victim)  # the name it used to write through
+    write_json_atomic({"a": 1}, out / "results.json", indent=2, allow_nan=False)
+    assert victim.read_text() == "the user's file"
+    assert json.loads((out / "results.json").read_text()) == {"a": 1}
