@@ -210,6 +210,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     check_options(bench, options)  # before the model is loaded or --out is created
     if options.get("data_dir") is not None and bench in ("tofu", "muse_news"):
         options["data_dir"] = benchmark_dir(str(options["data_dir"]), bench)
+    given = options.pop("retain_logs", None)  # retain_logs=DIR is --retain-logs DIR, with its checks
+    if given is not None and args.retain_logs is not None and given != args.retain_logs:
+        raise ConfigError(f"--retain-logs {args.retain_logs} and retain_logs={given} disagree; give one")
+    args.retain_logs = args.retain_logs or given
     out = _eval_destination(args, model)
     if args.retain_logs:
         from sga_jax.runner import check_retain_logs
@@ -220,8 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     created = not out.exists()
     try:
         results = evaluate(bench, str(model), out, **options)
-    except SgaJaxError:
-        if created:  # a refused evaluation leaves nothing behind
+    except BaseException:
+        if created:  # a refused (or failed, or interrupted) evaluation leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
         raise
     print(f"eval {args.benchmark}: results in {args.out}")
@@ -233,16 +237,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval_destination(args: argparse.Namespace, model: Path) -> Path:
     """``--out`` as ``convert``'s destination: new, empty, written by sga_jax or ``--overwrite``; never
     the model's folder, and never a folder holding ``--retain-logs`` (they would be overwritten)."""
+    from sga_jax.eval.run import check_retain_logs_outside
     from sga_jax.fsutil import check_destination
 
     out = Path(args.out).expanduser()
-    if args.retain_logs:
-        logs = Path(args.retain_logs).expanduser().resolve()
-        if logs == out.resolve() or out.resolve() in logs.parents:
-            raise ConfigError(
-                f"--retain-logs {args.retain_logs} is inside --out {args.out}: the evaluation would "
-                "overwrite the retain model's logs; choose another --out"
-            )
+    check_retain_logs_outside(out, args.retain_logs, "--retain-logs", "--out")
     return check_destination(out, sources=(model,), overwrite=args.overwrite)
 
 

@@ -217,16 +217,17 @@ def check_before_training(cfg: C.RunConfig) -> None:
     """What would otherwise fail only after the whole run: the retain logs of the final evaluation,
     and a float16 run on the CPU (XLA:CPU has no float16 matmul with float32 accumulation, so the
     first step would raise deep inside the compiled step)."""
-    if cfg.eval.benchmark == "tofu" and cfg.eval.retain_logs:
-        logs = Path(cfg.eval.retain_logs).expanduser().resolve()
+    retain_logs = eval_options(cfg).get("retain_logs")  # eval.retain_logs or eval.options.retain_logs
+    if cfg.eval.benchmark == "tofu" and retain_logs:
+        logs = Path(retain_logs).expanduser().resolve()
         where = (Path(cfg.output_dir).expanduser() / "eval").resolve()
         if logs == where or where in logs.parents:
             raise ConfigError(
-                f"eval.retain_logs {cfg.eval.retain_logs} is inside the run's evaluation folder {where}: "
+                f"eval.retain_logs {retain_logs} is inside the run's evaluation folder {where}: "
                 "it would overwrite the retain model's logs; use another output_dir"
             )
         try:
-            check_retain_logs(cfg.eval.retain_logs, eval_options(cfg))
+            check_retain_logs(retain_logs, eval_options(cfg))
         except DataError as e:
             raise ConfigError(f"eval.retain_logs: {e}") from None
     half = [k for k in ("dtype", "param_dtype") if getattr(cfg.model, k) == "float16"]

@@ -154,8 +154,7 @@ def write_json_atomic(obj: Any, path: str | os.PathLike, **dump_kwargs: Any) -> 
     """Write JSON to ``path`` through a temporary file and a rename (never a half-written file)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, **dump_kwargs)
-    os.replace(tmp, p)
+    from sga_jax.fsutil import atomic_write_text  # an unpredictable temporary name: no link followed
+
+    atomic_write_text(p, json.dumps(obj, **dump_kwargs))
     return p

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from sga_jax.data.formatting import PromptFormatter
-from sga_jax.errors import ConfigError
+from sga_jax.errors import ConfigError, DataError
 from sga_jax.eval.scoring import iterate_token_logprobs
 
 _EPS = 1e-12
@@ -67,6 +67,8 @@ def auc(member_scores: Sequence[float], nonmember_scores: Sequence[float]) -> fl
     m, n = np.asarray(member_scores, np.float64), np.asarray(nonmember_scores, np.float64)
     if m.size == 0 or n.size == 0:
         raise ConfigError("auc needs at least one member and one non-member score")
+    if not (np.isfinite(m).all() and np.isfinite(n).all()):  # a NaN model: sklearn raises a bare ValueError
+        raise DataError("membership scores are not finite (NaN or inf): the model's outputs are broken")
     labels = np.concatenate([np.ones(m.size), np.zeros(n.size)])
     return float(roc_auc_score(labels, np.concatenate([m, n])))
 

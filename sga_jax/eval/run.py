@@ -76,6 +76,8 @@ def wmdp_accuracy(model: Any, tokenizer: Any, rows: list[dict], *, batch_size: i
             seqs.append(Encoded(list(prompt) + list(c), [0] * len(prompt) + [1] * len(c)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     nll, _ = summed_nll(model, seqs, pad_id=pad, batch_size=batch_size)
+    if not np.isfinite(nll).all():  # argmin over NaN picks " A": a silent, wrong accuracy
+        raise DataError("wmdp: the choices' log-probabilities are not finite (NaN or inf weights?)")
     pred = nll.reshape(len(rows), 4).argmin(axis=1)
     gold = np.array([r["answer"] for r in rows])
     return {"accuracy": float(np.mean(pred == gold)), "predictions": pred.tolist()}
@@ -133,6 +135,22 @@ def _wmdp(r: _Run) -> dict[str, Any]:
     return wmdp_accuracy(r.model, r.tokenizer, rows, **r.options)
 
 
+def check_retain_logs_outside(
+    out: str | os.PathLike, retain_logs: Any, what: str = "retain_logs", where: str = "the output folder"
+) -> None:
+    """A ConfigError when the retain logs are, or lie inside, the evaluation's output folder: the
+    evaluation would overwrite them with the evaluated model's own logs (and report Forget Quality
+    1.0, the model against itself)."""
+    if retain_logs is None:
+        return
+    logs, folder = Path(retain_logs).expanduser().resolve(), Path(out).expanduser().resolve()
+    if logs == folder or folder in logs.parents:
+        raise ConfigError(
+            f"{what} {retain_logs} is inside {where} {out}: the evaluation would overwrite "
+            "the retain model's logs; choose another output folder"
+        )
+
+
 def _check_finite(results: dict[str, Any], benchmark: str, model_path: Any) -> None:
     """A NaN / inf score is a broken model, not a result (and not valid JSON): refused, naming it."""
     for key, value in results.items():
@@ -164,6 +182,7 @@ def evaluate(
     if benchmark not in BENCHMARKS:
         raise ConfigError(f"unknown benchmark {benchmark!r}; choose one of {BENCHMARKS}")
     check_options(benchmark, options)
+    check_retain_logs_outside(out_dir, options.get("retain_logs"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
