@@ -36,8 +36,10 @@ from sga_jax import config as C
 from sga_jax import runner, train
 from sga_jax.data.batching import bucket_length, collate
 from sga_jax.data.formatting import Encoded
+from sga_jax.data.jsonl import write_json_atomic
 from sga_jax.errors import ConfigError
 from sga_jax.eval.generate import greedy_generate
+from sga_jax.fsutil import atomic_save_figure
 from sga_jax.logprobs import token_logprobs
 from sga_jax.models import hf
 from sga_jax.models.locate import resolve_model_path
@@ -218,11 +220,10 @@ def plot(
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -341,7 +342,7 @@ def run_demo(
     report = _report(result, facts, shown, (before_answers, after_answers), seen, png, times)
     report["forget_target_met"] = report["forget_ratio"] <= FORGET_TARGET
     report["retain_target_met"] = report["retain_ratio"] >= RETAIN_TARGET
-    (out_dir / "demo_report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(report, out_dir / "demo_report.json", indent=2)
     return report
 
 

@@ -19,8 +19,12 @@ import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sga_jax.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Written into every model folder we export: a non-empty folder without it is the user's, not ours.
 EXPORT_MARKER = ".sga_jax_export"
@@ -278,6 +282,22 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save_figure(fig: Figure, path: Path) -> Path:
+    """``fig.savefig`` to ``path`` (format from its suffix) as :func:`atomic_write_text` writes text:
+    a temporary file with an unpredictable name, renamed into place, with the user's umask."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    try:
+        with faults_at(path), os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=path.suffix.lstrip(".") or "png")
+        ordinary_file_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def describe_os_error(e: OSError, where: str | os.PathLike | None = None) -> str:

@@ -30,6 +30,7 @@ from sga_jax.data.jsonl import write_json_atomic
 from sga_jax.data.splits import load_rows
 from sga_jax.errors import ConfigError, SgaJaxError
 from sga_jax.eval.run import evaluate
+from sga_jax.fsutil import atomic_save_figure, atomic_write_text
 from sga_jax.models.locate import resolve_model_path
 from sga_jax.rundir import check_output_dir
 
@@ -167,7 +168,7 @@ def _write(root: Path, rows: list[dict[str, Any]]) -> tuple[Path, Path]:
         *("| " + r["run"] + " | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows),
     ]
     table = root / "sweep.md"
-    table.write_text("\n".join(lines) + "\n")
+    atomic_write_text(table, "\n".join(lines) + "\n")
     write_json_atomic(rows, root / "sweep.json", indent=2)
     return table, plot(rows, root / "sweep.png")
 
@@ -198,11 +199,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("TOFU: forget quality vs model utility")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    try:
+        return atomic_save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 __all__ = ["SweepResult", "plan", "plot", "sweep"]

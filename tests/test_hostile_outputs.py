@@ -115,3 +115,26 @@ def test_results_are_never_written_through_a_link_at_the_temporary_name(tmp_path
     write_json_atomic({"a": 1}, out / "results.json", indent=2, allow_nan=False)
     assert victim.read_text() == "the user's file"
     assert json.loads((out / "results.json").read_text()) == {"a": 1}
+
+
+def test_sweep_and_demo_reports_are_never_written_through_links(tmp_path):
+    """sweep.md / sweep.png and the demo's probabilities.png: a link at the final name or at the
+    temporary name they used to write (``.NAME.tmp.png``) is replaced, never written through."""
+    from sga_jax import demo, sweep
+
+    victims = {}
+    out = tmp_path / "out"
+    out.mkdir()
+    names = ["sweep.md", "sweep.png", ".sweep.png.tmp.png", "probabilities.png", ".probabilities.png.tmp.png"]
+    for name in names:
+        victims[name] = tmp_path / f"victim_{name.strip('.')}"
+        victims[name].write_text("the user's file")
+        (out / name).symlink_to(victims[name])
+    rows = [{"run": "ga", "forget_quality": 0.5, "model_utility": 0.4}]
+    sweep._write(out, rows)
+    history = [{"step": s, "forget_prob": 0.5 - s / 10, "retain_prob": 0.6} for s in (0, 2)]
+    demo.plot(history, out / "probabilities.png", history[0], sizes=(1, 1))
+    assert all(v.read_text() == "the user's file" for v in victims.values())
+    for name in ("sweep.md", "sweep.png", "probabilities.png"):
+        assert (out / name).is_file() and not (out / name).is_symlink(), name
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
