@@ -220,3 +220,8 @@ def test_distributed_without_a_coordinator_names_the_variables(tiny_run, tmp_pat
     assert p.returncode == 2 and len(err) == 1 and err[0].startswith("sga-jax: error: "), p.stderr
     assert all(v in err[0] for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
     assert not (tmp_path / "run").exists()
+
+
+def test_retain_made_only_of_forget_rows_is_refused(tmp_path, smollm2_tokenizer):
+    with pytest.raises(DataError, match="every retain row is also a forget row"):
+        _prepare_jsonl(tmp_path, smollm2_tokenizer, FACTS[:2], FACTS[:2][::-1], "method=graddiff")
