@@ -147,12 +147,12 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     :class:`~sga_jax.errors.SgaJaxError` on any problem and writes nothing."""
     need = needs(cfg)
     forget_rows, retain_rows = load_rows(cfg.data, need_retain="retain" in need)
+    check_forget_answers(forget_rows)  # row checks first: before a model is converted or loaded
+    kept = drop_forget_copies(forget_rows, retain_rows) if retain_rows else []
     mesh = _mesh(cfg)
     path = resolve_model_path(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
     fmt = PromptFormatter(tokenizer, cfg.data.prompt_format, cfg.data.max_length)
-    check_forget_answers(forget_rows)
-    kept = drop_forget_copies(forget_rows, retain_rows) if retain_rows else []
     forget = encode(forget_rows, fmt, source=f"data.forget ({cfg.data.forget})")
     retain = None
     if retain_rows:

@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hostile import one_error_line as _err
+from hostile import snapshot as _snapshot
 from tiny_models import write_tiny_llama_for
 
 from sga_jax.cli import main
@@ -23,18 +25,6 @@ def setup(tmp_path_factory, smollm2_tokenizer):
         "".join(json.dumps({"text": f"fact {i} is {i}"}) + "\n" for i in range(3))
     )
     return root, path
-
-
-def _err(capsys, *fragments: str) -> str:
-    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "warning" not in x.lower()]
-    assert len(err) == 1 and err[0].startswith("sga-jax: error: "), err
-    for f in fragments:
-        assert f in err[0], err[0]
-    return err[0]
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------- retain logs as an eval option

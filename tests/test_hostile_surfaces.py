@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hostile import one_error_line as _err
+from hostile import snapshot as _snapshot
 from tiny_models import write_tiny_llama_for
 
 from sga_jax.cli import main
@@ -33,18 +35,6 @@ def _args(root: Path, model: Path, out, *extra: str) -> list[str]:
         f"output_dir={out}", "method=ga", "train.steps=2", "train.batch_size=4", "train.lr=1e-3",
         "train.checkpoint_every=1", "train.progress=false", *extra,
     ]  # fmt: skip
-
-
-def _err(capsys, *fragments: str) -> str:
-    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "warning" not in x.lower()]
-    assert len(err) == 1 and err[0].startswith("sga-jax: error: "), err
-    for f in fragments:
-        assert f in err[0], err[0]
-    return err[0]
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 # --------------------------------------------------------------------------- data loss: eval --out
