@@ -319,6 +319,15 @@ def _drop_closed_loop_reports() -> None:
 
     hook.sga_jax_closed_loop = True  # type: ignore[attr-defined]
     sys.unraisablehook = hook
+    # Orbax's write tasks that failed on the same fault are collected later, and asyncio logs each
+    # as "Task exception was never retrieved" with its traceback: dropped too, only for that fault.
+    logging.getLogger("asyncio").addFilter(_unretrieved_disk_faults)
+
+
+def _unretrieved_disk_faults(record: logging.LogRecord) -> bool:
+    """asyncio's default handler logs a task's unretrieved exception with ``exc_info``."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or _disk_full(exc) is None
 
 
 def _disk_full(e: BaseException) -> int | None:
