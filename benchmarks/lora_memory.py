@@ -72,6 +72,7 @@ def measure(spec: dict) -> dict:
     from sga_jax import methods, train
     from sga_jax.models import from_config
     from sga_jax.models.lora import LoRAParam, apply_lora
+    from sga_jax.reference import reference_params
 
     v = VARIANTS[spec["variant"]]
     b, k, seq = spec["forget_rows"], 4, spec["seq"]
@@ -88,7 +89,8 @@ def measure(spec: dict) -> dict:
         return apply_lora(m, lcfg, nnx.Rngs(0)) if lcfg else m
 
     model = nnx.eval_shape(build)
-    method_cfg = C.SGAConfig(r=-0.8, k=k, rate="fixed")
+    name = spec.get("method", "sga")
+    method_cfg = C.SGAConfig(r=-0.8, k=k, rate="fixed") if name == "sga" else C.IdkDPOConfig()
     method = methods.build_method(method_cfg)
     tcfg = C.TrainConfig(steps=10, batch_size=b)
     tx, _ = train.make_optimizer(tcfg, 10, method.transform)
@@ -98,10 +100,17 @@ def measure(spec: dict) -> dict:
         key: jax.ShapeDtypeStruct((1, n, seq), jnp.int32)
         for key in ("input_ids", "attention_mask", "loss_mask")
     }  # noqa: E731
-    batch = {"forget": rows(b), "normal": rows(b * (k - 1))}
+    if name == "sga":
+        batch = {"forget": rows(b), "normal": rows(b * (k - 1))}
+    else:  # IdkDPO: forget (rejected), IdK (chosen) and retain rows, the frozen reference's copy
+        batch = {"forget": rows(b), "idk": rows(b), "retain": rows(b)}
+        k = 3  # rows per forget row, for the table
+    ref = None
+    if method.reference:  # LoRA: None (the adapters off); full: a copy of the trainable parameters
+        ref = jax.eval_shape(lambda p: reference_params(p, lora=lcfg is not None), params)
     step = train.make_step(graphdef, None, method, tx, bind_rest=False)
     t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, rest, batch).compile()
+    compiled = step.lower(params, opt_state, rest, batch, ref).compile()
     seconds = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     out = {
@@ -124,6 +133,7 @@ def measure(spec: dict) -> dict:
         trainable_bytes=int(size(params)),
         frozen_bytes=int(size(nnx.state(model, nnx.Param)) - size(params)),
         optimizer_bytes=int(size(opt_state)),
+        reference_bytes=int(size(ref)) if ref is not None else 0,
         compile_s=seconds,
         jax=jax.__version__,
         backend=jax.default_backend(),
@@ -151,22 +161,23 @@ GPU_80GB = 80e9  # an "80 GB" H100 / A100: 80 * 10^9 bytes (about 74.5 GiB usabl
 def table(results: list[dict]) -> list[str]:
     lines = [
         "| variant | compute | rows × T | trainable params | frozen weights (GiB) | trainable + Adam (GiB) "
-        "| temporaries (GiB) | peak (GiB) | fits 80 GB | compile (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| reference copy (GiB) | temporaries (GiB) | peak (GiB) | fits 80 GB | compile (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if r["spec"].get("compute") == "float32":  # float32 weights throughout
             r = dict(r, label=r["label"].replace("(bf16 base)", "(fp32 base)"))
         if "error" in r:
             lines.append(
-                f"| {r['label']} | {r['spec'].get('compute')} | | failed: {r['error']} | | | | | | |"
+                f"| {r['label']} | {r['spec'].get('compute')} | | failed: {r['error']} | | | | | | | |"
             )
             continue
         lines.append(
             f"| {r['label']} | {r['spec'].get('compute', 'bfloat16')} | {r['rows']} × {r['spec']['seq']} "
             f"| {r['params_trainable'] / 1e6:,.1f} M "
             f"| {r['frozen_bytes'] / GiB:.2f} | {(r['trainable_bytes'] + r['optimizer_bytes']) / GiB:.2f} "
-            f"| {r['temp_bytes'] / GiB:.2f} | {r['peak_bytes'] / GiB:.2f} "
+            f"| {r.get('reference_bytes', 0) / GiB:.2f} | {r['temp_bytes'] / GiB:.2f} "
+            f"| {r['peak_bytes'] / GiB:.2f} "
             f"| {'yes' if r['peak_bytes'] < GPU_80GB else 'no'} | {r['compile_s']:.0f} |"
         )
     return lines
@@ -180,6 +191,10 @@ def main(argv=None) -> int:
     p.add_argument("--compute", nargs="*", default=["bfloat16", "float32"])
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--timeout", type=int, default=1800)
+    p.add_argument(
+        "--method", default="sga", choices=["sga", "idk_dpo"],
+        help="sga (K = 4) or idk_dpo (a frozen reference: results in lora_memory_idk_dpo.{json,md})",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.one:
         print(json.dumps(measure({"seq": 512, **json.loads(args.one)})))
@@ -191,7 +206,8 @@ def main(argv=None) -> int:
             for name in args.variants:
                 if compute == "float32" and name == "full_bf16":
                     continue  # the same program as full_fp32_master in float32
-                r = _child(dict(variant=name, forget_rows=b, seq=args.seq, compute=compute), args.timeout)
+                spec = dict(variant=name, forget_rows=b, seq=args.seq, compute=compute, method=args.method)
+                r = _child(spec, args.timeout)
                 results.append(r)
                 print(json.dumps(r), flush=True)
     import jax
@@ -205,17 +221,19 @@ def main(argv=None) -> int:
         python=platform.python_version(),
         versions={"jax": jax.__version__, "flax": __import__("flax").__version__},
         model="Llama-3.1-8B shape (abstract weights)",
-        gpu="CPU buffer assignment; no GPU was lent to this session (2026-11-26)",
+        gpu=f"CPU buffer assignment; no GPU was lent to this session ({_dt.date.today().isoformat()})",
+        method=args.method,
         results=results,
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / ".lora_memory.json.tmp"
+    stem = "lora_memory" if args.method == "sga" else f"lora_memory_{args.method}"
+    tmp = RESULTS / f".{stem}.json.tmp"
     tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(RESULTS / "lora_memory.json")
+    tmp.replace(RESULTS / f"{stem}.json")
     text = "\n".join(table(results)) + "\n"
-    tmp = RESULTS / ".lora_memory.md.tmp"
+    tmp = RESULTS / f".{stem}.md.tmp"
     tmp.write_text(text)
-    tmp.replace(RESULTS / "lora_memory.md")
+    tmp.replace(RESULTS / f"{stem}.md")
     print(text)
     return 0
 

@@ -14,6 +14,7 @@ Adding a method touches two known places: its schema in ``config.py`` and its bu
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -40,7 +41,9 @@ class Method:
     gradient). ``needs``: which parts of :class:`~sga_jax.train.TrainData` the method uses (the
     schema's ``needs``). ``reference``: the loss is called ``loss(model, batch, ref=ref_model)``
     with the frozen starting model (:mod:`sga_jax.reference`). ``trainable``: regexes on HF
-    parameter names selecting what trains (None: everything the model trains).
+    parameter names selecting what trains (None: everything the model trains). ``extra_values``:
+    ``extra name -> keyword``: the value of that extra loss is handed to the transform too, under
+    the keyword (PDU's dual step reads the retain loss).
     """
 
     loss: LossFn
@@ -50,6 +53,7 @@ class Method:
     report_loss: bool = True  # False when ``loss`` is not the method's objective (SGA's per-step r)
     reference: bool = False
     trainable: tuple[str, ...] | None = None
+    extra_values: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def add_grads() -> optax.GradientTransformationExtraArgs:
@@ -233,6 +237,13 @@ def build_gru(m: C.GRUMixin) -> Method:
 # ------------------------------------------------------------------ methods with a frozen reference
 
 
+def _forget_logits(model, f) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(logits [B, T-1, V], targets [B, T-1], mask [B, T-1])``: the full next-token logits of the
+    forget rows with their (shifted) answer tokens."""
+    ids = jnp.asarray(f["input_ids"])
+    return model(ids, f["attention_mask"])[:, :-1], ids[:, 1:], jnp.asarray(f["loss_mask"])[:, 1:]
+
+
 def _summed_nll(model, b) -> tuple[jax.Array, jax.Array]:
     """``(summed answer NLL [B], token-mean NLL [B])`` from one forward."""
     logp, mask = token_logprobs(model, b)
@@ -267,12 +278,10 @@ def build_undial(m: C.UNDIALConfig) -> Method:
 
     def loss(model, batch, *, ref):
         f = batch["forget"]
-        ids, am = jnp.asarray(f["input_ids"]), f["attention_mask"]
-        logits = model(ids, am)[:, :-1]
-        ref_logits = ref(ids, am)[:, :-1]
-        mask = jnp.asarray(f["loss_mask"])[:, 1:]
-        forget = O.undial_loss(logits, ref_logits, ids[:, 1:], mask, beta=m.beta)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), ids[:, 1:, None], axis=-1)[..., 0]
+        logits, targets, mask = _forget_logits(model, f)
+        ref_logits, _, _ = _forget_logits(ref, f)
+        forget = O.undial_loss(logits, ref_logits, targets, mask, beta=m.beta)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), targets[..., None], axis=-1)[..., 0]
         aux = {"forget_nll": jnp.mean(O.sequence_nll_from_logprobs(logp * mask, mask)), "undial": forget}
         return m.forget_weight * forget + _retain_term(m, model, batch, aux), aux
 
@@ -313,6 +322,73 @@ def build_idk_nll(m: C.IdkNLLConfig) -> Method:
     return Method(loss, needs=m.needs)
 
 
+# ------------------------------------------------- methods with a forget loss of their own (open-unlearning)
+
+
+def _token_weighted(m, weighted: Callable[[jax.Array, jax.Array], jax.Array]) -> Method:
+    def loss(model, batch):
+        logp, mask = token_logprobs(model, batch["forget"])
+        aux = {"forget_nll": jnp.mean(O.sequence_nll_from_logprobs(logp, mask))}
+        forget = weighted(logp, mask)
+        aux["forget_loss"] = forget
+        return m.forget_weight * forget + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs)
+
+
+def build_wga(m: C.WGAConfig) -> Method:
+    """WGA as open-unlearning src/trainer/unlearn/wga.py l. 14-36 (``gamma·L_f + alpha·l_r``) with
+    utils.py l. 102-115 (``compute_wga_loss``)."""
+    return _token_weighted(m, lambda logp, mask: O.wga_loss(logp, mask, beta=m.beta))
+
+
+def build_satimp(m: C.SatImpConfig) -> Method:
+    """SatImp as open-unlearning src/trainer/unlearn/satimp.py l. 17-37 with utils.py l. 118-134."""
+    return _token_weighted(m, lambda logp, mask: O.satimp_loss(logp, mask, beta1=m.beta1, beta2=m.beta2))
+
+
+def build_ceu(m: C.CEUConfig) -> Method:
+    """CE-U as open-unlearning src/trainer/unlearn/ceu.py l. 64-96 (``compute_batch_ceu``: the
+    first ``ignore_first_n_answer_tokens`` answer tokens of each row left out, l. 69-74)."""
+
+    def loss(model, batch):
+        f = batch["forget"]
+        kept = dict(f, loss_mask=O.drop_first_answer_tokens(f["loss_mask"], m.ignore_first_n_answer_tokens))
+        logits, targets, mask = _forget_logits(model, kept)
+        forget = O.ceu_loss(logits, targets, mask)
+        aux = {"forget_loss": forget}
+        return forget + _retain_term(m, model, batch, aux), aux
+
+    return Method(loss, needs=m.needs)
+
+
+def build_pdu(m: C.PDUConfig, *, steps_per_epoch: int = 1) -> Method:
+    """PDU as open-unlearning src/trainer/unlearn/pdu.py: the forget loss of l. 113-122
+    (``objectives.pdu_forget_loss``, on unshifted logits as there) is the loss; the retain NLL's
+    gradient and value go to :func:`sga_jax.transforms.primal_dual`, which adds ``λ·∇l_r`` and
+    moves λ (l. 40-72). λ moves once per optimizer step, from the step's mean retain NLL;
+    open-unlearning moves it at every ``compute_loss`` call, i.e. per micro-batch under gradient
+    accumulation (the same with ``train.grad_accum=1``). Its warm-up ends at an epoch's end
+    (``on_epoch_end``, l. 143-147): ``ceil(dual_warmup_epochs)·steps_per_epoch`` steps."""
+
+    def loss(model, batch):
+        f = batch["forget"]
+        ids = jnp.asarray(f["input_ids"])
+        forget = O.pdu_forget_loss(model(ids, f["attention_mask"]), jnp.asarray(f["loss_mask"]))
+        return m.forget_weight * forget, {"forget_loss": forget}
+
+    def retain_loss(model, batch):
+        return plain_nll(m, model, batch["retain"])
+
+    warmup = math.ceil(m.dual_warmup_epochs) * steps_per_epoch
+    tx = T.primal_dual(
+        m.retain_weight, eps=m.retain_loss_eps, step_size=m.dual_step_size, warmup_steps=warmup
+    )
+    # report_loss=False: the objective's λ lives in the transform state (reported as ``dual``).
+    return Method(loss, tx, {"retain_grads": retain_loss}, m.needs, report_loss=False,
+                  extra_values={"retain_grads": "retain_loss"})  # fmt: skip
+
+
 BUILDERS: dict[type, Callable[[Any], Method]] = {
     C.GAConfig: build_ga,
     C.GradDiffConfig: build_graddiff,
@@ -324,6 +400,10 @@ BUILDERS: dict[type, Callable[[Any], Method]] = {
     C.UNDIALConfig: build_undial,
     C.IdkDPOConfig: build_idk_dpo,
     C.IdkNLLConfig: build_idk_nll,
+    C.WGAConfig: build_wga,
+    C.SatImpConfig: build_satimp,
+    C.CEUConfig: build_ceu,
+    C.PDUConfig: build_pdu,
 }
 
 
@@ -336,10 +416,14 @@ def _builder(cls: type) -> Callable[[Any], Method]:
     raise ConfigError(f"method: {cls.__name__} has no training loop (K-FADE runs through its own driver)")
 
 
-def build_method(m: C.MethodConfig, mode: str = "unlearn") -> Method:
-    """The :class:`Method` of a method config (``mode="finetune"``: plain NLL)."""
+def build_method(m: C.MethodConfig, mode: str = "unlearn", *, steps_per_epoch: int = 1) -> Method:
+    """The :class:`Method` of a method config (``mode="finetune"``: plain NLL). ``steps_per_epoch``:
+    optimizer steps per pass over the forget set, for a method that counts epochs (PDU's dual
+    warm-up)."""
     if mode == "finetune":
         return build_finetune()
+    if isinstance(m, C.PDUConfig):
+        return build_pdu(m, steps_per_epoch=steps_per_epoch)
     return _builder(type(m))(m)
 
 
@@ -352,13 +436,17 @@ __all__ = [
     "build_ga",
     "build_graddiff",
     "build_gru",
+    "build_ceu",
     "build_idk_dpo",
     "build_idk_nll",
     "build_method",
     "build_npo",
+    "build_pdu",
     "build_rmu",
+    "build_satimp",
     "build_sga",
     "build_simnpo",
     "build_undial",
+    "build_wga",
     "plain_nll",
 ]

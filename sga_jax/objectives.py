@@ -380,3 +380,71 @@ def dpo_loss(
     win = -(nll_chosen - sg(nll_chosen_ref))
     lose = -(nll_rejected - sg(nll_rejected_ref))
     return -(2.0 / beta) * jnp.mean(jax.nn.log_sigmoid(beta * (win - lose)))
+
+
+# --------------------------------------------------------- token-weighted and logit-level forget losses
+
+
+def _answer_mean(x: Array, mask: Array) -> Array:
+    """The mean of ``x [B, T]`` over every answer token of the batch (``mask``): the ``[labels !=
+    -100].mean()`` of open-unlearning's token-level losses."""
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x.astype(jnp.float32) * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def wga_loss(logp: Array, mask: Array, *, beta: float = 1.0) -> Array:
+    """Weighted gradient ascent (WGA; Wang et al. 2025, "Rethinking LLM Unlearning Objectives",
+    arXiv 2502.19301) as open-unlearning src/trainer/utils.py l. 102-115 (``compute_wga_loss``):
+    ``L = -mean_t[sg(p_t^β)·(-log p_t)]`` over the answer tokens of the batch, ``p_t`` the model's
+    probability of answer token t (``logp [B, T]`` its log, ``mask [B, T]`` the answer tokens).
+    Minimising L ascends each token's NLL with a weight that vanishes once the token is forgotten."""
+    _check_mask("logp", logp, mask)
+    lp = logp.astype(jnp.float32)
+    w = jax.lax.stop_gradient(jnp.exp(beta * lp))
+    return _answer_mean(w * lp, mask)
+
+
+def satimp_loss(logp: Array, mask: Array, *, beta1: float = 5.0, beta2: float = 1.0) -> Array:
+    """SatImp (Yang et al. 2025, arXiv 2505.11953) as open-unlearning src/trainer/utils.py
+    l. 118-134 (``compute_satimp_loss``): WGA with the weight ``sg(p_t^β1·(1 - p_t)^β2)``, a
+    saturation term ``p^β1`` and an importance term ``(1 - p)^β2``."""
+    _check_mask("logp", logp, mask)
+    lp = logp.astype(jnp.float32)
+    p = jnp.exp(lp)
+    w = jax.lax.stop_gradient(p**beta1 * (1.0 - p) ** beta2)
+    return _answer_mean(w * lp, mask)
+
+
+def ceu_loss(logits: Array, targets: Array, mask: Array) -> Array:
+    """CE-U, cross-entropy unlearning (Yang et al. 2025, arXiv 2503.01224) as open-unlearning
+    src/trainer/unlearn/ceu.py l. 7-61 (``cross_entropy_unlearning_loss``): the cross-entropy of the
+    model's next-token distribution against ``q = softmax(sg(z))`` with the target token's logit set
+    to -inf (q puts the model's own mass everywhere but on the answer token), averaged over the
+    answer tokens ``mask [B, T]``; ``logits [B, T, V]`` predict ``targets [B, T]`` (already
+    shifted). Its gradient in the logits is ``softmax(z) - q``: all of the target's probability,
+    spread over the other tokens in proportion. The first answer tokens are left out by the caller
+    (:func:`drop_first_answer_tokens`)."""
+    z = logits.astype(jnp.float32)
+    onehot = jax.nn.one_hot(targets, z.shape[-1], dtype=jnp.bool_)
+    q = jax.nn.softmax(jnp.where(onehot, -jnp.inf, jax.lax.stop_gradient(z)), axis=-1)
+    ce = -jnp.sum(q * jax.nn.log_softmax(z, axis=-1), axis=-1)
+    return _answer_mean(ce, mask)
+
+
+def drop_first_answer_tokens(mask: Array, n: int) -> Array:
+    """``mask [B, T]`` without each row's first ``n`` answer tokens (ceu.py l. 69-74: CE-U leaves
+    them out, arXiv 2503.01224's footnote on its training settings)."""
+    m = jnp.asarray(mask).astype(jnp.int32)
+    return (m * (jnp.cumsum(m, axis=-1) > n)).astype(jnp.asarray(mask).dtype)
+
+
+def pdu_forget_loss(logits: Array, mask: Array) -> Array:
+    """PDU's forget loss (Entesari et al. 2025, arXiv 2506.05314) as open-unlearning
+    src/trainer/unlearn/pdu.py l. 113-122: ``mean_t (max_v z_tv - mean_v z_tv)²``, the squared gap
+    between each position's largest and mean logit (zero for a uniform prediction), averaged over
+    the positions of the answer tokens. As that code, the logits are *not* shifted: ``logits
+    [B, T, V]`` and ``mask [B, T]`` are taken at the same positions (the logits that predict the
+    token after each answer token)."""
+    z = logits.astype(jnp.float32)
+    gap = jnp.max(z, axis=-1) - jnp.mean(z, axis=-1)
+    return _answer_mean(jnp.square(gap), mask)

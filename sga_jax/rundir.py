@@ -26,6 +26,7 @@ def resume_key(cfg: C.RunConfig) -> dict[str, Any]:
     d = C.to_dict(cfg)
     for k in BOOKKEEPING:
         d["train"].pop(k, None)
+    d["method"].pop("recipe", None)  # only its train values count, and they are compared
     for k in ("eval", "sweep", "distributed", "output_dir"):  # output_dir: the folder itself, however spelt
         d.pop(k, None)
     return d

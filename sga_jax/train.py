@@ -50,8 +50,10 @@ from sga_jax.metrics_log import MetricsLog
 from sga_jax.models.hf import save_model
 from sga_jax.models.lora import has_lora, lora_filter
 from sga_jax.models.sharding import batch_sharding
+from sga_jax.optim import make_optimizer, steps_per_epoch, total_steps
 from sga_jax.progress import progress_bar
-from sga_jax.reference import reference_model, reference_params, trainable_mask, with_mask
+from sga_jax.reference import reference_model, reference_params, trainable_mask
+from sga_jax.transforms.primal_dual import dual_record
 from sga_jax.transforms.sga import rate_record, warn_rate_range
 
 Batch = dict[str, np.ndarray]
@@ -138,41 +140,6 @@ def step_batch(data: TrainData, step: int, batch_size: int, grad_accum: int, see
     return jax.tree.map(split, out)
 
 
-# ----------------------------------------------------------------------------------- optimizer
-
-
-def total_steps(cfg: C.TrainConfig, num_rows: int) -> int:
-    if cfg.steps is not None:
-        return cfg.steps
-    return max(1, math.ceil(cfg.epochs * num_rows / cfg.batch_size))
-
-
-def make_optimizer(
-    cfg: C.TrainConfig, steps: int, method_tx: optax.GradientTransformation | None = None, mask: Any = None
-):
-    """``chain(method transform, clip_by_global_norm, adamw(warm-up + decay))``; with a parameter
-    ``mask`` (:func:`sga_jax.reference.trainable_mask`) followed by ``masked(mask)``."""
-    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
-    warmup = min(warmup, max(steps - 1, 0))
-    decay_steps = max(steps - warmup, 1)
-    if cfg.schedule == "constant":
-        decay = optax.constant_schedule(cfg.lr)
-    elif cfg.schedule == "linear":
-        decay = optax.linear_schedule(cfg.lr, 0.0, decay_steps)
-    else:
-        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps)
-    schedule = (
-        optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
-        if warmup
-        else decay
-    )
-    parts = [] if method_tx is None else [method_tx]
-    if cfg.max_grad_norm is not None:
-        parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
-    return optax.chain(*with_mask(parts, mask)), schedule
-
-
 # ---------------------------------------------------------------------------------------- state
 
 
@@ -221,7 +188,11 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_r
         extra = {}
         for name in names:
             fn = method.extra[name]
-            extra[name] = jax.grad(lambda p, fn=fn: fn(nnx.merge(graphdef, p, rest), mb))(params)
+            value, extra[name] = jax.value_and_grad(lambda p, fn=fn: fn(nnx.merge(graphdef, p, rest), mb))(
+                params
+            )
+            if name in method.extra_values:
+                extra[method.extra_values[name]] = value
         return g, extra, loss, aux
 
     def step(params, opt_state, rest, batch, ref=None):
@@ -239,8 +210,10 @@ def make_step(graphdef, rest, method: Method, tx, *, donate: bool = True, bind_r
         updates, opt_state = tx.update(grads, opt_state, params, **extra)
         params = optax.apply_updates(params, updates)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        metrics = {**({"loss": loss} if method.report_loss else {}), **aux, "grad_norm": grad_norm}
+        values = {k: extra[k] for k in method.extra_values.values()}
+        metrics = {**({"loss": loss} if method.report_loss else {}), **aux, **values, "grad_norm": grad_norm}
         metrics.update(rate_record(opt_state))
+        metrics.update(dual_record(opt_state))
         return params, opt_state, metrics
 
     jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
@@ -379,7 +352,7 @@ def train_loop(
     progress, checkpoint); ``step_cache`` reuses compiled steps (default :data:`SHARED_STEPS`)."""
     t_cfg, out = cfg.train, Path(output_dir)
     steps = total_steps(t_cfg, data.num_forget)
-    method, tx, schedule, (graphdef, params, rest), ref = method_setup(model, cfg, steps)
+    method, tx, schedule, (graphdef, params, rest), ref = method_setup(model, cfg, steps, data.num_forget)
     opt_state = tx.init(params)
     # In progress: keep two, so that the guard can drop the newest and still name a good one.
     ckpt = Checkpointer(out / "checkpoints", keep=max(t_cfg.keep_checkpoints, 2), cleanup=True)
@@ -424,11 +397,14 @@ def _say(line: str | None) -> None:
         print(f"sga-jax: {line}", file=sys.stderr)
 
 
-def method_setup(model, cfg: C.RunConfig, steps: int):
+def method_setup(model, cfg: C.RunConfig, steps: int, num_rows: int | None = None):
     """``(method, tx, schedule, (graphdef, params, rest), ref)``: the method, its optimizer (with
     its parameter mask), the split model and the reference's parameters (:mod:`sga_jax.reference`;
-    taken now, from the starting model, before any step donates ``params``)."""
-    method = build_method(cfg.method, cfg.mode)
+    taken now, from the starting model, before any step donates ``params``). ``num_rows``: the
+    forget (or finetuning) rows, which epoch counts are taken over (None: ``steps / train.epochs``
+    steps an epoch)."""
+    per_epoch = steps_per_epoch(cfg.train, steps, num_rows)
+    method = build_method(cfg.method, cfg.mode, steps_per_epoch=per_epoch)
     graphdef, params, rest = split_model(model, cfg.model.freeze)
     lora = has_lora(model)
     mask = None
@@ -436,7 +412,7 @@ def method_setup(model, cfg: C.RunConfig, steps: int):
         if lora:
             raise ConfigError("method.trainable selects base weights: it does not apply with model.lora")
         mask = trainable_mask(model, params, method.trainable)
-    tx, schedule = make_optimizer(cfg.train, steps, method.transform, mask)
+    tx, schedule = make_optimizer(cfg.train, steps, method.transform, mask, num_rows=num_rows)
     ref = None
     if method.reference:
         ref = reference_params(params, lora=lora, dtype=getattr(cfg.method, "ref_dtype", None))

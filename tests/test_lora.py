@@ -147,7 +147,8 @@ def _cfg(root: Path, model: Path, method: list[str], *extra: str) -> C.RunConfig
     return C.compose([], [
         "benchmark=jsonl", f"data.forget={root / 'forget.jsonl'}", f"data.retain={root / 'retain.jsonl'}",
         f"model.path={model}", f"output_dir={root / 'out'}", *method, *flat, "train.steps=2",
-        "train.batch_size=2", "train.lr=1e-2", "model.lora.rank=4", "model.lora.alpha=8",
+        "train.batch_size=2", "train.lr=1e-2", "train.warmup_steps=0", "model.lora.rank=4",
+        "model.lora.alpha=8",
         f"model.lora.targets=[{','.join(TARGETS)}]", *extra,
     ])  # fmt: skip
 

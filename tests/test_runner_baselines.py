@@ -1,5 +1,6 @@
-"""The baselines with a frozen reference or their own data (issue 25: RMU, UNDIAL, IdkDPO, IdkNLL)
-through the runner's own step, against a torch re-derivation from open-unlearning's code.
+"""The baselines with a frozen reference, their own data or their own forget loss (issue 25: RMU,
+UNDIAL, IdkDPO, IdkNLL, WGA, SatImp, CE-U, PDU) through the runner's own step, against a torch
+re-derivation from open-unlearning's code.
 
 For each method the runner prepares its data (``runner.prepare``: forget / retain rows, IdK answers
 drawn per row and epoch), builds its method, optimizer, parameter mask and reference
@@ -16,7 +17,11 @@ moment) and the updated parameters are compared by HF parameter name:
   (open-unlearning averages over every position; the stated difference);
 * IdkDPO: ``src/trainer/unlearn/dpo.py`` l. 12-33 with ``utils.py`` l. 34-67, plus the retain NLL;
 * IdkNLL: locuslab/tofu ``dataloader.py``, ``loss_type == "idk"``: one ``outputs.loss`` over the
-  concatenated IdK + retain batch.
+  concatenated IdK + retain batch;
+* WGA / SatImp: ``utils.py`` l. 102-134 (``compute_wga_loss`` / ``compute_satimp_loss``) with
+  GradDiff's retain NLL (``wga.py``, ``satimp.py``);
+* CE-U: ``src/trainer/unlearn/ceu.py`` l. 7-81, its first answer tokens left out;
+* PDU: ``src/trainer/unlearn/pdu.py`` l. 40-72 and 105-134: the dual variable moved after each step.
 
 Step 2 is where the reference matters (at step 1 the model is its reference). Also: the scanned and
 unrolled RMU steps are equal, and with LoRA the compiled step holds no second copy of the weights.
@@ -164,7 +169,41 @@ def _torch_loss(m, model, ref, tb):
             for key in pad
         }
         return model(**cat).loss
+    if m.name in ("wga", "satimp"):  # utils.py l. 102-134, wga.py / satimp.py: gamma·L_f + alpha·l_r
+        logits = model(**f).logits[..., :-1, :]
+        labels = f["labels"][..., 1:].reshape(-1)
+        lm = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="none")(
+            logits.reshape(-1, logits.shape[-1]), labels
+        )
+        p = (-lm).exp().detach()
+        w = p**m.beta if m.name == "wga" else p**m.beta1 * (1 - p) ** m.beta2
+        forget = -(w * lm)[labels != -100].mean()
+        return m.forget_weight * forget + m.retain_weight * model(**r).loss
+    if m.name == "ceu":  # ceu.py l. 7-81
+        labels = f["labels"]
+        valid = labels != -100
+        first = (valid.cumsum(dim=-1) <= m.ignore_first_n_answer_tokens) & valid
+        labels = labels.masked_fill(first, -100)[..., 1:]
+        logits = model(**f).logits[..., :-1, :]
+        keep = labels != -100
+        z, y = logits[keep], labels[keep]
+        target = z.detach().clone()
+        target.scatter_(-1, y.unsqueeze(-1), float("-inf"))
+        return F.cross_entropy(z, F.softmax(target, dim=-1))
+    if m.name == "pdu":  # pdu.py l. 40-72 and 105-134, the dual held in ``PDU_DUAL`` across steps
+        logits = model(**f).logits
+        logits = logits.reshape(-1, logits.shape[-1])
+        gap = (logits.max(dim=-1)[0] - logits.mean(dim=-1)) ** 2
+        mask = (f["labels"] != -100).reshape(-1)
+        forget = (gap * mask).sum() / mask.sum()
+        retain = model(**r).loss - m.retain_loss_eps
+        loss = torch.tensor([m.forget_weight, PDU_DUAL[0]]) @ torch.hstack([forget, retain])
+        PDU_DUAL[0] = max(0, PDU_DUAL[0] + m.dual_step_size * retain.item())
+        return loss
     raise AssertionError(m.name)
+
+
+PDU_DUAL = [0.0]  # open-unlearning's ``self.preferences[1]``, the dual variable λ
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -222,6 +261,7 @@ def _two_steps(cfg, prep):
         trained, lr=LR, betas=(t_cfg.b1, t_cfg.b2), eps=1e-8, weight_decay=t_cfg.weight_decay
     )
     mu_prev, errs = None, {}
+    PDU_DUAL[0] = getattr(m, "retain_weight", 0.0)
     for s in range(2):
         host = jax.tree.map(lambda x: x[0], train.step_batch(prep.data, s, BATCH, 1, t_cfg.seed))
         params, opt_state, got = step(params, opt_state, jax.tree.map(lambda x: jnp.asarray(x)[None], host))
@@ -233,9 +273,14 @@ def _two_steps(cfg, prep):
         loss = _torch_loss(m, tm, tref, {k: _tb(v) for k, v in host.items() if isinstance(v, dict)})
         loss.backward()
         opt.step()
-        assert float(got["loss"]) == pytest.approx(float(loss), rel=RTOL, abs=1e-6), (
-            f"{m.name} step {s + 1}: loss"
-        )
+        if m.name == "pdu":  # the loss's λ is the transform's (reported as ``dual``)
+            lam, l_r = got["dual"], got["retain_loss"]
+            ours = m.forget_weight * got["forget_loss"] + lam * (l_r - m.retain_loss_eps)
+            assert float(got["dual_next"]) == pytest.approx(PDU_DUAL[0], rel=RTOL), f"pdu step {s + 1}: λ"
+        else:
+            ours = got["loss"]
+        want = float(loss.detach())
+        assert float(ours) == pytest.approx(want, rel=RTOL, abs=1e-6), f"{m.name} step {s + 1}: loss"
         want_g = {n: p.grad.double().numpy() for n, p in named.items() if p.grad is not None}
         errs[f"grad{s + 1}"] = _close(grads, want_g, f"{m.name} step {s + 1}: gradient")
         new = _hf(graphdef, params, rest)
@@ -262,6 +307,24 @@ CASES = {
     "undial": ["method=undial"],
     "idk_dpo": ["method=idk_dpo"],
     "idk_nll": ["method=idk_nll"],
+    # small betas: on a random model p ~ 1/V, and p^beta at the default betas all but zeroes the
+    # forget term (a test of the retain NLL only); a small retain weight lets the forget term lead
+    "wga": ["method=wga", "method.beta=0.1", "method.retain_weight=0.1"],
+    "satimp": [
+        "method=satimp",
+        "method.beta1=0.1",
+        "method.beta2=2.0",
+        "method.forget_weight=1.0",
+        "method.retain_weight=0.1",
+    ],
+    "ceu": ["method=ceu", "method.ignore_first_n_answer_tokens=2"],
+    # the dual moves from step 1 on (no warm-up), so step 2 uses the λ it moved to
+    "pdu": [
+        "method=pdu",
+        "method.dual_warmup_epochs=0",
+        "method.dual_step_size=0.05",
+        "method.retain_weight=2.0",
+    ],
 }
 
 

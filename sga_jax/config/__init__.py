@@ -14,7 +14,9 @@ section ``beta``), so a key that the chosen method does not have is an error, as
 an out-of-range value. Every such problem raises :class:`sga_jax.errors.ConfigError` with one line
 that names the key.
 
-The schemas live in :mod:`~sga_jax.config.methods` (the ``method`` section) and
+The schemas live in :mod:`~sga_jax.config.methods` (the ``method`` section: the paper methods,
+GRU and K-FADE; the baselines in :mod:`~sga_jax.config.baselines`, the shared fields in
+:mod:`~sga_jax.config.method_base`) and
 :mod:`~sga_jax.config.sections` (the others and :class:`RunConfig`), composition in
 :mod:`~sga_jax.config.loading`; this package re-exports them all, so ``config.X`` is the name to use.
 Nothing here imports JAX.
@@ -23,29 +25,34 @@ Nothing here imports JAX.
 from __future__ import annotations
 
 # The package's public names (and the constants other modules read), re-exported from their modules.
+from sga_jax.config.baselines import (
+    CEUConfig,
+    IdkDPOConfig,
+    IdkNLLConfig,
+    PDUConfig,
+    ReferenceMethodConfig,
+    RMUConfig,
+    SatImpConfig,
+    UNDIALConfig,
+    WGAConfig,
+)
 from sga_jax.config.loading import compose, configs_root, to_dict, to_yaml
+from sga_jax.config.method_base import LOSS_REDUCTIONS, MethodConfig, check_smoothing_rate
 from sga_jax.config.methods import (
     BASE_METHODS,
     FLAT_DIVERGENCE_ALIASES,
     FLAT_DIVERGENCES,
     GROUPS,
-    LOSS_REDUCTIONS,
+    GRU_BASES,
     METHODS,
     FLATConfig,
     GAConfig,
     GradDiffConfig,
     GRUMixin,
-    IdkDPOConfig,
-    IdkNLLConfig,
     KFADEConfig,
-    MethodConfig,
     NPOConfig,
-    ReferenceMethodConfig,
-    RMUConfig,
     SGAConfig,
     SimNPOConfig,
-    UNDIALConfig,
-    check_smoothing_rate,
     method_schema,
 )
 from sga_jax.config.sections import (
@@ -65,6 +72,7 @@ from sga_jax.config.sections import (
 __all__ = [
     "ATTENTION_CHOICES",
     "BASE_METHODS",
+    "CEUConfig",
     "DataConfig",
     "EvalConfig",
     "FLATConfig",
@@ -73,6 +81,7 @@ __all__ = [
     "GAConfig",
     "GROUPS",
     "GRUMixin",
+    "GRU_BASES",
     "GradDiffConfig",
     "IdkDPOConfig",
     "IdkNLLConfig",
@@ -86,14 +95,17 @@ __all__ = [
     "MethodConfig",
     "ModelConfig",
     "NPOConfig",
+    "PDUConfig",
     "REMAT_CHOICES",
     "RMUConfig",
     "ReferenceMethodConfig",
     "RunConfig",
     "SGAConfig",
+    "SatImpConfig",
     "SimNPOConfig",
     "TrainConfig",
     "UNDIALConfig",
+    "WGAConfig",
     "check_smoothing_rate",
     "compose",
     "configs_root",

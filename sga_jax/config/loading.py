@@ -15,7 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from sga_jax.config.methods import GROUPS, GAConfig, _check, method_schema
+from sga_jax.config.method_base import check as _check
+from sga_jax.config.methods import GROUPS, GAConfig, method_schema
 from sga_jax.config.sections import RunConfig
 from sga_jax.errors import ConfigError
 
@@ -31,14 +32,14 @@ def configs_root() -> Path:
     raise ConfigError("the configs/ folder of sga_jax is missing from this installation")
 
 
-def _group_file(group: str, name: str) -> Path:
+def _group_file(group: str, name: str, *, key: str | None = None) -> Path:
     root = configs_root() / group
     path = root / f"{name}.yaml"
     if not path.is_file():
         choices = sorted(p.stem for p in root.glob("*.yaml"))
         hint = difflib.get_close_matches(name, choices, n=1)
         raise ConfigError(
-            f"{group}={name}: no such {group} config"
+            f"{key or group}={name}: no such {group} config"
             + (f" (did you mean {hint[0]!r}?)" if hint else "")
             + f"; available: {', '.join(choices)}"
         )
@@ -71,6 +72,18 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
             child = _load_yaml(path.parent / entry, (*seen, path.resolve()))
         merged = OmegaConf.merge(merged, child)
     return OmegaConf.merge(merged, node)
+
+
+def _with_recipe(raw: DictConfig) -> DictConfig:
+    """``raw`` over the ``train`` keys of its method's recipe (``method.recipe``): the recipe is the
+    lowest layer above the dataclass defaults, so any ``train`` key set anywhere wins over it."""
+    name = OmegaConf.select(raw, "method.recipe", default=None)
+    if name is None:
+        return raw
+    node = _load_yaml(_group_file("recipe", str(name), key="method.recipe"))
+    if set(node) - {"train"}:
+        raise ConfigError(f"recipe {name}: a recipe holds only a train section, got {sorted(node)}")
+    return OmegaConf.merge(node, raw)
 
 
 def _merge_override(raw: DictConfig, item: str) -> DictConfig:
@@ -142,6 +155,7 @@ def compose(
         raw = OmegaConf.merge(raw, _load_yaml(Path(f)))
     for item in overrides:
         raw = _merge_override(raw, item)
+    raw = _with_recipe(raw)
     # benchmark/experiment group files hold top-level sections (data:, eval:, ...).
     for group in ("benchmark", "experiment"):
         if group in raw:

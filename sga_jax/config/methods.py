@@ -6,14 +6,31 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
 from dataclasses import dataclass, field
 
+from sga_jax.config.baselines import (
+    CEUConfig,
+    IdkDPOConfig,
+    IdkNLLConfig,
+    PDUConfig,
+    RMUConfig,
+    SatImpConfig,
+    UNDIALConfig,
+    WGAConfig,
+)
+from sga_jax.config.method_base import MethodConfig, check_smoothing_rate
+from sga_jax.config.method_base import check as _check
 from sga_jax.errors import ConfigError
 
 GROUPS = ("model", "method", "benchmark", "experiment")
-BASE_METHODS = ("ga", "graddiff", "npo", "simnpo", "sga", "flat", "rmu", "undial", "idk_dpo", "idk_nll")
+BASE_METHODS = (
+    "ga", "graddiff", "npo", "simnpo", "sga", "flat",
+    "rmu", "undial", "idk_dpo", "idk_nll", "wga", "satimp", "ceu", "pdu",
+)  # fmt: skip
 METHODS = (*BASE_METHODS, "gru", "kfade")
+# GRU's retain-gradient projection over a base method; not over PDU, whose dual variable already
+# weighs the retain gradient (both would feed the transform a ``retain_grads``).
+GRU_BASES = tuple(b for b in BASE_METHODS if b != "pdu")
 # FLAT's f-divergences (f-GAN, arXiv 1606.00709, Table 2), listed once: the names a config accepts;
 # sga_jax.objectives implements one pair (g, f*∘g) per name and also takes these aliases.
 FLAT_DIVERGENCES = ("kl", "js", "pearson", "tv", "reverse_kl", "jeffrey", "hellinger", "neyman")
@@ -29,56 +46,6 @@ FLAT_DIVERGENCE_ALIASES = {
     "squared_hellinger": "hellinger",
     "squared-hellinger": "hellinger",
 }
-
-
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-def check_smoothing_rate(r: float, what: str = "SGA smoothing rate r") -> None:
-    """SGA's smoothing rate must be <= 1 (arXiv 2510.22376): the one check, used by the config
-    schema, the ``sga`` transform factory and ``objectives.sga_loss`` (for a Python / numpy r; a
-    traced r comes from a schedule clipped to ``r_max <= 1``)."""
-    if r > 1:
-        raise ConfigError(f"{what} must be <= 1 (arXiv 2510.22376), got {r}")
-
-
-# ---------------------------------------------------------------------------------------- methods
-
-
-LOSS_REDUCTIONS = ("token", "sequence")
-
-
-@dataclass
-class MethodConfig:
-    """Fields every method has. ``retain_weight``: weight of a plain NLL term on the retain set
-    added to the unlearning loss (GradDiff's α; 0 disables it). ``loss_reduction``: how the plain
-    NLL terms (GA's / GradDiff's forget term, every retain term) average over a batch: ``token``
-    (over all answer tokens of the batch, open-unlearning's / HF's ``outputs.loss``; the baselines'
-    default) or ``sequence`` (the mean over rows of per-row token means). NPO's and SimNPO's forget
-    terms, SGA and FLAT have their own per-row forms and are averaged over rows."""
-
-    name: str = "sga"
-    retain_weight: float = 0.0
-    loss_reduction: str = "token"
-
-    @property
-    def needs(self) -> frozenset[str]:
-        """Which data the method trains on besides the forget rows: ``retain`` (the retain pool),
-        ``normal`` (SGA's normal samples), ``template`` (FLAT's template rows), ``idk`` (an IdK
-        answer under each forget row's question, drawn anew each epoch), ``ref_nll`` (the
-        starting model's summed forget NLLs), ``reference`` (the frozen starting model, handed to
-        the loss as ``ref``). The runner loads exactly these."""
-        return frozenset({"retain"} if self.retain_weight else ())
-
-    def __post_init__(self) -> None:
-        _check(self.retain_weight >= 0, "method.retain_weight", f"must be >= 0, got {self.retain_weight}")
-        _check(
-            self.loss_reduction in LOSS_REDUCTIONS,
-            "method.loss_reduction",
-            f"must be token or sequence, got {self.loss_reduction!r}",
-        )
 
 
 @dataclass
@@ -239,122 +206,6 @@ class FLATConfig(MethodConfig):
 
 
 @dataclass
-class ReferenceMethodConfig(MethodConfig):
-    """A method whose loss sees the frozen starting model (``needs`` has ``reference``).
-    ``ref_dtype``: the dtype the reference's trainable-parameter copy is held in (null: as the
-    trained parameters); with LoRA the reference is the base with the adapters off, no copy."""
-
-    ref_dtype: str | None = None
-
-    @property
-    def needs(self) -> frozenset[str]:
-        return super().needs | {"reference"}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(
-            self.ref_dtype in (None, "float32", "bfloat16", "float16"),
-            "method.ref_dtype",
-            f"must be null, float32, bfloat16 or float16, got {self.ref_dtype!r}",
-        )
-
-
-@dataclass
-class RMUConfig(ReferenceMethodConfig):
-    """RMU (Li et al. 2024, WMDP, arXiv 2403.03218; open-unlearning src/trainer/unlearn/rmu.py):
-    steer the layer-``layer`` activations of forget answer tokens toward ``steering_coeff · u``
-    (u a fixed random unit vector, uniform [0, 1) entries normalised) and keep the retain
-    activations at the frozen model's (MSE), ``forget_weight·L_f + retain_weight·L_r``. Defaults
-    from open-unlearning's configs/trainer/RMU.yaml: ``layer`` 7 (its ``module_regex``
-    ``model\\.layers\\.7``), ``steering_coeff`` 2, ``forget_weight`` 1 (its ``gamma``),
-    ``retain_weight`` 1 (its ``alpha``), ``trainable`` ``[".*"]`` (its ``trainable_params_regex``:
-    regexes fully matched on HF parameter names such as ``model.layers.5.mlp.down_proj.weight``;
-    they select layers on the stacked axis under ``scan_layers`` too). ``control_seed`` seeds u."""
-
-    name: str = "rmu"
-    layer: int = 7
-    steering_coeff: float = 2.0
-    forget_weight: float = 1.0
-    retain_weight: float = 1.0
-    trainable: list[str] = field(default_factory=lambda: [".*"])
-    control_seed: int = 0
-
-    @property
-    def needs(self) -> frozenset[str]:
-        return super().needs | {"retain"}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.layer >= 0, "method.layer", f"must be >= 0, got {self.layer}")
-        _check(self.steering_coeff > 0, "method.steering_coeff", f"must be > 0, got {self.steering_coeff}")
-        _check(bool(self.trainable), "method.trainable", "must list at least one regex")
-        for pat in self.trainable:
-            try:
-                re.compile(pat)
-            except re.error as e:
-                raise ConfigError(f"method.trainable: bad regex {pat!r}: {e}") from None
-
-
-@dataclass
-class UNDIALConfig(ReferenceMethodConfig):
-    """UNDIAL (Dong et al. 2024, arXiv 2402.10052; open-unlearning src/trainer/unlearn/undial.py
-    with utils.py compute_undial_loss l. 70-99): cross-entropy of the model against the frozen
-    model's softmax with the target token's logit lowered by ``beta``, on the forget answer
-    tokens. Defaults from configs/trainer/UNDIAL.yaml: ``beta`` 10, ``forget_weight`` 1 (its
-    ``gamma``), ``retain_weight`` 0 (its ``alpha``)."""
-
-    name: str = "undial"
-    beta: float = 10.0
-    forget_weight: float = 1.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.beta >= 0, "method.beta", f"must be >= 0, got {self.beta}")
-
-
-@dataclass
-class IdkDPOConfig(ReferenceMethodConfig):
-    """IdkDPO (TOFU, Maini et al. 2024; open-unlearning src/trainer/unlearn/dpo.py with utils.py
-    compute_dpo_loss l. 47-67): DPO with an IdK answer as chosen and the forget answer as
-    rejected, summed answer NLLs against the frozen starting model's, plus the retain NLL.
-    Defaults from configs/trainer/DPO.yaml: ``beta`` 0.1, ``forget_weight`` 1 (its ``gamma``),
-    ``retain_weight`` 1 (its ``alpha``). ``idk``: a file of IdK answers (one a line; null: TOFU's
-    idontknow.jsonl, else a built-in refusal), one drawn per row each epoch (open-unlearning's
-    QAwithIdkDataset draws one per ``__getitem__``, src/data/qa.py l. 85-89)."""
-
-    name: str = "idk_dpo"
-    beta: float = 0.1
-    forget_weight: float = 1.0
-    retain_weight: float = 1.0
-    idk: str | None = None
-
-    @property
-    def needs(self) -> frozenset[str]:
-        return super().needs | {"idk"}
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check(self.beta > 0, "method.beta", f"must be > 0, got {self.beta}")
-
-
-@dataclass
-class IdkNLLConfig(MethodConfig):
-    """IdkNLL (TOFU, Maini et al. 2024, arXiv 2401.06121; locuslab/tofu dataloader.py,
-    ``CustomTrainerForgetting.compute_loss``, the ``loss_type == "idk"`` branch): the NLL of an
-    IdK answer under each forget question together with the retain NLL, as one token average over
-    the concatenated IdK + retain batch (its single HF ``outputs.loss``). ``retain_weight`` (1)
-    scales the retain tokens' summed NLL in that average. ``idk`` as :class:`IdkDPOConfig`."""
-
-    name: str = "idk_nll"
-    retain_weight: float = 1.0
-    idk: str | None = None
-
-    @property
-    def needs(self) -> frozenset[str]:
-        return super().needs | {"idk"}
-
-
-@dataclass
 class KFADEConfig(MethodConfig):
     """K-FADE (arXiv 2602.10568): ``steps`` uphill Gauss-Newton steps on the forget NLL,
     preconditioned by the K-FAC curvature of the retain set, ``(F + Λ)⁻¹``. ``damping`` /
@@ -433,6 +284,10 @@ _BASE_SCHEMAS: dict[str, type[MethodConfig]] = {
     "undial": UNDIALConfig,
     "idk_dpo": IdkDPOConfig,
     "idk_nll": IdkNLLConfig,
+    "wga": WGAConfig,
+    "satimp": SatImpConfig,
+    "ceu": CEUConfig,
+    "pdu": PDUConfig,
 }
 
 
@@ -479,10 +334,15 @@ def method_schema(name: str, base: str | None = None) -> type[MethodConfig]:
         return KFADEConfig
     if name == "gru":
         if base is None:
-            raise ConfigError(f"method.base: GRU needs a base method, one of {', '.join(BASE_METHODS)}")
+            raise ConfigError(f"method.base: GRU needs a base method, one of {', '.join(GRU_BASES)}")
+        if base == "pdu":
+            raise ConfigError(
+                "method.base: GRU does not go over pdu: PDU's dual variable already weighs the retain "
+                f"gradient; choose one of {', '.join(GRU_BASES)}"
+            )
         if base not in _BASE_SCHEMAS:
             raise ConfigError(
-                f"method.base: unknown base method {base!r}; choose one of {', '.join(BASE_METHODS)}"
+                f"method.base: unknown base method {base!r}; choose one of {', '.join(GRU_BASES)}"
             )
         return _gru_schema(base)
     hint = difflib.get_close_matches(str(name), METHODS, n=1)

@@ -8,7 +8,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from sga_jax.config.methods import MethodConfig, SGAConfig, _check
+from sga_jax.config.method_base import MethodConfig
+from sga_jax.config.method_base import check as _check
+from sga_jax.config.methods import SGAConfig
 from sga_jax.eval.options import PROMPT_FORMATS, check_options
 
 # ------------------------------------------------------------------------------------------ model
@@ -181,7 +183,12 @@ class TrainConfig:
 
     ``steps``: optimizer steps (each over ``batch_size`` forget rows, split into ``grad_accum``
     micro-batches); when null, ``epochs`` passes over the forget (or finetuning) set. AdamW
-    (Loshchilov & Hutter, arXiv 1711.05101) with linear warm-up then ``schedule`` decay.
+    (Loshchilov & Hutter, arXiv 1711.05101) with linear warm-up then ``schedule`` decay. The
+    warm-up is the first of ``warmup_steps``, ``warmup_ratio`` (of the run's steps) and
+    ``warmup_epochs`` (open-unlearning's ``warmup_epochs``: ``int(epochs · rows // batch_size)``
+    steps) that is set (not null); none set: no warm-up. A method's ``method.recipe``
+    (``configs/recipe/*.yaml``: the batch, warm-up, schedule and epochs of the code it follows)
+    fills the keys that no file or override sets.
     ``max_forget_nll``: the divergence guard's bound on the forget NLL (nats/token); NaN or inf in
     the loss always stops the run. ``stop_after``: stop (as if killed) after this many steps, for
     tests and for splitting a run across jobs; the next run with the same output dir resumes.
@@ -198,8 +205,9 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 1e-5
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    warmup_steps: int | None = None
+    warmup_ratio: float | None = None
+    warmup_epochs: float | None = None
     schedule: str = "linear"
     weight_decay: float = 0.01
     max_grad_norm: float | None = 1.0
@@ -228,9 +236,20 @@ class TrainConfig:
         _check(
             self.lr > 0 and math.isfinite(self.lr), "train.lr", f"must be a positive number, got {self.lr}"
         )
-        _check(self.warmup_steps >= 0, "train.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(
-            0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}"
+            self.warmup_steps is None or self.warmup_steps >= 0,
+            "train.warmup_steps",
+            f"must be >= 0 or null, got {self.warmup_steps}",
+        )
+        _check(
+            self.warmup_ratio is None or 0 <= self.warmup_ratio < 1,
+            "train.warmup_ratio",
+            f"must be in [0, 1) or null, got {self.warmup_ratio}",
+        )
+        _check(
+            self.warmup_epochs is None or self.warmup_epochs >= 0,
+            "train.warmup_epochs",
+            f"must be >= 0 or null, got {self.warmup_epochs}",
         )
         _check(
             self.schedule in ("linear", "cosine", "constant"),
