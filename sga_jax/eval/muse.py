@@ -14,6 +14,11 @@
   that still knows the forget set (under-unlearning) has AUC near 0 and PrivLeak near −100, as the
   paper's target models (Table 3); over-unlearning makes it positive.
 
+* Extraction strength / exact memorization (open-unlearning ``configs/eval/muse_metrics/
+  extraction_strength.yaml``, ``exact_memorization.yaml``; :mod:`sga_jax.eval.memorization`) of the
+  verbmem ground truth after its prompt, teacher-forced, as open-unlearning's ``CompletionDataset``
+  (``prompt + " " + gt`` with special tokens, the loss on the gt tokens, at most 2048 of them).
+
 Prompts are tokenised with the tokenizer's special tokens and no chat template (as MUSE does);
 generation is batched with left padding (token-identical to one-by-one greedy decoding).
 """
@@ -33,6 +38,8 @@ from sga_jax.eval.generate import generate_text
 from sga_jax.eval.mia import auc, text_scores
 
 STOP_WORDS = ("\n\n", "\nQuestion", "Question:")
+MEMORIZATION = ("extraction_strength", "exact_memorization")
+METRICS = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak", *MEMORIZATION)
 
 
 def _prefix_before(text: str, words: Sequence[str] = STOP_WORDS) -> str:
@@ -162,6 +169,41 @@ def privleak(
     return {"auc": a, "privleak": leak, "retrain_auc": retrain_auc, "k": k}
 
 
+def memorization(
+    model: Any,
+    tokenizer: Any,
+    *,
+    limit: int | None = None,
+    max_length: int = 2048,
+    batch_size: int = 8,
+    source: str = "local",
+    data_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    hub_repo: str | None = None,
+) -> dict[str, Any]:
+    """``{"extraction_strength", "exact_memorization", "logs"}``: the means over the verbmem forget
+    rows (``logs``: per row). Encoded as open-unlearning's ``preprocess_pretraining_instance``
+    (``src/data/utils.py`` lines 166-176): ``tokenizer(prompt + " " + gt)`` cut at ``len(prompt ids)
+    + max_length``, targets after the prompt's tokens (after token 0 for an empty prompt)."""
+    from sga_jax.data.formatting import Encoded
+    from sga_jax.eval.memorization import mean_scores, memorization_scores
+
+    del progress  # one forward pass per batch: no bar
+    rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
+    encoded = []
+    for r in rows:
+        n_prefix = len(tokenizer(r["prompt"], add_special_tokens=True)["input_ids"])
+        ids = tokenizer(r["prompt"] + " " + r["gt"], add_special_tokens=True)["input_ids"][
+            : n_prefix + max_length
+        ]
+        start = max(n_prefix, 1)
+        encoded.append(Encoded(list(ids), [0] * start + [1] * (len(ids) - start)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    scores = memorization_scores(model, encoded, pad_id=pad, batch_size=batch_size)
+    logs = [{k: float(v[i]) for k, v in scores.items()} for i in range(len(rows))]
+    return {**mean_scores(scores), "logs": logs}
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -179,6 +221,7 @@ def evaluate(
     ``progress``: one tqdm bar on stderr per metric (and privleak split)."""
     kw = dict(limit=limit, source=source, data_dir=data_dir, progress=progress, hub_repo=hub_repo)
     out: dict[str, Any] = {"logs": {}}
+    memorized = None
     for metric in metrics:
         if metric == "verbmem_f":
             r = verbmem(model, tokenizer, batch_size=batch_size, **kw)
@@ -190,9 +233,10 @@ def evaluate(
         elif metric == "privleak":
             r = privleak(model, tokenizer, retrain_auc=retrain_auc, **kw)
             out["privleak"], out["privleak_auc"] = r["privleak"], r["auc"]
+        elif metric in MEMORIZATION:  # one pass gives both
+            r = memorized = memorized or memorization(model, tokenizer, batch_size=batch_size, **kw)
+            out[metric] = r[metric]
         else:
-            raise ConfigError(
-                f"unknown MUSE metric {metric!r}; use verbmem_f, knowmem_f, knowmem_r, privleak"
-            )
+            raise ConfigError(f"unknown MUSE metric {metric!r}; use {', '.join(METRICS)}")
         out["logs"][metric] = r.get("logs", r)
     return out

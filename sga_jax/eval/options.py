@@ -53,6 +53,11 @@ def _auc_or_null(v: Any) -> str | None:
     return None if ok else "an AUC in [0, 1] (or null)"
 
 
+def _p_norm(v: Any) -> str | None:
+    ok = v in (1, 2, "inf") and not isinstance(v, bool)
+    return None if ok else '1, 2 or "inf"'
+
+
 def _list_of(*choices: str) -> Check:
     def check(v: Any) -> str | None:
         ok = isinstance(v, list | tuple) and v and all(x in choices for x in v)
@@ -82,9 +87,12 @@ OPTIONS: dict[str, dict[str, Check]] = {
         "retain_subset": _whole_or_null,
         "subset_seed": _seed,
         "hub_repo": _text,
+        "memorization": _flag,
     },
     "muse_news": {
-        "metrics": _list_of("verbmem_f", "knowmem_f", "knowmem_r", "privleak"),
+        "metrics": _list_of(
+            "verbmem_f", "knowmem_f", "knowmem_r", "privleak", "extraction_strength", "exact_memorization"
+        ),
         "retrain_auc": _auc_or_null,
         "batch_size": _whole,
         "progress": _flag,
@@ -97,6 +105,8 @@ OPTIONS: dict[str, dict[str, Check]] = {
         "k": _fraction,
         "max_length": _whole,
         "batch_size": _whole,
+        "gradnorm_p": _p_norm,
+        "reference_model": _text,
     },
     "wmdp": {"data": _text, "batch_size": _whole},
 }

@@ -6,12 +6,14 @@ Benchmarks:
   (Forget Quality when ``retain_logs=`` names a retain model's eval-log folder). Options:
   ``forget_split`` (forget01/05/10), ``limit`` (300), ``template`` (auto/chat/plain), ``max_length``,
   ``batch_size``, ``generate``, ``max_new_tokens``, ``generation_max_length``, ``retain_subset`` /
-  ``subset_seed`` (a seeded subset of the retain split's rows).
+  ``subset_seed`` (a seeded subset of the retain split's rows), ``memorization`` (true: also the
+  forget answers' extraction strength / exact memorization, :func:`sga_jax.eval.tofu.forget_memorization`).
 * ``"muse_news"``: VerbMem / KnowMem / PrivLeak (``retrain_auc=``), ``limit``, ``metrics``.
 * ``"ppl"``: perplexity of a text set: ``data=`` a JSON/JSONL file of ``{"text"}`` or QA rows, or
   ``tofu:<config>`` / ``muse:raw`` style names; ``limit``, ``max_length``.
 * ``"mia"``: LOSS / zlib / Min-K% / Min-K%++ AUC of ``members=`` vs ``nonmembers=`` (same naming as
-  ``data``; default MUSE-News privleak forget vs holdout), ``k``.
+  ``data``; default MUSE-News privleak forget vs holdout), ``k``; ``gradnorm_p=`` (1, 2 or "inf")
+  adds the gradient-norm AUC, ``reference_model=`` (a path) the reference-model loss-gap AUC.
 * ``"wmdp"``: multiple-choice accuracy on a WMDP-format file (``data=``) or hub config (``source="hub"``).
 """
 
@@ -33,7 +35,7 @@ from sga_jax.data.jsonl import load_user_rows, write_json_atomic
 from sga_jax.data.wmdp import choice_continuations, format_prompt, load_wmdp
 from sga_jax.errors import ConfigError, DataError
 from sga_jax.eval import muse, tofu
-from sga_jax.eval.mia import SCORES, auc, perplexity, text_scores
+from sga_jax.eval.mia import SCORES, auc, perplexity, text_gradnorm_scores, text_scores
 from sga_jax.eval.options import check_options
 from sga_jax.eval.scoring import summed_nll
 from sga_jax.fsutil import write_marker
@@ -101,8 +103,13 @@ def _tofu(r: _Run) -> dict[str, Any]:
     fmt = PromptFormatter(r.tokenizer, opts.pop("template", "auto"), max_length=opts.pop("max_length", 512))
     retain_logs = opts.pop("retain_logs", None)
     where = {"limit": r.limit, "source": r.source, "data_dir": r.data_dir}
+    memorization = opts.pop("memorization", True)
+    mem_opts = {k: opts[k] for k in ("forget_split", "batch_size", "hub_repo") if k in opts}
     tofu.evaluate(r.model, r.tokenizer, r.out, formatter=fmt, **where, **opts)
-    return {**tofu.aggregate(r.out, retain_logs), "template": fmt.mode}
+    res = {**tofu.aggregate(r.out, retain_logs), "template": fmt.mode}
+    if memorization:  # open-unlearning's extraction strength / exact memorization of the forget answers
+        res.update(tofu.forget_memorization(r.model, r.tokenizer, formatter=fmt, **where, **mem_opts))
+    return res
 
 
 def _muse_news(r: _Run) -> dict[str, Any]:
@@ -121,9 +128,25 @@ def _ppl(r: _Run) -> dict[str, Any]:
 def _mia(r: _Run) -> dict[str, Any]:
     members = r.options.pop("members", "muse:privleak/forget")
     nonmembers = r.options.pop("nonmembers", "muse:privleak/holdout")
-    s_in = text_scores(r.model, r.tokenizer, _texts(members, r.limit, r.data_dir), **r.options)
-    s_out = text_scores(r.model, r.tokenizer, _texts(nonmembers, r.limit, r.data_dir), **r.options)
-    aucs = {f"auc_{s}": auc(s_in[s], s_out[s]) for s in SCORES if s in s_in}
+    p, reference = r.options.pop("gradnorm_p", None), r.options.pop("reference_model", None)
+    texts = {"in": _texts(members, r.limit, r.data_dir), "out": _texts(nonmembers, r.limit, r.data_dir)}
+    s = {side: text_scores(r.model, r.tokenizer, t, **r.options) for side, t in texts.items()}
+    aucs = {f"auc_{name}": auc(s["in"][name], s["out"][name]) for name in SCORES if name in s["in"]}
+    length = {k: r.options[k] for k in ("max_length",) if k in r.options}
+    if p is not None:  # open-unlearning's mia_gradnorm
+        g = {
+            side: text_gradnorm_scores(r.model, r.tokenizer, t, p=float(p), **length)
+            for side, t in texts.items()
+        }
+        aucs["auc_gradnorm"] = auc(g["in"], g["out"])
+    if reference is not None:  # open-unlearning's mia_reference: the same tokenizer is assumed
+        ref = load_model(reference, scan_layers=False)
+        opts = {k: v for k, v in r.options.items() if k != "k"}
+        ref_nll = {
+            side: text_scores(ref, r.tokenizer, t, which=(), **opts)["nll"] for side, t in texts.items()
+        }
+        gap = {side: ref_nll[side] - s[side]["nll"] for side in texts}
+        aucs["auc_ref"] = auc(gap["in"], gap["out"])
     return {"members": members, "nonmembers": nonmembers, **aucs}
 
 

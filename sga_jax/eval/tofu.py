@@ -13,7 +13,10 @@ avgloss(paraphrased))``, truth ratio = ``mean(min(R, 1/R))`` on the forget set a
 ``mean(max(0, 1 − 1/R))`` elsewhere; probability = ``mean exp(−avg_gt_loss)`` on retain / forget and
 ``mean P(a) / (P(a) + Σ_j P(perturbed_j))`` on real authors / world facts; Model Utility =
 ``scipy.stats.hmean`` of the nine non-forget numbers; Forget Quality = the p-value of
-``scipy.stats.ks_2samp`` between the forget-set R of the unlearned and of the retain model.
+``scipy.stats.ks_2samp`` between the forget-set R of the unlearned and of the retain model. Beside
+them, per split, open-unlearning's ``prob_mean`` truth ratio ``mean P(para) / (P(para) + P(pert))``
+(:func:`truth_ratios_prob_mean`), and (:func:`forget_memorization`) the extraction strength and
+exact memorization of the forget answers (open-unlearning's ``configs/eval/tofu_metrics``).
 """
 
 from __future__ import annotations
@@ -255,6 +258,35 @@ def evaluate(
     return written
 
 
+def forget_memorization(
+    model: Any,
+    tokenizer: Any,
+    *,
+    forget_split: str = "forget10",
+    limit: int | None = 300,
+    formatter: PromptFormatter | None = None,
+    batch_size: int = 16,
+    source: str = "local",
+    data_dir: str | os.PathLike | None = None,
+    hub_repo: str | None = None,
+) -> dict[str, float | None]:
+    """``{"forget_extraction_strength", "forget_exact_memorization"}``: the means over the forget
+    split's questions of :func:`sga_jax.eval.memorization.memorization_scores` of the ground-truth
+    answer (open-unlearning ``configs/eval/tofu_metrics/extraction_strength.yaml`` and
+    ``exact_memorization.yaml``: ``TOFU_QA_forget`` on ``{forget_split}_perturbed``). Rows whose
+    prompt does not fit are left out, as in :func:`evaluate_task`."""
+    from sga_jax.eval.memorization import mean_scores, memorization_scores
+
+    fmt = formatter or PromptFormatter(tokenizer, "auto", max_length=512)
+    config = f"{forget_split}_perturbed"
+    rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
+    encoded = [e for e in (fmt.encode_qa(r["question"], r["answer"]) for r in rows) if not isinstance(e, str)]
+    if not encoded:
+        raise DataError(f"{config}: no forget answer fits max_length={fmt.max_length}")
+    scores = memorization_scores(model, encoded, pad_id=fmt.pad_token_id, batch_size=batch_size)
+    return {f"forget_{k}": v for k, v in mean_scores(scores).items()}
+
+
 # ------------------------------------------------------------------------------------ aggregation
 
 
@@ -287,6 +319,16 @@ def truth_ratios(log: dict[str, Any], name: str = "eval log") -> np.ndarray:
     return np.exp(pert - para)
 
 
+def truth_ratios_prob_mean(log: dict[str, Any], name: str = "eval log") -> np.ndarray:
+    """open-unlearning's truth ratio for the ``prob_mean`` aggregator (``memorization.py`` lines
+    159-167, PR #163, commit d3d7cf9): ``c / (c + w + 1e-10)`` per sample with
+    ``c = exp(−avg_paraphrased_loss)`` and ``w = exp(−mean_j avg_perturb_loss_j)`` (their
+    ``aggregate_to_1D`` of the perturbed losses); the split's score is the mean (lines 123-124)."""
+    correct = np.exp(-_values(log, "avg_paraphrased_loss", name))
+    wrong = np.exp(-_values(log, "average_perturb_loss", name).mean(axis=-1))
+    return correct / (correct + wrong + 1e-10)
+
+
 def split_metrics(log: dict[str, Any], file_name: str) -> dict[str, float | None]:
     """Probability, ROUGE-L recall and truth-ratio score of one eval log (see module docstring)."""
     gt_prob = np.exp(-_values(log, "avg_gt_loss", file_name))
@@ -310,14 +352,19 @@ def aggregate(unlearned_dir: str | os.PathLike, retain_dir: str | os.PathLike | 
 
     Returns ``{"model_utility", "forget_quality", "ks_statistic", "<split>_<metric>" ...}`` with split in
     retain / real_authors / world_facts / forget and metric in prob / rougeL / truth_ratio (the first
-    nine enter Model Utility). ``forget_quality`` is None without ``retain_dir``; ``model_utility``
-    and the ``*_rougeL`` entries are None for logs without generations (``generate=false``).
+    nine enter Model Utility) or truth_ratio_prob_mean (:func:`truth_ratios_prob_mean`'s mean).
+    ``forget_quality`` is None without ``retain_dir``; ``model_utility`` and the ``*_rougeL`` entries
+    are None for logs without generations (``generate=false``).
     """
     logs = read_logs(unlearned_dir)
     out: dict[str, Any] = {}
     for file_name, split in FILES.items():
         for metric, value in split_metrics(logs[file_name], file_name).items():
             out[f"{split}_{metric}"] = value
+        # open-unlearning's paper-style truth ratio, beside TOFU's (not a Model Utility component)
+        out[f"{split}_truth_ratio_prob_mean"] = float(
+            np.mean(truth_ratios_prob_mean(logs[file_name], file_name))
+        )
     components = [out[f"{s}_{m}"] for s in MODEL_UTILITY_SPLITS for m in METRICS]
     out["model_utility"] = None if None in components else float(hmean(components))
     out["forget_quality"] = out["ks_statistic"] = None
