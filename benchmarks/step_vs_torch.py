@@ -17,6 +17,12 @@ dtype through JAX). Besides the wall-clock step time each child reports its CPU 
 threads), which is robust to other load on a shared machine. Results go to
 benchmarks/results/step_vs_torch_<tag>.{json,md} (tag: ``cpu`` for the default CPU run, ``cpu_quick``,
 ``gpu_<model>_<dtype>`` on a GPU, or ``--tag``).
+
+A loaded machine flatters sga_jax (PyTorch's threads degrade more), so the run measures the load
+that is not its own: the 1-minute load average before it starts, and the CPU time the whole machine
+spent during the run (``/proc/stat``) minus the CPU time of its own children, in cores. Above
+``--max-load`` (default 0.5) or ``--max-other-cores`` (default 0.25) it writes no result and exits
+with status 3; ``--allow-load`` writes it anyway, marked loaded.
 """
 
 from __future__ import annotations
@@ -377,6 +383,34 @@ def _fmt_row(r: dict) -> str:
     )
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (``/proc/stat``: all but idle and
+    iowait), None where there is no ``/proc/stat``."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    t = os.times()
+    return t.children_user + t.children_system
+
+
+def load_verdict(
+    load_before: float, other_cores: float | None, max_load: float, max_other: float
+) -> str | None:
+    """Why the machine counts as loaded (one line), or None when it was idle enough to publish."""
+    if load_before > max_load:
+        return f"load average {load_before:.2f} before the run (max {max_load:g})"
+    if other_cores is not None and other_cores > max_other:
+        return f"other processes used {other_cores:.2f} cores during the run (max {max_other:g})"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=["smollm2", "llama1b"], default="smollm2")
@@ -417,6 +451,11 @@ def main(argv=None) -> int:
     p.add_argument(
         "--tag", default=None, help="results file suffix (default: cpu / cpu_quick / gpu_<model>_<dtype>)"
     )
+    p.add_argument("--max-load", type=float, default=0.5, help="1-min load average allowed before the run")
+    p.add_argument(
+        "--max-other-cores", type=float, default=0.25, help="other processes' cores allowed during the run"
+    )
+    p.add_argument("--allow-load", action="store_true", help="write the result of a loaded run (marked)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)  # fmt: skip
     if args.quick:
@@ -443,6 +482,14 @@ def main(argv=None) -> int:
     tokens = rows * args.seq
     flops = model_flops_per_step(cfg, rows, args.seq)
     load_before = os.getloadavg()
+    if (
+        why := load_verdict(load_before[0], None, args.max_load, args.max_other_cores)
+    ) and not args.allow_load:
+        print(
+            f"step_vs_torch: the machine is loaded: {why}; no result written (--allow-load)", file=sys.stderr
+        )
+        return 3
+    busy0, own0, wall0 = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     started = _dt.datetime.now().isoformat(timespec="seconds")
     results = []
     for which in ["peak", "jax", "torch-eager", "torch-compile"]:
@@ -451,6 +498,9 @@ def main(argv=None) -> int:
         results.append(_child(args, which))
         print(json.dumps({k: v for k, v in results[-1].items() if k != "step_times_s"}), flush=True)
     load_after = os.getloadavg()
+    busy1, own1, wall = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter() - wall0
+    other = None if busy0 is None or busy1 is None else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall
+    loaded = load_verdict(load_before[0], other, args.max_load, args.max_other_cores)
     peak = next((r["flops_per_s"] for r in results if r["framework"] == "peak" and "flops_per_s" in r), None)
     peak_cpu = next((r["flops_per_cpu_s"] for r in results if "flops_per_cpu_s" in r), None)
     runs = [r for r in results if r["framework"] != "peak"]
@@ -478,6 +528,8 @@ def main(argv=None) -> int:
         device=device,
         load_average_before=list(load_before),
         load_average_after=list(load_after),
+        other_load_cores=other,
+        loaded=loaded,
         versions=_versions(runs),
         weights="SmolLM2-135M-Instruct GGUF (dequantised to float32)" if _real_weights(args) else "random",
         setup=dict(
@@ -506,6 +558,13 @@ def main(argv=None) -> int:
     if not on_gpu:
         record["gpu"] = GPU_NOT_RUN
         record["gpu_command"] = GPU_COMMAND
+    if loaded and not args.allow_load:
+        print(json.dumps(record["runs"]), flush=True)
+        print(
+            f"step_vs_torch: the machine was loaded: {loaded}; no result written (--allow-load)",
+            file=sys.stderr,
+        )
+        return 3
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = args.tag or (f"gpu_{args.model}_{args.dtype}" if on_gpu else ("cpu_quick" if args.quick else "cpu"))
     (RESULTS / f"step_vs_torch_{tag}.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -517,7 +576,9 @@ def main(argv=None) -> int:
         "tokens/step; "
         f"model FLOPs/step {flops:.3e}; measured {args.dtype} matmul peak {(peak or 0) / 1e9:.1f} GFLOP/s. "
         f"Median of {args.steps} steps after {args.warmup} warm-up step(s). Load average before "
-        f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min). MFU = model FLOP/s / measured peak; "
+        f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); other processes "
+        f"{'unknown' if other is None else f'{other:.2f}'} cores during the run"
+        f"{f' (LOADED: {loaded})' if loaded else ''}. MFU = model FLOP/s / measured peak; "
         "MFU (CPU time) = model FLOPs per CPU-second of the step / the matmul's FLOPs per CPU-second "
         f"({(peak_cpu or 0) / 1e9:.1f} GFLOP per CPU-s), a second view of efficiency "
         "(threads that spin-wait while other jobs hold the cores inflate it).",
