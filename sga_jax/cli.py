@@ -128,11 +128,13 @@ EVAL_OPTIONS = """options (key=value after the model; results.json records every
   tofu:            forget_split=forget01|forget05|forget10 (or --benchmark tofu_forget05)
                    template=auto|chat|plain|gemma3|qwen3  max_length=512  batch_size=16
                    generate=true|false  max_new_tokens=200  generation_max_length=200
-                   generation_batch_size=N
+                   generation_batch_size=N  memorization=true|false (extraction strength, EM)
+                   retain_model=DIR (+ the per-token KL of the retain model to this one)
                    progress=true|false (a progress bar per split on stderr)
   muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X  batch_size=8
   ppl:             data=FILE|tofu:<config>|muse:raw[/split]  max_length=N  batch_size=N
   mia:             members=SPEC  nonmembers=SPEC (as ppl's data=)  k=0.2  max_length=512
+                   gradnorm_p=1|2|inf  reference_model=DIR
   wmdp:            data=FILE (or a cais/wmdp config with source=hub)  batch_size=N
 See docs/cli.md."""
 

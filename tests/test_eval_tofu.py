@@ -174,3 +174,40 @@ def test_retain_subset_is_seeded_and_recorded(tiny, smollm2_tokenizer, tmp_path)
     np.testing.assert_allclose(
         [log["gt_loss"][k] for k in ("0", "1")], [want["gt_loss"][i] for i in (0, 1)], rtol=1e-6
     )
+
+
+def test_distance_to_retraining_is_the_token_kl_of_the_retain_model_to_the_model(
+    tiny, smollm2_tokenizer, tmp_path, tmp_path_factory
+):
+    """``retain_model=``: the mean per-token KL(retain model ‖ model) over the ground-truth answer
+    tokens of the forget and retain splits, against torch on the same rows (TOFU's plain format,
+    written out here as locuslab/tofu does: official_batch_loss's labels); 0 for the model itself."""
+    from sga_jax.eval.run import evaluate
+
+    path, model, torch_model = tiny
+    tok = smollm2_tokenizer
+    other, torch_other = write_tiny_hf(
+        "llama", tmp_path_factory.mktemp("retain") / "llama", seed=1, vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        max_position_embeddings=512,
+    )  # fmt: skip
+    opts = dict(model=model, tokenizer=tok, limit=3, template="plain", generate=False, batch_size=2,
+                memorization=False)  # fmt: skip
+    res = evaluate("tofu", path, tmp_path / "a", retain_model=str(other), **opts)
+    for split, config in (("forget", "forget10_perturbed"), ("retain", "retain_perturbed")):
+        total, count = 0.0, 0
+        for row in tofu.load_tofu(config, limit=3):
+            new_question = "Question: " + row["question"] + "\n"
+            n_q = len(tok.tokenize(new_question, add_special_tokens=True))
+            ids = tok(new_question + "Answer: " + row["answer"], add_special_tokens=True)["input_ids"]
+            ids = torch.tensor([ids + [tok.eos_token_id]])
+            with torch.no_grad():
+                lp = torch.log_softmax(torch_other(input_ids=ids).logits[0, :-1].double(), -1)
+                lq = torch.log_softmax(torch_model(input_ids=ids).logits[0, :-1].double(), -1)
+            kl = (lp.exp() * (lp - lq)).sum(-1)[n_q - 1 :]  # the positions predicting answer tokens
+            total, count = total + float(kl.sum()), count + kl.numel()
+        assert res[f"kl_to_retain_{split}"] == pytest.approx(total / count, rel=1e-4), split
+        assert res[f"kl_to_retain_{split}"] > 0.01
+    itself = evaluate("tofu", path, tmp_path / "b", retain_model=str(path), **opts)
+    assert itself["kl_to_retain_forget"] == pytest.approx(0.0, abs=1e-6)
+    assert itself["kl_to_retain_retain"] == pytest.approx(0.0, abs=1e-6)

@@ -88,6 +88,7 @@ OPTIONS: dict[str, dict[str, Check]] = {
         "subset_seed": _seed,
         "hub_repo": _text,
         "memorization": _flag,
+        "retain_model": _text,
     },
     "muse_news": {
         "metrics": _list_of(

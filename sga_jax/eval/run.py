@@ -7,7 +7,9 @@ Benchmarks:
   ``forget_split`` (forget01/05/10), ``limit`` (300), ``template`` (auto/chat/plain), ``max_length``,
   ``batch_size``, ``generate``, ``max_new_tokens``, ``generation_max_length``, ``retain_subset`` /
   ``subset_seed`` (a seeded subset of the retain split's rows), ``memorization`` (true: also the
-  forget answers' extraction strength / exact memorization, :func:`sga_jax.eval.tofu.forget_memorization`).
+  forget answers' extraction strength / exact memorization, :func:`sga_jax.eval.tofu.forget_memorization`),
+  ``retain_model`` (a model folder: also the mean per-token KL(retain model ‖ model) on the forget
+  and retain answers, :func:`sga_jax.eval.tofu.distance_to_retraining`).
 * ``"muse_news"``: VerbMem / KnowMem / PrivLeak (``retrain_auc=``), ``limit``, ``metrics``.
 * ``"ppl"``: perplexity of a text set: ``data=`` a JSON/JSONL file of ``{"text"}`` or QA rows, or
   ``tofu:<config>`` / ``muse:raw`` style names; ``limit``, ``max_length``.
@@ -104,11 +106,17 @@ def _tofu(r: _Run) -> dict[str, Any]:
     retain_logs = opts.pop("retain_logs", None)
     where = {"limit": r.limit, "source": r.source, "data_dir": r.data_dir}
     memorization = opts.pop("memorization", True)
+    retain_model = opts.pop("retain_model", None)
     mem_opts = {k: opts[k] for k in ("forget_split", "batch_size", "hub_repo") if k in opts}
     tofu.evaluate(r.model, r.tokenizer, r.out, formatter=fmt, **where, **opts)
     res = {**tofu.aggregate(r.out, retain_logs), "template": fmt.mode}
     if memorization:  # open-unlearning's extraction strength / exact memorization of the forget answers
         res.update(tofu.forget_memorization(r.model, r.tokenizer, formatter=fmt, **where, **mem_opts))
+    if retain_model is not None:  # KL(retain model || model): the distance to retraining in output space
+        subset = {k: opts[k] for k in ("retain_subset", "subset_seed") if k in opts}
+        ref = load_model(retain_model, scan_layers=False)
+        res.update(tofu.distance_to_retraining(r.model, ref, r.tokenizer, formatter=fmt, **where,
+                                               **mem_opts, **subset))  # fmt: skip
     return res
 
 

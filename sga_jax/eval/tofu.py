@@ -287,6 +287,48 @@ def forget_memorization(
     return {f"forget_{k}": v for k, v in mean_scores(scores).items()}
 
 
+def distance_to_retraining(
+    model: Any,
+    retain_model: Any,
+    tokenizer: Any,
+    *,
+    forget_split: str = "forget10",
+    limit: int | None = 300,
+    formatter: PromptFormatter | None = None,
+    batch_size: int = 16,
+    source: str = "local",
+    data_dir: str | os.PathLike | None = None,
+    hub_repo: str | None = None,
+    retain_subset: int | None = None,
+    subset_seed: int = 0,
+) -> dict[str, float]:
+    """``{"kl_to_retain_forget", "kl_to_retain_retain"}``: the mean per-token ``KL(retain model ‖
+    model)`` over the ground-truth answer tokens of the forget split and of the retain split
+    (teacher-forced: both models read the same question and answer; each answer token weighs the
+    same; :func:`sga_jax.output_space.token_kl`). The distance to retraining in output space, which
+    K-FADE (arXiv 2602.10568) claims to approximate; 0 for the retain model itself. The rows are
+    those of :func:`evaluate` (``limit``, the retain subset); rows whose prompt does not fit are
+    left out. ``retain_model`` must share the tokenizer."""
+    from sga_jax.data.batching import iterate_batches
+    from sga_jax.output_space import token_kl
+
+    fmt = formatter or PromptFormatter(tokenizer, "auto", max_length=512)
+    out = {}
+    for name, config in (("forget", f"{forget_split}_perturbed"), ("retain", "retain_perturbed")):
+        rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
+        if name == "retain" and retain_subset is not None:
+            rows = [rows[i] for i in subset_rows(len(rows), retain_subset, subset_seed)]
+        enc = [e for e in (fmt.encode_qa(r["question"], r["answer"]) for r in rows) if not isinstance(e, str)]
+        if not enc:
+            raise DataError(f"{config}: no answer fits max_length={fmt.max_length}")
+        batches = (
+            b for _, b in iterate_batches(enc, batch_size, pad_id=fmt.pad_token_id, padding_side="right",
+                                          bucket=32, sort_by_length=True)
+        )  # fmt: skip
+        out[f"kl_to_retain_{name}"] = token_kl(retain_model, model, batches)
+    return out
+
+
 # ------------------------------------------------------------------------------------ aggregation
 
 
