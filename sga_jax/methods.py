@@ -3,9 +3,10 @@
 A :class:`Method` is what the training loop (:mod:`sga_jax.train`) needs from a method: the loss
 it differentiates, the extra gradients its optax transform takes, and that transform. The data a
 method trains on is declared on its schema (``method.needs``, in the jax-free :mod:`sga_jax.config`).
-Adding a method touches two known places: its schema in ``config.py`` and its builder in
-:data:`BUILDERS` here (or, for a method without a training loop such as K-FADE, its driver in
-:data:`sga_jax.runner.DRIVERS`)::
+Adding a method touches known places only: its schema (``config/methods.py`` or
+``config/baselines.py``, its name in ``BASE_METHODS``), its builder in :data:`BUILDERS` here (or,
+for a method without a training loop such as K-FADE, its driver in :data:`sga_jax.runner.DRIVERS`),
+its ``configs/method/<name>.yaml`` and its test::
 
     method = build_method(C.NPOConfig(beta=0.1))   # dispatched on the config class
     loss, aux = method.loss(model, batch)
