@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="HF model directory (or .gguf)")
-    p.add_argument("--benchmark", "-b", required=True, help="tofu, tofu_forget01/05/10, muse_news ...")
+    p.add_argument(
+        "--benchmark", "-b", required=True, help="tofu, tofu_forget01/05/10, muse_news, muse_books ..."
+    )
     p.add_argument("--out", "-o", required=True, help="output folder for results and eval logs")
     p.add_argument("--retain-logs", default=None, help="the retain model's TOFU eval folder (Forget Quality)")
     p.add_argument(
@@ -132,6 +134,7 @@ EVAL_OPTIONS = """options (key=value after the model; results.json records every
                    retain_model=DIR (+ the per-token KL of the retain model to this one)
                    progress=true|false (a progress bar per split on stderr)
   muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X  batch_size=8
+  muse_books:      as muse_news (MUSE-Books, Harry Potter)
   ppl:             data=FILE|tofu:<config>|muse:raw[/split]  max_length=N  batch_size=N
   mia:             members=SPEC  nonmembers=SPEC (as ppl's data=)  k=0.2  max_length=512
                    gradnorm_p=1|2|inf  reference_model=DIR
@@ -210,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if bench not in BENCHMARKS:
         raise ConfigError(f"--benchmark: unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
     check_options(bench, options)  # before the model is loaded or --out is created
-    if options.get("data_dir") is not None and bench in ("tofu", "muse_news"):
+    if options.get("data_dir") is not None and bench in ("tofu", "muse_news", "muse_books"):
         options["data_dir"] = benchmark_dir(str(options["data_dir"]), bench)
     given = options.pop("retain_logs", None)  # retain_logs=DIR is --retain-logs DIR, with its checks
     if given is not None and args.retain_logs is not None and given != args.retain_logs:

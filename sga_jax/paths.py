@@ -18,7 +18,7 @@ _ENV_CACHE = "SGA_JAX_CACHE_DIR"
 
 
 def data_root(required: bool = True) -> Path | None:
-    """The benchmark data folder (holding ``tofu/``, ``muse_news/``, ``tofu_eval_logs/``)."""
+    """The benchmark data folder (holding ``tofu/``, ``muse_news/``, ``muse_books/``, ``tofu_eval_logs/``)."""
     env = os.environ.get(_ENV_DATA)
     if env:
         path = Path(env).expanduser()
@@ -32,8 +32,8 @@ def data_root(required: bool = True) -> Path | None:
                 return candidate
     if required:
         raise DataError(
-            f"benchmark data folder not found: set {_ENV_DATA} to a folder holding tofu/ and muse_news/, "
-            "or use hub dataset names in the config"
+            f"benchmark data folder not found: set {_ENV_DATA} to a folder holding tofu/, muse_news/ and "
+            "muse_books/, or use hub dataset names in the config"
         )
     return None
 
@@ -77,7 +77,7 @@ def gemma3_270m_gguf() -> Path:
 
 
 def benchmark_dir(data_dir: str | None, sub: str) -> str | None:
-    """``data.data_dir`` may name the data root (holding ``tofu/``, ``muse_news/``) or the
+    """``data.data_dir`` may name the data root (holding ``tofu/``, ``muse_news/``, ``muse_books/``) or the
     benchmark's own folder; the loaders want the latter. A named folder must exist."""
     if data_dir is None:
         return None

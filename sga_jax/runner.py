@@ -29,6 +29,7 @@ from sga_jax.data.formatting import PromptFormatter
 from sga_jax.data.normal_samples import normal_index
 from sga_jax.data.splits import (
     check_forget_answers,
+    chunk_forget_rows,
     drop_forget_copies,
     encode,
     flat_templates,
@@ -153,6 +154,7 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     path = resolve_model_path(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
     fmt = PromptFormatter(tokenizer, cfg.data.prompt_format, cfg.data.max_length)
+    forget_rows = chunk_forget_rows(cfg.data, forget_rows, tokenizer)  # MUSE-Books: the raw text's chunks
     forget = encode(forget_rows, fmt, source=f"data.forget ({cfg.data.forget})")
     retain = None
     if retain_rows:
@@ -247,11 +249,11 @@ def eval_options(cfg: C.RunConfig) -> dict[str, Any]:
         opts.setdefault("retain_logs", cfg.eval.retain_logs)
     if cfg.eval.benchmark == "tofu" and cfg.data.benchmark == "tofu" and cfg.data.forget.startswith("forget"):
         opts.setdefault("forget_split", cfg.data.forget)
-    if cfg.data.source == "hub" and cfg.eval.benchmark in ("tofu", "muse_news"):
+    if cfg.data.source == "hub" and cfg.eval.benchmark in ("tofu", "muse_news", "muse_books"):
         opts.setdefault("source", "hub")
         if cfg.data.hub_repo and cfg.eval.benchmark == cfg.data.benchmark:  # the user's copy, as in training
             opts.setdefault("hub_repo", cfg.data.hub_repo)
-    if cfg.data.data_dir and cfg.eval.benchmark in ("tofu", "muse_news"):
+    if cfg.data.data_dir and cfg.eval.benchmark in ("tofu", "muse_news", "muse_books"):
         opts.setdefault("data_dir", benchmark_dir(cfg.data.data_dir, cfg.eval.benchmark))
     return opts
 

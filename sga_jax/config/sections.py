@@ -133,19 +133,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Forget / retain data. ``benchmark``: ``tofu``, ``muse_news`` or ``jsonl``.
+    """Forget / retain data. ``benchmark``: ``tofu``, ``muse_news``, ``muse_books`` or ``jsonl``.
 
     TOFU: ``forget`` is forget01 / forget05 / forget10 (or full / retain90 ... for finetuning) and
     ``retain`` defaults to the matching retainXX. MUSE-News: ``forget`` is ``raw`` (the forget
-    corpus) or ``knowmem``; ``retain`` defaults to the retain2 set. JSONL: ``forget`` / ``retain`` are
-    file paths of ``{"question", "answer"}`` or ``{"text"}`` rows. ``data_dir``: where the benchmark
-    files live (default ``$SGA_JAX_DATA_DIR`` or ``shared/data``). ``limit``: use only the first N rows
-    of each split (quick runs). ``prompt_format``: ``auto`` (the chat template when the tokenizer has
-    one), ``chat``, ``plain`` (TOFU's "Question: ... Answer:"), or a family's built-in turns for base
-    checkpoints without a template, ``gemma3`` / ``qwen3`` (sga_jax.data.chat_templates). ``source``:
-    ``local`` (the files in ``data_dir``) or ``hub`` (TOFU / MUSE-News through ``datasets.load_dataset``, from
-    ``hub_repo``: default ``locuslab/TOFU`` / ``muse-bench/MUSE-News``, or a local folder holding a
-    copy of that dataset repository).
+    corpus) or ``knowmem``; ``retain`` defaults to the retain2 set. MUSE-Books (Harry Potter): the
+    same splits; ``raw`` is cut into ``max_length``-token chunks as MUSE trains (``limit``: chunks).
+    JSONL: ``forget`` / ``retain`` are file paths of ``{"question", "answer"}`` or ``{"text"}`` rows.
+    ``data_dir``: where the benchmark files live (default ``$SGA_JAX_DATA_DIR`` or ``shared/data``).
+    ``limit``: use only the first N rows of each split (quick runs). ``prompt_format``: ``auto`` (the
+    chat template when the tokenizer has one), ``chat``, ``plain`` (TOFU's "Question: ... Answer:"),
+    or a family's built-in turns for base checkpoints without a template, ``gemma3`` / ``qwen3``
+    (sga_jax.data.chat_templates). ``source``: ``local`` (the files in ``data_dir``) or ``hub`` (TOFU
+    / MUSE through ``datasets.load_dataset``, from ``hub_repo``: default ``locuslab/TOFU`` /
+    ``muse-bench/MUSE-News`` / ``muse-bench/MUSE-Books``, or a local folder holding a copy of that
+    dataset repository).
     """
 
     benchmark: str = "tofu"
@@ -160,9 +162,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.benchmark in ("tofu", "muse_news", "jsonl"),
+            self.benchmark in ("tofu", "muse_news", "muse_books", "jsonl"),
             "data.benchmark",
-            f"must be tofu, muse_news or jsonl, got {self.benchmark!r}",
+            f"must be tofu, muse_news, muse_books or jsonl, got {self.benchmark!r}",
         )
         _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
         _check(self.source in ("local", "hub"), "data.source", f"must be local or hub, got {self.source!r}")
@@ -292,8 +294,8 @@ class MeshConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation after a run (``benchmark: none`` skips it): ``tofu``, ``muse_news``, ``ppl``,
-    ``mia`` or ``wmdp``. Extra ``options`` go to ``sga_jax.eval.run.evaluate``; ``retain_logs`` is
+    """Evaluation after a run (``benchmark: none`` skips it): ``tofu``, ``muse_news``, ``muse_books``,
+    ``ppl``, ``mia`` or ``wmdp``. Extra ``options`` go to ``sga_jax.eval.run.evaluate``; ``retain_logs`` is
     the retain model's TOFU eval folder, for Forget Quality."""
 
     benchmark: str = "none"
@@ -302,9 +304,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.benchmark in ("none", "tofu", "muse_news", "ppl", "mia", "wmdp"),
+            self.benchmark in ("none", "tofu", "muse_news", "muse_books", "ppl", "mia", "wmdp"),
             "eval.benchmark",
-            f"must be none, tofu, muse_news, ppl, mia or wmdp, got {self.benchmark!r}",
+            f"must be none, tofu, muse_news, muse_books, ppl, mia or wmdp, got {self.benchmark!r}",
         )
         _check(isinstance(self.options, dict), "eval.options", "must be a mapping of option: value")
         if self.benchmark != "none":  # checked now, not after the whole training run

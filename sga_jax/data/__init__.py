@@ -1,4 +1,4 @@
-"""Benchmark loaders (TOFU, MUSE-News, WMDP, plain JSON/JSONL), prompt formatting and batching.
+"""Benchmark loaders (TOFU, MUSE-News / MUSE-Books, WMDP, plain JSON/JSONL), prompt formatting and batching.
 
 Submodules: ``tofu``, ``muse``, ``wmdp``, ``jsonl``, ``formatting``, ``batching`` (and
 ``normal_samples`` for SGA). The most used names are re-exported here.

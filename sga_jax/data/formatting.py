@@ -261,7 +261,12 @@ class PromptFormatter:
 
     def encode_text(self, text: str) -> Encoded | str:
         """``Encoded`` for a plain text (every token after BOS is a target)."""
-        ids = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return self.encode_ids(list(self.tokenizer(text, add_special_tokens=True)["input_ids"]))
+
+    def encode_ids(self, ids: list[int]) -> Encoded | str:
+        """``Encoded`` for text already tokenised with its special tokens (e.g. MUSE's training
+        chunks, :func:`sga_jax.data.muse.chunk_text`): every token after a leading BOS is a target."""
+        ids = [int(t) for t in ids]
         if not ids:
             return "empty text"
         truncated = len(ids) > self.max_length
@@ -285,8 +290,9 @@ class PromptFormatter:
         strict: bool = False,
     ) -> tuple[list[Encoded | None], EncodeStats]:
         """Encode QA rows (``question`` + ``answer_key``; a list value gives one Encoded per item) or
-        ``{"text"}`` rows. Unusable rows become ``None`` and are listed in the stats (or raise
-        DataError when ``strict``); truncations are counted. Warnings are issued for both."""
+        ``{"text"}`` rows (their ``input_ids`` when given). Unusable rows become ``None`` and are
+        listed in the stats (or raise DataError when ``strict``); truncations are counted. Warnings
+        are issued for both."""
         stats = EncodeStats(n_rows=len(rows))
         out: list[Any] = []
         for i, row in enumerate(rows):
@@ -299,7 +305,9 @@ class PromptFormatter:
                 result: Any = encs if isinstance(value, list) else encs[0]
                 bad = next((e for e in encs if isinstance(e, str)), None)
             elif "text" in row:
-                result = self.encode_text(row["text"])
+                result = (
+                    self.encode_ids(row["input_ids"]) if "input_ids" in row else self.encode_text(row["text"])
+                )
                 bad = result if isinstance(result, str) else None
                 encs = [result]
             else:

@@ -50,16 +50,31 @@ def _tofu_rows(
 def _muse_rows(
     d: C.DataConfig, kw: dict[str, Any], need_retain: bool
 ) -> tuple[list[dict], list[dict] | None]:
+    corpus = muse.BENCHMARK_CORPUS[d.benchmark]
+    kw = {**kw, "corpus": corpus}
+    # Books' raw forget text is one row here: chunk_forget_rows cuts it (and applies data.limit)
+    raw_kw = {**kw, "limit": None} if corpus == "books" else kw
     loaders = {
-        "raw": lambda: muse.load_raw("forget", **kw),
+        "raw": lambda: muse.load_raw("forget", **raw_kw),
         "knowmem": lambda: muse.load_knowmem("forget", **kw),
         "retain2": lambda: muse.load_privleak("retain2", **kw),
         "knowmem_retain": lambda: muse.load_knowmem("retain", **kw),
     }
+    name = muse.CORPORA[corpus][1].split("/")[-1]
     for key, value in (("data.forget", d.forget), ("data.retain", d.retain or "retain2")):
         if value not in loaders:
-            raise ConfigError(f"{key}: unknown MUSE-News split {value!r}; choose one of {', '.join(loaders)}")
+            raise ConfigError(f"{key}: unknown {name} split {value!r}; choose one of {', '.join(loaders)}")
     return loaders[d.forget](), (loaders[d.retain or "retain2"]() if need_retain else None)
+
+
+def chunk_forget_rows(d: C.DataConfig, rows: list[dict], tokenizer) -> list[dict]:
+    """MUSE-Books' raw forget rows as MUSE trains on them: the text (its rows joined by a blank line)
+    cut into ``data.max_length``-token chunks (:func:`sga_jax.data.muse.chunk_text`), the first
+    ``data.limit`` of them. Other rows are returned as they are."""
+    if d.benchmark != "muse_books" or d.forget != "raw":
+        return rows
+    chunks = muse.chunk_text("\n\n".join(r["text"] for r in rows), tokenizer, d.max_length)
+    return chunks[: d.limit]
 
 
 def _jsonl_rows(d: C.DataConfig, need_retain: bool) -> tuple[list[dict], list[dict] | None]:
@@ -73,13 +88,13 @@ def _jsonl_rows(d: C.DataConfig, need_retain: bool) -> tuple[list[dict], list[di
 
 def load_rows(d: C.DataConfig, *, need_retain: bool) -> tuple[list[dict], list[dict] | None]:
     """The forget (or finetuning) rows and, when needed, the retain rows of ``d``."""
-    sub = {"tofu": "tofu", "muse_news": "muse_news"}.get(d.benchmark)
+    sub = {"tofu": "tofu", "muse_news": "muse_news", "muse_books": "muse_books"}.get(d.benchmark)
     kw: dict[str, Any] = {"data_dir": benchmark_dir(d.data_dir, sub) if sub else d.data_dir, "limit": d.limit}
     if sub and d.source == "hub":
         kw = {"source": "hub", "hub_repo": d.hub_repo, "limit": d.limit}
     if d.benchmark == "tofu":
         forget, retain = _tofu_rows(d, kw, need_retain)
-    elif d.benchmark == "muse_news":
+    elif d.benchmark in ("muse_news", "muse_books"):
         forget, retain = _muse_rows(d, kw, need_retain)
     else:
         forget, retain = _jsonl_rows(d, need_retain)

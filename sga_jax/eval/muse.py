@@ -1,4 +1,6 @@
-"""MUSE evaluation (Shi et al. 2024, arXiv 2407.06460), as the official MUSE repository's ``eval.py``.
+"""MUSE evaluation (Shi et al. 2024, arXiv 2407.06460), as the official MUSE repository's ``eval.py``,
+on either corpus (``corpus="news"``: MUSE-News; ``"books"``: MUSE-Books, Harry Potter); the same
+metrics and conventions for both. MUSE's utility figure is KnowMem on the retain QA (``knowmem_r``).
 
 * VerbMem: greedy 128-token continuation of each verbmem prompt; ROUGE-L F1 (``rouge_score``, no
   stemmer) against the ground-truth continuation truncated to 128 tokens; mean × 100.
@@ -12,7 +14,8 @@
   model's run in the same convention, or a given number (the official News retrain model:
   ``AUC_RETRAIN["news"]["forget_holdout_Min-40%"]`` = 0.4772, ``constants.py`` line 62). A model
   that still knows the forget set (under-unlearning) has AUC near 0 and PrivLeak near −100, as the
-  paper's target models (Table 3); over-unlearning makes it positive.
+  paper's target models (Table 3); over-unlearning makes it positive. For Books give the
+  retrained Books model's AUC as ``retrain_auc`` (no built-in number).
 
 * Extraction strength / exact memorization (open-unlearning ``configs/eval/muse_metrics/
   extraction_strength.yaml``, ``exact_memorization.yaml``; :mod:`sga_jax.eval.memorization`) of the
@@ -80,10 +83,11 @@ def verbmem(
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
     hub_repo: str | None = None,
+    corpus: str = "news",
 ) -> dict[str, Any]:
     """``{"verbmem_f": mean ROUGE-L F1 × 100, "rougeL_recall": ..., "logs": [...]}``
     (``progress``: a bar on stderr over the prompts)."""
-    rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
+    rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo, corpus=corpus)
     outputs = _generate(
         model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size, "verbmem", progress
     )
@@ -115,11 +119,16 @@ def knowmem(
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
     hub_repo: str | None = None,
+    corpus: str = "news",
 ) -> dict[str, Any]:
     """``{"knowmem_<split>": mean ROUGE-L F1 × 100, ...}`` with the split's ICL examples
     (``progress``: a bar on stderr over the questions)."""
-    rows = data.load_knowmem(split, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
-    icl = data.load_knowmem(split, icl=True, source=source, data_dir=data_dir, hub_repo=hub_repo)
+    rows = data.load_knowmem(
+        split, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo, corpus=corpus
+    )
+    icl = data.load_knowmem(
+        split, icl=True, source=source, data_dir=data_dir, hub_repo=hub_repo, corpus=corpus
+    )
     general = "".join(f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in icl)
     prompts = [general + f"Question: {r['question']}\nAnswer: " for r in rows]
     generated = _generate(model, tokenizer, prompts, max_new_tokens, batch_size, f"knowmem_{split}", progress)
@@ -149,6 +158,7 @@ def privleak(
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
     hub_repo: str | None = None,
+    corpus: str = "news",
 ) -> dict[str, Any]:
     """``{"auc": MUSE's forget_holdout AUC (Min-K%), "privleak": % change vs retrain_auc or None}``
     (the convention of the module docstring: a model that knows the forget texts has AUC near 0)."""
@@ -156,7 +166,9 @@ def privleak(
         raise ConfigError(f"retrain_auc must be in (0, 1], got {retrain_auc}")
     scores = {}
     for split in ("forget", "holdout"):
-        rows = data.load_privleak(split, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
+        rows = data.load_privleak(
+            split, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo, corpus=corpus
+        )
         texts = [r["text"] for r in rows]
         with _bar(len(texts), f"privleak_{split}", progress) as bar:
             scores[split] = text_scores(
@@ -180,6 +192,7 @@ def memorization(
     data_dir: str | os.PathLike | None = None,
     progress: bool = False,
     hub_repo: str | None = None,
+    corpus: str = "news",
 ) -> dict[str, Any]:
     """``{"extraction_strength", "exact_memorization", "logs"}``: the means over the verbmem forget
     rows (``logs``: per row). Encoded as open-unlearning's ``preprocess_pretraining_instance``
@@ -189,7 +202,7 @@ def memorization(
     from sga_jax.eval.memorization import mean_scores, memorization_scores
 
     del progress  # one forward pass per batch: no bar
-    rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
+    rows = data.load_verbmem(source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo, corpus=corpus)
     encoded = []
     for r in rows:
         n_prefix = len(tokenizer(r["prompt"], add_special_tokens=True)["input_ids"])
@@ -216,10 +229,14 @@ def evaluate(
     data_dir: str | os.PathLike | None = None,
     progress: bool = True,
     hub_repo: str | None = None,
+    corpus: str = "news",
 ) -> dict[str, Any]:
-    """MUSE-News metrics; returns the numbers and a ``"logs"`` dict of per-item details.
-    ``progress``: one tqdm bar on stderr per metric (and privleak split)."""
-    kw = dict(limit=limit, source=source, data_dir=data_dir, progress=progress, hub_repo=hub_repo)
+    """MUSE metrics of ``corpus`` ("news" or "books", :data:`sga_jax.data.muse.CORPORA`); returns the
+    numbers and a ``"logs"`` dict of per-item details. ``progress``: one tqdm bar on stderr per
+    metric (and privleak split)."""
+    kw = dict(
+        limit=limit, source=source, data_dir=data_dir, progress=progress, hub_repo=hub_repo, corpus=corpus
+    )
     out: dict[str, Any] = {"logs": {}}
     memorized = None
     for metric in metrics:

@@ -72,6 +72,16 @@ PROMPT_FORMATS = ("auto", "chat", "plain", "gemma3", "qwen3")
 
 _COMMON: dict[str, Check] = {"limit": _whole_or_null, "data_dir": _text, "source": _one_of("local", "hub")}
 
+_MUSE: dict[str, Check] = {
+    "metrics": _list_of(
+        "verbmem_f", "knowmem_f", "knowmem_r", "privleak", "extraction_strength", "exact_memorization"
+    ),
+    "retrain_auc": _auc_or_null,
+    "batch_size": _whole,
+    "progress": _flag,
+    "hub_repo": _text,
+}
+
 OPTIONS: dict[str, dict[str, Check]] = {
     "tofu": {
         "forget_split": _one_of("forget01", "forget05", "forget10"),
@@ -90,15 +100,8 @@ OPTIONS: dict[str, dict[str, Check]] = {
         "memorization": _flag,
         "retain_model": _text,
     },
-    "muse_news": {
-        "metrics": _list_of(
-            "verbmem_f", "knowmem_f", "knowmem_r", "privleak", "extraction_strength", "exact_memorization"
-        ),
-        "retrain_auc": _auc_or_null,
-        "batch_size": _whole,
-        "progress": _flag,
-        "hub_repo": _text,
-    },
+    "muse_news": _MUSE,
+    "muse_books": _MUSE,  # the same evaluation on the Books corpus
     "ppl": {"data": _text, "max_length": _whole, "batch_size": _whole},
     "mia": {
         "members": _text,

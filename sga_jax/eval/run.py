@@ -11,6 +11,7 @@ Benchmarks:
   ``retain_model`` (a model folder: also the mean per-token KL(retain model ‖ model) on the forget
   and retain answers, :func:`sga_jax.eval.tofu.distance_to_retraining`).
 * ``"muse_news"``: VerbMem / KnowMem / PrivLeak (``retrain_auc=``), ``limit``, ``metrics``.
+* ``"muse_books"``: the same on MUSE-Books (Harry Potter; :data:`sga_jax.data.muse.CORPORA`).
 * ``"ppl"``: perplexity of a text set: ``data=`` a JSON/JSONL file of ``{"text"}`` or QA rows, or
   ``tofu:<config>`` / ``muse:raw`` style names; ``limit``, ``max_length``.
 * ``"mia"``: LOSS / zlib / Min-K% / Min-K%++ AUC of ``members=`` vs ``nonmembers=`` (same naming as
@@ -43,9 +44,11 @@ from sga_jax.eval.scoring import summed_nll
 from sga_jax.fsutil import write_marker
 from sga_jax.models.hf import load_model, load_tokenizer
 
-BENCHMARKS = ("tofu", "muse_news", "ppl", "mia", "wmdp")
+BENCHMARKS = ("tofu", "muse_news", "muse_books", "ppl", "mia", "wmdp")
 # The files each benchmark writes into its folder besides results.json (listed in its export marker).
-WRITES: dict[str, tuple[str, ...]] = {"tofu": tuple(tofu.FILES), "muse_news": ("muse_logs.json",)}
+WRITES: dict[str, tuple[str, ...]] = {
+    "tofu": tuple(tofu.FILES), "muse_news": ("muse_logs.json",), "muse_books": ("muse_logs.json",),
+}  # fmt: skip
 
 
 def _texts(spec: str, limit: int | None, data_dir=None) -> list[str]:
@@ -120,8 +123,8 @@ def _tofu(r: _Run) -> dict[str, Any]:
     return res
 
 
-def _muse_news(r: _Run) -> dict[str, Any]:
-    where = {"limit": r.limit, "source": r.source, "data_dir": r.data_dir}
+def _muse(r: _Run, corpus: str) -> dict[str, Any]:
+    where = {"limit": r.limit, "source": r.source, "data_dir": r.data_dir, "corpus": corpus}
     res = muse.evaluate(r.model, r.tokenizer, **where, **r.options)
     write_json_atomic(res.pop("logs"), r.out / "muse_logs.json", indent=2)
     return res
@@ -193,7 +196,8 @@ def _check_finite(results: dict[str, Any], benchmark: str, model_path: Any) -> N
 
 
 _RUNNERS: dict[str, Callable[[_Run], dict[str, Any]]] = {
-    "tofu": _tofu, "muse_news": _muse_news, "ppl": _ppl, "mia": _mia, "wmdp": _wmdp,
+    "tofu": _tofu, "ppl": _ppl, "mia": _mia, "wmdp": _wmdp,
+    "muse_news": lambda r: _muse(r, "news"), "muse_books": lambda r: _muse(r, "books"),
 }  # fmt: skip
 
 
