@@ -35,9 +35,10 @@ def warmup_steps(cfg: C.TrainConfig, steps: int, num_rows: int | None = None) ->
         n = cfg.warmup_steps
     elif cfg.warmup_ratio is not None:
         n = int(cfg.warmup_ratio * steps)
-    elif cfg.warmup_epochs:
-        rows = num_rows if num_rows is not None else steps_per_epoch(cfg, steps, None) * cfg.batch_size
-        n = int(cfg.warmup_epochs * rows // cfg.batch_size)
+    elif cfg.warmup_epochs and num_rows is not None:
+        n = int(cfg.warmup_epochs * num_rows // cfg.batch_size)
+    elif cfg.warmup_epochs:  # rows unknown: epochs of steps_per_epoch(steps / epochs) steps
+        n = int(cfg.warmup_epochs * steps_per_epoch(cfg, steps, None))
     else:
         n = 0
     return min(n, max(steps - 1, 0))

@@ -57,9 +57,10 @@ def _file(data_dir, *parts: str, corpus: str = "news") -> Path:
     return path
 
 
-def _hub(config: str, split: str, repo: str | None = None, corpus: str = "news") -> list[Row]:
-    """``datasets.load_dataset(repo, config, split=split)``; ``repo``: the hub id (default the
-    corpus's, :data:`CORPORA`) or a local folder holding a copy of that dataset repository."""
+def _hub(config: str, split: str, repo: str | None = None, corpus: str = "news") -> tuple[list[Row], str]:
+    """``(rows, where)``: ``datasets.load_dataset(repo, config, split=split)`` and the name its rows
+    are reported under; ``repo``: the hub id (default the corpus's, :data:`CORPORA`) or a local
+    folder holding a copy of that dataset repository."""
     repo = repo or _corpus(corpus)[1]
     try:
         import datasets
@@ -69,7 +70,7 @@ def _hub(config: str, split: str, repo: str | None = None, corpus: str = "news")
         raise DataError(
             f"cannot load {repo} {config}/{split} with datasets: {' '.join(str(e).split())}"
         ) from None
-    return [dict(r) for r in ds]
+    return [dict(r) for r in ds], f"{repo}/{config}/{split}"
 
 
 def _limit(rows: list, limit: int | None) -> list:
@@ -97,8 +98,7 @@ def load_knowmem(
     name = KNOWMEM_SPLITS[split] + ("_icl" if icl else "")
     if source == "hub":
         hub_split = name.replace("retain2", "retain")
-        rows = _hub("knowmem", hub_split, hub_repo, corpus)
-        where = f"{hub_repo or _corpus(corpus)[1]}/knowmem/{hub_split}"
+        rows, where = _hub("knowmem", hub_split, hub_repo, corpus)
     else:
         path = _file(data_dir, "knowmem", f"{name}.json", corpus=corpus)
         rows, where = read_records(path), str(path)
@@ -110,8 +110,7 @@ def load_verbmem(
 ) -> list[Row]:
     """VerbMem rows ``{prompt, gt}``: the start of a forget text and its true continuation."""
     if source == "hub":
-        rows = _hub("verbmem", "forget", hub_repo, corpus)
-        where = f"{hub_repo or _corpus(corpus)[1]}/verbmem/forget"
+        rows, where = _hub("verbmem", "forget", hub_repo, corpus)
     else:
         path = _file(data_dir, "verbmem", "forget.json", corpus=corpus)
         rows, where = read_records(path), str(path)
@@ -126,8 +125,7 @@ def load_privleak(
         raise DataError(f"unknown PrivLeak split {split!r}; use one of {PRIVLEAK_SPLITS}")
     if source == "hub":
         hub_split = "retain" if split == "retain2" else split
-        rows = _hub("privleak", hub_split, hub_repo, corpus)
-        where = f"{hub_repo or _corpus(corpus)[1]}/privleak/{hub_split}"
+        rows, where = _hub("privleak", hub_split, hub_repo, corpus)
     else:
         local = "retain2" if split == "retain" else split
         path = _file(data_dir, "privleak", f"{local}.json", corpus=corpus)
@@ -143,8 +141,7 @@ def load_raw(
     if split not in RAW_SPLITS:
         raise DataError(f"unknown raw split {split!r}; use one of {RAW_SPLITS}")
     if source == "hub":
-        rows = _hub("raw", split, hub_repo, corpus)
-        where = f"{hub_repo or _corpus(corpus)[1]}/raw/{split}"
+        rows, where = _hub("raw", split, hub_repo, corpus)
     elif (
         not (_root(data_dir, corpus) / "raw" / f"{split}.json").is_file()
         and (txt := _root(data_dir, corpus) / "raw" / f"{split}.txt").is_file()

@@ -88,7 +88,7 @@ def _jsonl_rows(d: C.DataConfig, need_retain: bool) -> tuple[list[dict], list[di
 
 def load_rows(d: C.DataConfig, *, need_retain: bool) -> tuple[list[dict], list[dict] | None]:
     """The forget (or finetuning) rows and, when needed, the retain rows of ``d``."""
-    sub = {"tofu": "tofu", "muse_news": "muse_news", "muse_books": "muse_books"}.get(d.benchmark)
+    sub = None if d.benchmark == "jsonl" else d.benchmark  # the benchmark's folder under the data root
     kw: dict[str, Any] = {"data_dir": benchmark_dir(d.data_dir, sub) if sub else d.data_dir, "limit": d.limit}
     if sub and d.source == "hub":
         kw = {"source": "hub", "hub_repo": d.hub_repo, "limit": d.limit}

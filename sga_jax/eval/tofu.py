@@ -258,6 +258,15 @@ def evaluate(
     return written
 
 
+def _encoded_answers(fmt: PromptFormatter, rows: Sequence[dict], config: str) -> list[Encoded]:
+    """Each row's question with its ground-truth answer as targets; rows whose prompt does not fit
+    are left out (as in :func:`evaluate_task`), none fitting is a DataError."""
+    encoded = [e for e in (fmt.encode_qa(r["question"], r["answer"]) for r in rows) if not isinstance(e, str)]
+    if not encoded:
+        raise DataError(f"{config}: no answer fits max_length={fmt.max_length}")
+    return encoded
+
+
 def forget_memorization(
     model: Any,
     tokenizer: Any,
@@ -280,9 +289,7 @@ def forget_memorization(
     fmt = formatter or PromptFormatter(tokenizer, "auto", max_length=512)
     config = f"{forget_split}_perturbed"
     rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
-    encoded = [e for e in (fmt.encode_qa(r["question"], r["answer"]) for r in rows) if not isinstance(e, str)]
-    if not encoded:
-        raise DataError(f"{config}: no forget answer fits max_length={fmt.max_length}")
+    encoded = _encoded_answers(fmt, rows, config)
     scores = memorization_scores(model, encoded, pad_id=fmt.pad_token_id, batch_size=batch_size)
     return {f"forget_{k}": v for k, v in mean_scores(scores).items()}
 
@@ -318,9 +325,7 @@ def distance_to_retraining(
         rows = load_tofu(config, source=source, data_dir=data_dir, limit=limit, hub_repo=hub_repo)
         if name == "retain" and retain_subset is not None:
             rows = [rows[i] for i in subset_rows(len(rows), retain_subset, subset_seed)]
-        enc = [e for e in (fmt.encode_qa(r["question"], r["answer"]) for r in rows) if not isinstance(e, str)]
-        if not enc:
-            raise DataError(f"{config}: no answer fits max_length={fmt.max_length}")
+        enc = _encoded_answers(fmt, rows, config)
         batches = (
             b for _, b in iterate_batches(enc, batch_size, pad_id=fmt.pad_token_id, padding_side="right",
                                           bucket=32, sort_by_length=True)

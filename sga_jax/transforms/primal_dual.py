@@ -68,7 +68,5 @@ def primal_dual(
 def dual_record(opt_state) -> dict[str, jax.Array]:
     """``{"dual": λ used this step, "dual_next": λ for the next}`` from a state holding a
     ``primal_dual`` transform; empty without one."""
-    states = otu.tree_get_all_with_path(opt_state, "used")
-    if not states:
-        return {}
-    return {"dual": otu.tree_get(opt_state, "used"), "dual_next": otu.tree_get(opt_state, "dual")}
+    used = otu.tree_get(opt_state, "used")
+    return {} if used is None else {"dual": used, "dual_next": otu.tree_get(opt_state, "dual")}
