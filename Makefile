@@ -44,7 +44,7 @@ test-gpu:
 	$(GPU_PY) -m pytest -p no:cacheprovider -o addopts="" -m "not slow" -ra --strict-markers $(GPU_TESTS)
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check sga_jax kernels tests benchmarks
+	$(VENV)/bin/ruff check sga_jax tests benchmarks
 
 bench: $(VENV)/.test
 	$(PY) benchmarks/step_vs_torch.py --quick

@@ -128,7 +128,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "logprob_vocab_chunk_skipped",
-        "kernels/logprob.py",
+        "sga_jax/kernels/logprob.py",
         "jax.lax.scan(body, init, (w_chunks, b_chunks, starts))",
         "jax.lax.scan(body, init, (w_chunks[:-1], b_chunks[:-1], starts[:-1]))",
         ("tests/test_kernels.py",),
@@ -245,9 +245,9 @@ def data_dir() -> str | None:
 
 
 def make_copy(dest: Path) -> Path:
-    """The repository without its virtual environment, git data and caches. ``kernels/`` and
-    ``configs/`` are installed as ``sga_jax.kernels`` / ``sga_jax.configs`` (pyproject's package-dir):
-    symlinks inside the copy's package make the copy import its own, mutated, files."""
+    """The repository without its virtual environment, git data and caches. ``configs/`` is installed
+    as ``sga_jax.configs`` (pyproject's package-dir): a symlink inside the copy's package makes the
+    copy read its own files."""
     ignore = shutil.ignore_patterns(
         ".venv",
         ".git",
@@ -261,7 +261,7 @@ def make_copy(dest: Path) -> Path:
     )
     copy = dest / "repo"
     shutil.copytree(ROOT, copy, ignore=ignore, symlinks=True)
-    for sub in ("kernels", "configs"):
+    for sub in ("configs",):
         link = copy / "sga_jax" / sub
         if not link.exists():
             link.symlink_to(Path("..") / sub, target_is_directory=True)

@@ -15,8 +15,7 @@ exec > >(tee "$OUT/gpu_check.log") 2>&1
 nvidia-smi -L
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-# The tree is not pip-installed here: lay kernels/ and configs/ where `sga_jax.kernels` / `sga_jax.configs` resolve.
-[ -e sga_jax/kernels ] || cp -r kernels sga_jax/kernels
+# The tree is not pip-installed here: lay configs/ where `sga_jax.configs` resolves.
 [ -e sga_jax/configs ] || cp -r configs sga_jax/configs
 python3 -c "import jax, flax, optax, torch, transformers; print('versions: jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__, jax.devices())"
 B="python3 benchmarks/step_vs_torch.py --model llama1b --dtype bfloat16 --seq 512 --batch 8 --steps 20 --warmup 3"
