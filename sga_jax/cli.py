@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from sga_jax import __version__
+from sga_jax import __version__, benchmarks
 from sga_jax import config as C
 from sga_jax.errors import ConfigError, DataError, ModelLoadError, SgaJaxError
 from sga_jax.eval.options import check_options
@@ -88,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "eval",
         help="evaluate a model directory on a benchmark",
-        epilog=EVAL_OPTIONS,
+        epilog=eval_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="HF model directory (or .gguf)")
     p.add_argument(
-        "--benchmark", "-b", required=True, help="tofu, tofu_forget01/05/10, muse_news, muse_books ..."
+        "--benchmark", "-b", required=True, help=", ".join((*benchmarks.names("eval"), "tofu_forget01/05/10"))
     )
     p.add_argument("--out", "-o", required=True, help="output folder for results and eval logs")
     p.add_argument("--retain-logs", default=None, help="the retain model's TOFU eval folder (Forget Quality)")
@@ -124,21 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EVAL_OPTIONS = """options (key=value after the model; results.json records every one given):
+def eval_epilog() -> str:
+    """``sga-jax eval --help``'s options: the common ones, then each registered benchmark's."""
+    return f"""options (key=value after the model; results.json records every one given):
   all benchmarks:  limit=N (rows per split; tofu default 300 = the official size, others: all)
                    data_dir=DIR (benchmark data folder)  source=local|hub
-  tofu:            forget_split=forget01|forget05|forget10 (or --benchmark tofu_forget05)
-                   template=auto|chat|plain|gemma3|qwen3  max_length=512  batch_size=16
-                   generate=true|false  max_new_tokens=200  generation_max_length=200
-                   generation_batch_size=N  memorization=true|false (extraction strength, EM)
-                   retain_model=DIR (+ the per-token KL of the retain model to this one)
-                   progress=true|false (a progress bar per split on stderr)
-  muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X  batch_size=8
-  muse_books:      as muse_news (MUSE-Books, Harry Potter)
-  ppl:             data=FILE|tofu:<config>|muse:raw[/split]  max_length=N  batch_size=N
-  mia:             members=SPEC  nonmembers=SPEC (as ppl's data=)  k=0.2  max_length=512
-                   gradnorm_p=1|2|inf  reference_model=DIR
-  wmdp:            data=FILE (or a cais/wmdp config with source=hub)  batch_size=N
+{benchmarks.eval_help()}
 See docs/cli.md."""
 
 
@@ -204,17 +195,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not model.exists():
         raise ModelLoadError(f"model not found: {model}")
     options = _parse_options(args.options)
-    from sga_jax.eval.run import BENCHMARKS, evaluate
-
-    bench = args.benchmark
-    if bench.startswith("tofu_forget"):  # tofu_forget05 = tofu with forget_split=forget05
-        options.setdefault("forget_split", bench.removeprefix("tofu_"))
-        bench = "tofu"
-    if bench not in BENCHMARKS:
-        raise ConfigError(f"--benchmark: unknown benchmark {bench!r}; choose one of {', '.join(BENCHMARKS)}")
+    spec, preset = benchmarks.resolve(args.benchmark)  # tofu_forget05 = tofu with forget_split=forget05
+    for key, value in preset.items():
+        options.setdefault(key, value)
+    bench = spec.name
     check_options(bench, options)  # before the model is loaded or --out is created
-    if options.get("data_dir") is not None and bench in ("tofu", "muse_news", "muse_books"):
-        options["data_dir"] = benchmark_dir(str(options["data_dir"]), bench)
+    if options.get("data_dir") is not None and spec.data_folder:
+        options["data_dir"] = benchmark_dir(str(options["data_dir"]), spec.data_folder)
     given = options.pop("retain_logs", None)  # retain_logs=DIR is --retain-logs DIR, with its checks
     if given is not None and args.retain_logs is not None and given != args.retain_logs:
         raise ConfigError(f"--retain-logs {args.retain_logs} and retain_logs={given} disagree; give one")
@@ -227,6 +214,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         check_retain_logs(args.retain_logs, options if bench == "tofu" else None)
         options["retain_logs"] = args.retain_logs
     created = not out.exists()
+    from sga_jax.eval.run import evaluate
+
     try:
         results = evaluate(bench, str(model), out, **options)
     except BaseException:

@@ -24,18 +24,19 @@ import numpy as np
 from flax import nnx
 from omegaconf import OmegaConf
 
+from sga_jax import benchmarks
 from sga_jax import config as C
 from sga_jax.data.formatting import PromptFormatter
 from sga_jax.data.normal_samples import normal_index
 from sga_jax.data.splits import (
     check_forget_answers,
-    chunk_forget_rows,
     drop_forget_copies,
     encode,
     flat_templates,
     idk_answers,
     load_normal_file,
     load_rows,
+    prepare_forget_rows,
     template_rows,
 )
 from sga_jax.data.tofu import load_tofu
@@ -154,7 +155,7 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     path = resolve_model_path(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
     fmt = PromptFormatter(tokenizer, cfg.data.prompt_format, cfg.data.max_length)
-    forget_rows = chunk_forget_rows(cfg.data, forget_rows, tokenizer)  # MUSE-Books: the raw text's chunks
+    forget_rows = prepare_forget_rows(cfg.data, forget_rows, tokenizer)  # MUSE-Books: the raw text's chunks
     forget = encode(forget_rows, fmt, source=f"data.forget ({cfg.data.forget})")
     retain = None
     if retain_rows:
@@ -247,14 +248,18 @@ def eval_options(cfg: C.RunConfig) -> dict[str, Any]:
     opts = dict(cfg.eval.options)
     if cfg.eval.retain_logs:
         opts.setdefault("retain_logs", cfg.eval.retain_logs)
-    if cfg.eval.benchmark == "tofu" and cfg.data.benchmark == "tofu" and cfg.data.forget.startswith("forget"):
-        opts.setdefault("forget_split", cfg.data.forget)
-    if cfg.data.source == "hub" and cfg.eval.benchmark in ("tofu", "muse_news", "muse_books"):
+    if cfg.eval.benchmark == "none":
+        return opts
+    bench = benchmarks.get(cfg.eval.benchmark, kind="eval", key="eval.benchmark")
+    if cfg.data.benchmark == bench.name and bench.options_from_data:  # e.g. TOFU's forget split
+        for key, value in bench.options_from_data(cfg.data).items():
+            opts.setdefault(key, value)
+    if cfg.data.source == "hub" and bench.data_folder:
         opts.setdefault("source", "hub")
         if cfg.data.hub_repo and cfg.eval.benchmark == cfg.data.benchmark:  # the user's copy, as in training
             opts.setdefault("hub_repo", cfg.data.hub_repo)
-    if cfg.data.data_dir and cfg.eval.benchmark in ("tofu", "muse_news", "muse_books"):
-        opts.setdefault("data_dir", benchmark_dir(cfg.data.data_dir, cfg.eval.benchmark))
+    if cfg.data.data_dir and bench.data_folder:
+        opts.setdefault("data_dir", benchmark_dir(cfg.data.data_dir, bench.data_folder))
     return opts
 
 

@@ -91,11 +91,11 @@ def test_forget_rows_of_a_run_are_the_real_text_chunks(smollm2_tokenizer, data_d
     d = C.DataConfig(benchmark="muse_books", forget="raw", retain="retain2", max_length=2048)
     forget, retain = splits.load_rows(d, need_retain=True)
     assert len(forget) == 1 and len(retain) == 100
-    chunks = splits.chunk_forget_rows(d, forget, smollm2_tokenizer)
+    chunks = splits.prepare_forget_rows(d, forget, smollm2_tokenizer)
     _check_chunks(chunks, smollm2_tokenizer, forget[0]["text"], 2048)
     assert len(chunks) > 100
     d4 = C.DataConfig(benchmark="muse_books", forget="raw", max_length=2048, limit=4)
-    assert splits.chunk_forget_rows(d4, forget, smollm2_tokenizer) == chunks[:4]
+    assert splits.prepare_forget_rows(d4, forget, smollm2_tokenizer) == chunks[:4]
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +181,6 @@ def test_books_from_a_hub_layout(tmp_path, monkeypatch, smollm2_tokenizer):
     d = C.DataConfig(benchmark="muse_books", forget="raw", source="hub", hub_repo=str(repo), max_length=64)
     forget, retain = splits.load_rows(d, need_retain=True)
     assert [r["text"] for r in forget] == halves and retain == [{"text": "A retain line."}]
-    chunks = splits.chunk_forget_rows(d, forget, smollm2_tokenizer)
+    chunks = splits.prepare_forget_rows(d, forget, smollm2_tokenizer)
     assert chunks == muse.chunk_text("\n\n".join(halves), smollm2_tokenizer, 64)
     assert muse.CORPORA["books"][1] == "muse-bench/MUSE-Books"

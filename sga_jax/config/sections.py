@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from sga_jax.benchmarks.registry import names
 from sga_jax.config.method_base import MethodConfig
 from sga_jax.config.method_base import check as _check
 from sga_jax.config.methods import SGAConfig
@@ -133,7 +134,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """Forget / retain data. ``benchmark``: ``tofu``, ``muse_news``, ``muse_books`` or ``jsonl``.
+    """Forget / retain data. ``benchmark``: a registered benchmark with training data
+    (:mod:`sga_jax.benchmarks`: ``tofu``, ``muse_news``, ``muse_books``, ``jsonl``).
 
     TOFU: ``forget`` is forget01 / forget05 / forget10 (or full / retain90 ... for finetuning) and
     ``retain`` defaults to the matching retainXX. MUSE-News: ``forget`` is ``raw`` (the forget
@@ -162,9 +164,9 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.benchmark in ("tofu", "muse_news", "muse_books", "jsonl"),
+            self.benchmark in names("data"),
             "data.benchmark",
-            f"must be tofu, muse_news, muse_books or jsonl, got {self.benchmark!r}",
+            f"must be one of {', '.join(names('data'))}, got {self.benchmark!r}",
         )
         _check(self.max_length >= 8, "data.max_length", f"must be >= 8, got {self.max_length}")
         _check(self.source in ("local", "hub"), "data.source", f"must be local or hub, got {self.source!r}")
@@ -294,8 +296,9 @@ class MeshConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation after a run (``benchmark: none`` skips it): ``tofu``, ``muse_news``, ``muse_books``,
-    ``ppl``, ``mia`` or ``wmdp``. Extra ``options`` go to ``sga_jax.eval.run.evaluate``; ``retain_logs`` is
+    """Evaluation after a run (``benchmark: none`` skips it): a registered benchmark that evaluates
+    (:mod:`sga_jax.benchmarks`: ``tofu``, ``muse_news``, ``muse_books``, ``ppl``, ``mia``, ``wmdp`` ...).
+    Extra ``options`` go to ``sga_jax.eval.run.evaluate``; ``retain_logs`` is
     the retain model's TOFU eval folder, for Forget Quality."""
 
     benchmark: str = "none"
@@ -304,9 +307,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.benchmark in ("none", "tofu", "muse_news", "muse_books", "ppl", "mia", "wmdp"),
+            self.benchmark in ("none", *names("eval")),
             "eval.benchmark",
-            f"must be none, tofu, muse_news, muse_books, ppl, mia or wmdp, got {self.benchmark!r}",
+            f"must be none or one of {', '.join(names('eval'))}, got {self.benchmark!r}",
         )
         _check(isinstance(self.options, dict), "eval.options", "must be a mapping of option: value")
         if self.benchmark != "none":  # checked now, not after the whole training run

@@ -27,8 +27,6 @@ from sga_jax.paths import data_root
 HUB_NAME = "muse-bench/MUSE-News"
 # corpus -> (folder under the data root, hub dataset id)
 CORPORA = {"news": ("muse_news", HUB_NAME), "books": ("muse_books", "muse-bench/MUSE-Books")}
-# benchmark name (data.benchmark / eval.benchmark) -> corpus
-BENCHMARK_CORPUS = {"muse_news": "news", "muse_books": "books"}
 
 KNOWMEM_SPLITS = {"forget": "forget_qa", "retain": "retain2_qa", "retain2": "retain2_qa"}
 PRIVLEAK_SPLITS = ("forget", "holdout", "retain", "retain2")

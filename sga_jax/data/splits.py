@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from sga_jax import config as C
-from sga_jax.data import jsonl, muse, tofu
+from sga_jax.benchmarks.registry import get
+from sga_jax.data import jsonl, tofu
 from sga_jax.data.batching import bucket_length, collate
-from sga_jax.errors import ConfigError, DataError
+from sga_jax.errors import DataError
 from sga_jax.paths import benchmark_dir
 
 Batch = dict[str, np.ndarray]
@@ -35,74 +36,27 @@ def data_file(path: str, key: str) -> Path:
     return p
 
 
-def _tofu_rows(
-    d: C.DataConfig, kw: dict[str, Any], need_retain: bool
-) -> tuple[list[dict], list[dict] | None]:
-    forget = tofu.load_tofu(d.forget, **kw)
-    if not need_retain:
-        return forget, None
-    name = d.retain or tofu.RETAIN_FOR_FORGET.get(d.forget)
-    if name is None:
-        raise ConfigError(f"data.retain: no default retain split for TOFU {d.forget!r}; set data.retain")
-    return forget, tofu.load_tofu(name, **kw)
-
-
-def _muse_rows(
-    d: C.DataConfig, kw: dict[str, Any], need_retain: bool
-) -> tuple[list[dict], list[dict] | None]:
-    corpus = muse.BENCHMARK_CORPUS[d.benchmark]
-    kw = {**kw, "corpus": corpus}
-    # Books' raw forget text is one row here: chunk_forget_rows cuts it (and applies data.limit)
-    raw_kw = {**kw, "limit": None} if corpus == "books" else kw
-    loaders = {
-        "raw": lambda: muse.load_raw("forget", **raw_kw),
-        "knowmem": lambda: muse.load_knowmem("forget", **kw),
-        "retain2": lambda: muse.load_privleak("retain2", **kw),
-        "knowmem_retain": lambda: muse.load_knowmem("retain", **kw),
-    }
-    name = muse.CORPORA[corpus][1].split("/")[-1]
-    for key, value in (("data.forget", d.forget), ("data.retain", d.retain or "retain2")):
-        if value not in loaders:
-            raise ConfigError(f"{key}: unknown {name} split {value!r}; choose one of {', '.join(loaders)}")
-    return loaders[d.forget](), (loaders[d.retain or "retain2"]() if need_retain else None)
-
-
-def chunk_forget_rows(d: C.DataConfig, rows: list[dict], tokenizer) -> list[dict]:
-    """MUSE-Books' raw forget rows as MUSE trains on them: the text (its rows joined by a blank line)
-    cut into ``data.max_length``-token chunks (:func:`sga_jax.data.muse.chunk_text`), the first
-    ``data.limit`` of them. Other rows are returned as they are."""
-    if d.benchmark != "muse_books" or d.forget != "raw":
-        return rows
-    chunks = muse.chunk_text("\n\n".join(r["text"] for r in rows), tokenizer, d.max_length)
-    return chunks[: d.limit]
-
-
-def _jsonl_rows(d: C.DataConfig, need_retain: bool) -> tuple[list[dict], list[dict] | None]:
-    forget = jsonl.load_user_rows(data_file(d.forget, "data.forget"))[: d.limit]
-    if not need_retain:
-        return forget, None
-    if not d.retain:
-        raise ConfigError("data.retain: this method needs a retain file (data.retain=PATH)")
-    return forget, jsonl.load_user_rows(data_file(d.retain, "data.retain"))[: d.limit]
-
-
 def load_rows(d: C.DataConfig, *, need_retain: bool) -> tuple[list[dict], list[dict] | None]:
-    """The forget (or finetuning) rows and, when needed, the retain rows of ``d``."""
-    sub = None if d.benchmark == "jsonl" else d.benchmark  # the benchmark's folder under the data root
-    kw: dict[str, Any] = {"data_dir": benchmark_dir(d.data_dir, sub) if sub else d.data_dir, "limit": d.limit}
-    if sub and d.source == "hub":
-        kw = {"source": "hub", "hub_repo": d.hub_repo, "limit": d.limit}
-    if d.benchmark == "tofu":
-        forget, retain = _tofu_rows(d, kw, need_retain)
-    elif d.benchmark in ("muse_news", "muse_books"):
-        forget, retain = _muse_rows(d, kw, need_retain)
-    else:
-        forget, retain = _jsonl_rows(d, need_retain)
+    """The forget (or finetuning) rows and, when needed, the retain rows of ``d``, read by its
+    benchmark's loader (:mod:`sga_jax.benchmarks`)."""
+    bench = get(d.benchmark, kind="data", key="data.benchmark")
+    folder = bench.data_folder  # the benchmark's folder under the data root (None: the user's files)
+    where: dict[str, Any] = {"data_dir": benchmark_dir(d.data_dir, folder) if folder else d.data_dir}
+    if folder and d.source == "hub":
+        where = {"source": "hub", "hub_repo": d.hub_repo}
+    forget, retain = bench.load_rows(d, {**where, "limit": d.limit}, need_retain)
     if not forget:
         raise DataError(f"data.forget: {d.forget!r} has no rows")
     if need_retain and not retain:
         raise DataError(f"data.retain: {d.retain!r} has no rows")
     return forget, retain
+
+
+def prepare_forget_rows(d: C.DataConfig, rows: list[dict], tokenizer) -> list[dict]:
+    """The forget rows as the benchmark trains on them once the tokenizer is known (MUSE-Books' raw
+    text cut into ``data.max_length``-token chunks, the first ``data.limit``); others unchanged."""
+    bench = get(d.benchmark, kind="data", key="data.benchmark")
+    return bench.prepare_forget(d, rows, tokenizer) if bench.prepare_forget else rows
 
 
 def encode(

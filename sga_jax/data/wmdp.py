@@ -9,9 +9,11 @@ The prompt follows lm-evaluation-harness' WMDP task: the question, the lettered 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from sga_jax.data.jsonl import Row, check_rows, read_records
 from sga_jax.errors import DataError
+from sga_jax.paths import data_root
 
 HUB_NAME = "cais/wmdp"
 HUB_CONFIGS = ("wmdp-bio", "wmdp-chem", "wmdp-cyber")
@@ -60,3 +62,68 @@ def format_prompt(row: Row) -> str:
 def choice_continuations() -> list[str]:
     """The four scored continuations, with the leading space a BPE tokenizer expects."""
     return [f" {letter}" for letter in LETTERS]
+
+
+# ---------------------------------------------------------------------------------- unlearning corpora
+# RMU's corpora (centerforaisafety/wmdp rmu/utils.py get_data and the README's "Datasets"): the forget
+# corpora are PubMed papers (bio, gated: request access at wmdp.ai) and GitHub passages (cyber); the
+# retain corpus of the paper's RMU runs is Wikitext-2 (raw, test split). name -> (hub id, config, split).
+CORPUS_HUB = {
+    "bio-forget-corpus": ("cais/wmdp-bio-forget-corpus", None, "train"),  # gated
+    "bio-retain-corpus": ("cais/wmdp-corpora", "bio-retain-corpus", "train"),
+    "cyber-forget-corpus": ("cais/wmdp-corpora", "cyber-forget-corpus", "train"),
+    "cyber-retain-corpus": ("cais/wmdp-corpora", "cyber-retain-corpus", "train"),
+    "wikitext": ("Salesforce/wikitext", "wikitext-2-raw-v1", "test"),
+}
+
+
+def _corpus_hub(name: str) -> tuple[list[dict], str]:  # pragma: no cover - needs a network
+    repo, config, split = CORPUS_HUB[name]
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(repo, config, split=split)
+    except Exception as e:
+        gated = (
+            " (gated: request access at https://www.wmdp.ai, then `hf auth login`)" if "bio-f" in name else ""
+        )
+        raise DataError(
+            f"cannot load {repo} {config or ''}/{split}{gated}: {' '.join(str(e).split())}"
+        ) from None
+    return [dict(r) for r in ds], f"{repo}/{config or ''}/{split}"
+
+
+def load_corpus(
+    name: str, *, source: str = "local", data_dir: str | os.PathLike | None = None,
+    limit: int | None = None, min_chars: int = 0,
+) -> list[Row]:  # fmt: skip
+    """``{"text"}`` rows of an RMU corpus: ``name`` one of :data:`CORPUS_HUB` (from the hub with
+    ``source="hub"``; locally ``data_dir/<name>.jsonl``, as RMU's ``data/`` folder) or the path of a
+    JSON / JSONL file of ``{"text"}`` rows. Rows of ``min_chars`` characters or fewer are dropped,
+    as RMU's ``len(text) > min_len`` (its default 0 drops Wikitext's empty lines); then ``limit``."""
+    if source == "hub" and name in CORPUS_HUB:
+        rows, where = _corpus_hub(name)
+    else:
+        path = Path(name).expanduser()
+        if name in CORPUS_HUB:
+            root = Path(data_dir).expanduser() if data_dir is not None else data_root(required=False)
+            if root is None:
+                raise DataError(
+                    f"WMDP corpus {name!r}: set data.data_dir (a folder holding {name}.jsonl) "
+                    "or data.source=hub"
+                )
+            path = (
+                root / f"{name}.jsonl"
+                if (root / f"{name}.jsonl").is_file()
+                else root / "wmdp" / f"{name}.jsonl"
+            )
+        elif not path.suffix:
+            raise DataError(
+                f"unknown WMDP corpus {name!r}; use one of {', '.join(CORPUS_HUB)} or a file path"
+            )
+        rows, where = read_records(path), str(path)
+    rows = check_rows(rows, {"text": str}, source=where)
+    rows = [{"text": r["text"]} for r in rows if len(r["text"]) > min_chars]
+    if not rows:
+        raise DataError(f"{where}: no text longer than {min_chars} characters")
+    return rows[:limit] if limit else rows
