@@ -153,7 +153,10 @@ def _pow2(n: int) -> int:
 def _score_batch(model, rows, conts, batch_size, pad_id, bucket, greedy, sharding):
     """One :func:`_window_scores` call: ``rows`` (model inputs) and, per row, the continuations
     scored on it; returns per row a list of ``(logprob, is_greedy)``."""
-    t = bucket_length(max(len(r) for r in rows), bucket)
+    longest = max(len(r) for r in rows)
+    # Padded to a multiple of `bucket`, or of an eighth of the next power of two for long rows (at
+    # most 1/8 padding): MMLU's 5-shot prompts then take ~20 shapes up to 2048 tokens, not 64 compiles.
+    t = bucket_length(longest, max(bucket, _pow2(longest) // 8))
     c = min(bucket_length(max(len(x) for cs in conts for x in cs), 8 if greedy else bucket), t)
     k = _pow2(max(len(cs) for cs in conts))
     ids = np.full((batch_size, t), pad_id, np.int32)
@@ -194,8 +197,8 @@ def score_continuations(
     pairs, as lm-eval's ``HFLM._loglikelihood_tokens`` computes them (module docstring).
 
     Rows are sorted by length and run ``batch_size`` at a time, padded to a multiple of ``bucket``
-    tokens (every batch has ``batch_size`` rows: one compile per length bucket). ``greedy=False``
-    skips the argmax (``is_greedy`` is then False) and never forms ``[T, V]`` logits.
+    tokens, coarser past 256 (every batch has ``batch_size`` rows: one compile per length bucket).
+    ``greedy=False`` skips the argmax (``is_greedy`` is then False) and never forms ``[T, V]`` logits.
     """
     rows, members = _group_rows(pairs, max_length, share=greedy)
     out: list[tuple[float, bool] | None] = [None] * len(pairs)
@@ -494,7 +497,7 @@ def _greedy_until(lm: SgaJaxLM, prompts: list[list[int]], max_gen: int, until: l
     while pending:
         res = greedy_generate(
             lm.model, [prompts[i] for i in pending], max_new_tokens=n, eos_token_id=lm._eos or None,
-            pad_token_id=lm._pad, batch_size=lm.batch_size, bucket=16,
+            pad_token_id=lm._pad, batch_size=lm.batch_size, bucket=lm._bucket,
         )  # fmt: skip
         again = []
         for i, toks in zip(pending, res.tokens):
