@@ -10,19 +10,22 @@ per-choice log-likelihoods within 1e-4, the same ``is_greedy``, rolling log-like
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import write_tiny_llama_for
 
-lm_eval = pytest.importorskip("lm_eval", reason='lm-eval is not installed (pip install "sga-jax[lm_eval]")')
+from sga_jax.errors import ConfigError
+from sga_jax.eval import lm_eval_backend as backend
 
-from lm_eval.api.instance import Instance  # noqa: E402
-from tiny_models import write_tiny_llama_for  # noqa: E402
-
-from sga_jax.errors import ConfigError  # noqa: E402
-from sga_jax.eval import lm_eval_backend as backend  # noqa: E402
+# Every test but the missing-extra one needs lm-eval (the `test` extra installs it).
+needs_lm_eval = pytest.mark.skipif(
+    importlib.util.find_spec("lm_eval") is None,
+    reason='lm-eval is not installed (pip install "sga-jax[lm_eval]")',
+)
 
 TASK = "sga_tiny_mc"
 ITEMS = [
@@ -76,7 +79,9 @@ def _per_choice(results: dict) -> list[list[tuple[float, bool]]]:
     ]
 
 
+@needs_lm_eval
 def test_multiple_choice_matches_hf_backend(tiny_dir, task_dir, hf_lm, tmp_path):
+    import lm_eval
     from lm_eval.tasks import TaskManager
 
     flat = backend.run_lm_eval(
@@ -98,10 +103,13 @@ def test_multiple_choice_matches_hf_backend(tiny_dir, task_dir, hf_lm, tmp_path)
     print("acc", flat[f"{TASK}/acc"], "acc_norm", flat[f"{TASK}/acc_norm"])
 
 
-def _req(kind: str, args: tuple) -> Instance:
+def _req(kind: str, args: tuple):
+    from lm_eval.api.instance import Instance
+
     return Instance(request_type=kind, doc={}, arguments=args, idx=0)
 
 
+@needs_lm_eval
 def test_requests_match_hf_backend(tiny_dir):
     """Truncated and empty-context loglikelihoods, rolling windows (max_length=16: several windows
     per string) and greedy generation with stop strings, request by request."""
@@ -139,6 +147,7 @@ def test_requests_match_hf_backend(tiny_dir):
     assert g_mine == g_theirs
 
 
+@needs_lm_eval
 def test_lm_eval_command_line_finds_the_backend(tiny_dir, task_dir, tmp_path, monkeypatch):
     """``python -m sga_jax.eval.lm_eval_backend`` is lm-eval's CLI with ``--model sga_jax`` known."""
     out = tmp_path / "cli"
@@ -151,14 +160,16 @@ def test_lm_eval_command_line_finds_the_backend(tiny_dir, task_dir, tmp_path, mo
     assert "acc,none" in json.loads(written[0].read_text())["results"][TASK]
 
 
-def test_missing_extra_is_one_config_error(monkeypatch, tiny_dir):
+def test_missing_extra_is_one_config_error(monkeypatch, tmp_path):
+    """Runs without lm-eval too: the error comes before any model is read."""
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now raises ImportError
     with pytest.raises(ConfigError) as e:
-        backend.run_lm_eval(tiny_dir, [TASK])
+        backend.run_lm_eval(tmp_path / "model", [TASK])
     assert str(e.value) == backend.INSTALL_HINT and "\n" not in str(e.value)
     assert 'pip install "sga-jax[lm_eval]"' in str(e.value)
 
 
+@needs_lm_eval
 def test_bad_model_args_are_config_errors(tiny_dir):
     with pytest.raises(ConfigError, match="mesh"):
         backend.SgaJaxLM(str(tiny_dir), mesh="pipeline:2")
@@ -166,6 +177,7 @@ def test_bad_model_args_are_config_errors(tiny_dir):
         backend.SgaJaxLM(str(tiny_dir), temperature=0.5)
 
 
+@needs_lm_eval
 def test_mesh_gives_the_same_scores(tiny_dir):
     """``mesh=data:2+fsdp:2`` (parameters sharded, batches split over 4 of the 8 test devices)."""
     reqs = [_req("loglikelihood", a) for a in [("Hello", " world"), ("A B", " C D"), ("", "x y")]]
@@ -182,9 +194,11 @@ def test_mesh_gives_the_same_scores(tiny_dir):
 
 
 @pytest.mark.slow
+@needs_lm_eval
 def test_smollm2_matches_hf_backend(smollm2_gguf, smollm2_tokenizer, task_dir):
     """The real SmolLM2-135M-Instruct GGUF against HFLM on transformers' own GGUF loader (measured
     2026-12-03 on CPU: max |diff| 5.7e-5, accuracies equal; ~90 s, HFLM most of it)."""
+    import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 

@@ -1,8 +1,7 @@
 """An lm-evaluation-harness model backend on sga_jax models: ``--model sga_jax`` (lm-eval 0.4.13).
 
-``pip install "sga-jax[lm_eval]"`` installs lm-eval; it is an optional extra, never a runtime
-dependency. lm-eval 0.4.13 itself imports no torch on this path (its ``hf`` extra does; a run with
-one process never reaches the ``torch`` import in ``lm_eval/evaluator.py``).
+``pip install "sga-jax[lm_eval]"``: an optional extra, never a runtime dependency. lm-eval 0.4.13
+imports no torch on this path (its ``hf`` backend does; ``lm_eval/evaluator.py`` only for several ranks).
 
 The class :class:`SgaJaxLM` answers lm-eval's three request types the way lm-eval's own Hugging
 Face backend (``HFLM``, ``lm_eval/models/huggingface.py`` of lm-eval 0.4.13) does, so that the two
@@ -30,11 +29,10 @@ give the same numbers on the same folder:
   first stop string (``postprocess_generated_text``). Only greedy decoding: a request asking for
   sampling is answered greedily, with a warning.
 
-lm-eval 0.4.13 has no plugin / entry-point discovery for models (``lm_eval/api/registry.py``:
-models come from ``lm_eval/models/__init__.py``'s fixed ``MODEL_MAPPING`` or from
-``register_model`` at import time), so importing this module registers ``sga_jax``, and its
-command line, ``python -m sga_jax.eval.lm_eval_backend <lm_eval arguments>``, is lm-eval's own CLI
-with the backend registered. :func:`run_lm_eval` is the Python entry point.
+lm-eval 0.4.13 discovers no plugin models (``lm_eval/api/registry.py``: the fixed ``MODEL_MAPPING``
+of ``lm_eval/models/__init__.py``, or ``register_model`` at import), so importing this module
+registers ``sga_jax``; ``python -m sga_jax.eval.lm_eval_backend <lm_eval arguments>`` is lm-eval's
+own CLI with it registered. :func:`run_lm_eval` is the Python entry point.
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from sga_jax import kernels
 from sga_jax.data.batching import bucket_length
@@ -192,6 +191,7 @@ def score_continuations(
     bucket: int = 32,
     greedy: bool = True,
     sharding: Any = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> list[tuple[float, bool]]:
     """``(sum log p(continuation | context), is_greedy)`` for token-id ``(context, continuation)``
     pairs, as lm-eval's ``HFLM._loglikelihood_tokens`` computes them (module docstring).
@@ -199,6 +199,7 @@ def score_continuations(
     Rows are sorted by length and run ``batch_size`` at a time, padded to a multiple of ``bucket``
     tokens, coarser past 256 (every batch has ``batch_size`` rows: one compile per length bucket).
     ``greedy=False`` skips the argmax (``is_greedy`` is then False) and never forms ``[T, V]`` logits.
+    ``progress(n)`` is called as requests are scored (a tqdm bar's ``update``).
     """
     rows, members = _group_rows(pairs, max_length, share=greedy)
     out: list[tuple[float, bool] | None] = [None] * len(pairs)
@@ -212,6 +213,8 @@ def score_continuations(
         for i, row_scores in zip(idx, scores):
             for m, s in zip(members[i], row_scores):
                 out[m] = s
+            if progress is not None:
+                progress(len(members[i]))
     return out  # type: ignore[return-value]
 
 
@@ -312,7 +315,7 @@ class SgaJaxLM(TemplateLM):  # type: ignore[misc,valid-type]
     ) -> None:
         _require_lm_eval()
         super().__init__()
-        from sga_jax.models.hf import load_model, load_tokenizer, read_config
+        from sga_jax.models.hf import load_model, load_tokenizer
         from sga_jax.models.sharding import batch_sharding
 
         unknown = sorted(k for k in ignored if k not in ("device", "max_batch_size"))
@@ -327,7 +330,7 @@ class SgaJaxLM(TemplateLM):  # type: ignore[misc,valid-type]
         self._sharding = None if self._mesh is None else batch_sharding(self._mesh)
         self.model = load_model(pretrained, dtype=dtype, mesh=self._mesh, scan_layers=False)
         self.tokenizer = load_tokenizer(tokenizer or pretrained)
-        hf = self.model.config.hf if Path(pretrained).is_file() else read_config(Path(pretrained))
+        hf = self.model.config.hf  # the checkpoint's config.json (a GGUF's, translated)
         self.pretrained = str(pretrained)
         self._max_length = int(max_length) if max_length else _default_max_length(hf, self.tokenizer)
         self._max_gen_toks = int(max_gen_toks)
@@ -413,17 +416,18 @@ class SgaJaxLM(TemplateLM):  # type: ignore[misc,valid-type]
     ) -> list[tuple[float, bool]]:
         """TemplateLM's hook: ``[((context, continuation), context ids, continuation ids)]``."""
         pairs = [(ctx, cont) for _, ctx, cont in requests]
-        out = self._score(pairs, greedy=True)
+        out = self._score(pairs, greedy=True, quiet=disable_tqdm)
         for (key, _, _), answer in zip(requests, out):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, answer)
         return out
 
-    def _score(self, pairs, *, greedy: bool) -> list[tuple[float, bool]]:
-        return score_continuations(
-            self.model, pairs, max_length=self.max_length, pad_id=self._pad, batch_size=self.batch_size,
-            bucket=self._bucket, greedy=greedy, sharding=self._sharding,
-        )  # fmt: skip
+    def _score(self, pairs, *, greedy: bool, quiet: bool) -> list[tuple[float, bool]]:
+        with tqdm(total=len(pairs), disable=quiet, desc="sga_jax loglikelihood requests") as bar:
+            return score_continuations(
+                self.model, pairs, max_length=self.max_length, pad_id=self._pad, batch_size=self.batch_size,
+                bucket=self._bucket, greedy=greedy, sharding=self._sharding, progress=bar.update,
+            )  # fmt: skip
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Sum of log p over every token of each string (HFLM l. 1226-1310): disjoint rolling
@@ -438,7 +442,7 @@ class SgaJaxLM(TemplateLM):  # type: ignore[misc,valid-type]
                 windows.append(make_disjoint_window(w))
                 owner.append(i)
         totals = [0.0] * len(requests)
-        for i, (logp, _) in zip(owner, self._score(windows, greedy=False)):
+        for i, (logp, _) in zip(owner, self._score(windows, greedy=False, quiet=disable_tqdm)):
             totals[i] += logp
         for req, total in zip(requests, totals):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
@@ -459,16 +463,11 @@ class SgaJaxLM(TemplateLM):  # type: ignore[misc,valid-type]
         return out
 
     def _generate(self, contexts: Sequence[str], gen_kwargs: dict[str, Any]) -> list[str]:
-        from lm_eval.models.utils import (
-            handle_stop_sequences,
-            normalize_gen_kwargs,
-            postprocess_generated_text,
-        )
+        from lm_eval.models import utils as lm_utils  # normalize_gen_kwargs and the stop-string helpers
 
-        kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
-        until = handle_stop_sequences(
-            kwargs.pop("until", None), eos=self.tok_decode(self.eot_token_id, False)
-        )
+        kwargs = lm_utils.normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
+        eos_text = self.tok_decode(self.eot_token_id, False)
+        until = lm_utils.handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
         max_gen = int(kwargs.pop("max_gen_toks"))
         if kwargs.get("do_sample"):
             log.warning("sga_jax generates greedily; ignoring do_sample / temperature in %s", gen_kwargs)
@@ -479,7 +478,7 @@ class SgaJaxLM(TemplateLM):  # type: ignore[misc,valid-type]
             )
         prompts = [self.tok_encode(c, left_truncate_len=max_ctx) for c in contexts]
         tokens = _greedy_until(self, prompts, max_gen, until)
-        return [postprocess_generated_text(self.tok_decode(t), until, None) for t in tokens]
+        return [lm_utils.postprocess_generated_text(self.tok_decode(t), until, None) for t in tokens]
 
 
 def _greedy_until(lm: SgaJaxLM, prompts: list[list[int]], max_gen: int, until: list[str]) -> list[list[int]]:
