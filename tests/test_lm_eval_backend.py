@@ -126,6 +126,8 @@ def test_requests_match_hf_backend(tiny_dir):
     texts = [long_ctx * 2, "Short text."]
     rolling = [_req("loglikelihood_rolling", (t,)) for t in texts]
     r_mine, r_theirs = ours.loglikelihood_rolling(rolling), hf.loglikelihood_rolling(rolling)
+    print("loglikelihood / rolling max |diff| vs HFLM:", max(abs(a[0] - b[0]) for a, b in zip(mine, theirs)),
+          max(abs(a - b) for a, b in zip(r_mine, r_theirs)))  # fmt: skip
     assert max(abs(a - b) for a, b in zip(r_mine, r_theirs)) < 1e-4, (r_mine, r_theirs)
 
     hf_gen = HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32", batch_size=3)
