@@ -226,6 +226,22 @@ MUTANTS: tuple[Mutant, ...] = (
         ("tests/test_runner_methods.py::test_flat_draws_a_new_template_per_row_each_epoch",),
         "FLAT's template fixed per row for the whole run instead of drawn anew each epoch",
     ),
+    Mutant(
+        "lm_eval_continuation_off_by_one",
+        "sga_jax/eval/lm_eval_backend.py",
+        "pos[b] = np.clip(np.arange(n - c, n), 0, None)",
+        "pos[b] = np.clip(np.arange(n - c - 1, n - 1), 0, None)",
+        ("tests/test_lm_eval_backend.py::test_multiple_choice_matches_hf_backend",),
+        "the lm-eval backend scores each continuation token from the position one before its own",
+    ),
+    Mutant(
+        "lm_eval_no_left_truncation",
+        "sga_jax/eval/lm_eval_backend.py",
+        "[-(max_length + 1) :][:-1]",
+        "[:-1]",
+        ("tests/test_lm_eval_backend.py::test_requests_match_hf_backend",),
+        "the lm-eval backend reads the whole request past max_length instead of HFLM's left truncation",
+    ),
 )
 
 
