@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", "-o", required=True, help="output folder for results and eval logs")
     p.add_argument("--retain-logs", default=None, help="the retain model's TOFU eval folder (Forget Quality)")
+    p.add_argument("--tasks", default=None, help="lm_eval: lm-eval task names, comma-separated (= tasks=a,b)")
     p.add_argument(
         "--overwrite", action="store_true", help="write into OUT even if it holds files sga_jax did not write"
     )
@@ -195,6 +196,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not model.exists():
         raise ModelLoadError(f"model not found: {model}")
     options = _parse_options(args.options)
+    if args.tasks is not None:
+        if options.setdefault("tasks", args.tasks) != args.tasks:
+            raise ConfigError(f"--tasks {args.tasks} and tasks={options['tasks']} disagree; give one")
     spec, preset = benchmarks.resolve(args.benchmark)  # tofu_forget05 = tofu with forget_split=forget05
     for key, value in preset.items():
         options.setdefault(key, value)

@@ -80,8 +80,8 @@ def test_builtin_benchmarks_are_registered(fresh_registry):
     from sga_jax.benchmarks.tofu import FILES
     from sga_jax.eval import tofu
 
-    assert set(registry.names("eval")) == {"tofu", "muse_news", "muse_books", "ppl", "mia", "wmdp"}
-    assert set(registry.names("data")) == {"tofu", "muse_news", "muse_books", "jsonl"}
+    assert set(registry.names("eval")) == {"tofu", "muse_news", "muse_books", "ppl", "mia", "wmdp", "lm_eval"}
+    assert set(registry.names("data")) == {"tofu", "muse_news", "muse_books", "jsonl", "wmdp"}
     assert FILES == tuple(tofu.FILES)
     spec, preset = registry.resolve("tofu_forget05")
     assert spec.name == "tofu" and preset == {"forget_split": "forget05"}

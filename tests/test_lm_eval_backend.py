@@ -72,6 +72,16 @@ def hf_lm(tiny_dir):
     return HFLM(pretrained=str(tiny_dir), device="cpu", dtype="float32", batch_size=4)
 
 
+@pytest.fixture(scope="module")
+def hf_ref(hf_lm, task_dir) -> dict:
+    """lm-eval's own HF backend on the local task, with per-sample records."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(task_dir))
+    return lm_eval.simple_evaluate(model=hf_lm, tasks=[TASK], task_manager=tm, log_samples=True)
+
+
 def _per_choice(results: dict) -> list[list[tuple[float, bool]]]:
     samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
     return [
@@ -80,17 +90,12 @@ def _per_choice(results: dict) -> list[list[tuple[float, bool]]]:
 
 
 @needs_lm_eval
-def test_multiple_choice_matches_hf_backend(tiny_dir, task_dir, hf_lm, tmp_path):
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+def test_multiple_choice_matches_hf_backend(tiny_dir, task_dir, hf_ref, tmp_path):
     flat = backend.run_lm_eval(
         tiny_dir, [TASK], out_dir=tmp_path, batch_size=4, include_path=task_dir, log_samples=True
     )
     ours = json.loads((tmp_path / "lm_eval_results.json").read_text())
-    ref = lm_eval.simple_evaluate(
-        model=hf_lm, tasks=[TASK], task_manager=TaskManager(include_path=str(task_dir)), log_samples=True
-    )
+    ref = hf_ref
     mine, theirs = _per_choice(ours), _per_choice(ref)
     assert len(mine) == len(ITEMS) and all(len(m) == 4 for m in mine)
     diff = max(abs(a[0] - b[0]) for m, t in zip(mine, theirs) for a, b in zip(m, t))
@@ -218,3 +223,34 @@ def test_smollm2_matches_hf_backend(smollm2_gguf, smollm2_tokenizer, task_dir):
     assert max(abs(a[0] - b[0]) for m, t in zip(mine, theirs) for a, b in zip(m, t)) < 2e-4
     for metric in ("acc,none", "acc_norm,none"):
         assert runs[0]["results"][TASK][metric] == runs[1]["results"][TASK][metric]
+
+
+@needs_lm_eval
+def test_sga_jax_eval_runs_lm_eval_tasks(tiny_dir, task_dir, hf_ref, tmp_path, capsys):
+    """``sga-jax eval MODEL -b lm_eval --tasks T``: the registry's lm_eval benchmark, which leaves
+    the model loading to the backend, gives HFLM's accuracies in results.json."""
+    from sga_jax.cli import main
+    from sga_jax.eval.options import check_options
+
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        str(tiny_dir),
+        "-b",
+        "lm_eval",
+        "--tasks",
+        TASK,
+        "--out",
+        str(out),
+        f"include_path={task_dir}",
+    ]
+    assert main([*args, "batch_size=4"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["benchmark"] == "lm_eval" and res["tasks"] == [TASK]
+    assert (out / "lm_eval_results.json").is_file()
+    for metric in ("acc", "acc_norm"):
+        assert res[f"{TASK}/{metric}"] == hf_ref["results"][TASK][f"{metric},none"], metric
+    with pytest.raises(ConfigError, match="tasks=\\[\\]: must be a non-empty list of names"):
+        check_options("lm_eval", {"tasks": []})
+    assert main([*args, "tasks=[other]"]) == 2
+    assert "--tasks sga_tiny_mc and tasks=['other'] disagree" in capsys.readouterr().err

@@ -43,6 +43,7 @@ class EvalRun(NamedTuple):
     source: str
     data_dir: Any
     options: dict[str, Any]
+    model_path: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class Benchmark:
     under the data root (None: it reads no benchmark data folder and has no hub copy); ``writes`` the
     files its evaluation writes besides results.json; ``result_keys`` the keys its results always
     hold; ``aliases`` other names with the options they preset; ``help`` its lines in
-    ``sga-jax eval --help``.
+    ``sga-jax eval --help``; ``loads_model=False``: its runner loads the model itself from
+    ``EvalRun.model_path`` (lm-eval's backend), so :func:`sga_jax.eval.run.evaluate` does not.
     """
 
     name: str
@@ -74,6 +76,7 @@ class Benchmark:
     default_limit: int | None = None
     aliases: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     help: str = ""
+    loads_model: bool = True
 
 
 _REGISTRY: dict[str, Benchmark] = {}

@@ -57,6 +57,12 @@ def p_norm(v: Any) -> str | None:
     return None if ok else '1, 2 or "inf"'
 
 
+def names(v: Any) -> str | None:
+    ok = isinstance(v, list | tuple) and v and all(isinstance(x, str) and x for x in v)
+    ok = ok or (isinstance(v, str) and all(v.split(",")))
+    return None if ok else "a non-empty list of names (or one comma-separated string)"
+
+
 def list_of(*choices: str) -> Check:
     def check(v: Any) -> str | None:
         ok = isinstance(v, list | tuple) and v and all(x in choices for x in v)
@@ -88,6 +94,6 @@ def check_options(benchmark: str, options: Mapping[str, Any], *, where: str = "o
 
 
 __all__ = [
-    "COMMON", "PROMPT_FORMATS", "auc_or_null", "check_options", "flag", "fraction", "list_of", "one_of",
-    "p_norm", "seed", "text", "whole", "whole_or_null",
+    "COMMON", "PROMPT_FORMATS", "auc_or_null", "check_options", "flag", "fraction", "list_of", "names",
+    "one_of", "p_norm", "seed", "text", "whole", "whole_or_null",
 ]  # fmt: skip

@@ -66,12 +66,12 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if model is None:
+    if model is None and bench.loads_model:
         # Unrolled layers: greedy decoding with a per-layer cache updates it in place, while the
         # stacked [L, ...] cache of scan_layers is rewritten every token (measured on the 2-core CPU,
         # SmolLM2-135M, batch 16: ~45 vs ~125 ms per new token). Compile time is a few seconds more.
         model = load_model(model_path, dtype=dtype, scan_layers=False)
-    if tokenizer is None:
+    if tokenizer is None and bench.loads_model:
         tokenizer = load_tokenizer(tokenizer_path or model_path)
     # Every option given is recorded, so that e.g. a 10-row result cannot pass for an official one.
     plain = str | int | float | bool | list | None
@@ -86,7 +86,9 @@ def evaluate(
         "limit": limit,  # rows per split; null: all
         "options": given,
     }
-    results.update(bench.run(EvalRun(model, tokenizer, out, limit, source, data_dir, options)))
+    results.update(
+        bench.run(EvalRun(model, tokenizer, out, limit, source, data_dir, options, str(model_path)))
+    )
     missing = [k for k in bench.result_keys if k not in results]
     if missing:  # a registration that promises keys its runner does not give: a bug, said plainly
         raise RuntimeError(f"the {benchmark} evaluation returned no {', '.join(missing)}")
