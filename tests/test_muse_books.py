@@ -125,6 +125,14 @@ def test_books_eval_on_a_tiny_model(tiny, smollm2_tokenizer, data_dir, tmp_path)
     qa = json.loads(books("knowmem", "retain2_qa.json").read_text())[:2]
     assert [r["question"] for r in logs["knowmem_r"]] == [r["question"] for r in qa]
     assert json.loads((tmp_path / "results.json").read_text())["privleak"] == res["privleak"]
+    # retrain_auc="official": MUSE's Books retrain AUC (muse_bench constants.py: 0.5393)
+    auc = res["privleak_auc"]
+    official = evaluate(
+        "muse_books", path, tmp_path / "official", model=model, tokenizer=smollm2_tokenizer, limit=2,
+        retrain_auc="official", metrics=["privleak"], batch_size=2, progress=False,
+    )  # fmt: skip
+    assert official["privleak_auc"] == pytest.approx(auc)
+    assert official["privleak"] == pytest.approx((auc - 0.5393) / 0.5393 * 100, abs=1e-3)
 
 
 @pytest.mark.slow

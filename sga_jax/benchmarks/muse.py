@@ -84,7 +84,7 @@ MUSE_NEWS = register(
         load_rows=_rows_of("news", "MUSE-News"),
         data_folder="muse_news",
         writes=("muse_logs.json",),
-        help="  muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X"
+        help="  muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X|official"
         "  batch_size=8",
     )
 )

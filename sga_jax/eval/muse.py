@@ -14,8 +14,10 @@ metrics and conventions for both. MUSE's utility figure is KnowMem on the retain
   model's run in the same convention, or a given number (the official News retrain model:
   ``AUC_RETRAIN["news"]["forget_holdout_Min-40%"]`` = 0.4772, ``constants.py`` line 62). A model
   that still knows the forget set (under-unlearning) has AUC near 0 and PrivLeak near −100, as the
-  paper's target models (Table 3); over-unlearning makes it positive. For Books give the
-  retrained Books model's AUC as ``retrain_auc`` (no built-in number).
+  paper's target models (Table 3); over-unlearning makes it positive. ``retrain_auc="official"``
+  takes MUSE's number for the corpus (:data:`OFFICIAL_RETRAIN_AUC`: News 0.4772, Books 0.5393,
+  ``AUC_RETRAIN[corpus]["forget_holdout_Min-40%"]`` of ``constants.py``, the retrained Llama-2-7B
+  models); a retrain model of your own gives its AUC from its own run.
 
 * Extraction strength / exact memorization (open-unlearning ``configs/eval/muse_metrics/
   extraction_strength.yaml``, ``exact_memorization.yaml``; :mod:`sga_jax.eval.memorization`) of the
@@ -217,12 +219,16 @@ def memorization(
     return {**mean_scores(scores), "logs": logs}
 
 
+# MUSE's retrained models' forget_holdout_Min-40% AUCs (swj0419/muse_bench constants.py AUC_RETRAIN).
+OFFICIAL_RETRAIN_AUC = {"news": 0.47719999999999996, "books": 0.5392999999999999}
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
     *,
     metrics: Sequence[str] = ("verbmem_f", "knowmem_f", "knowmem_r", "privleak"),
-    retrain_auc: float | None = None,
+    retrain_auc: float | str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
     source: str = "local",
@@ -233,7 +239,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """MUSE metrics of ``corpus`` ("news" or "books", :data:`sga_jax.data.muse.CORPORA`); returns the
     numbers and a ``"logs"`` dict of per-item details. ``progress``: one tqdm bar on stderr per
-    metric (and privleak split)."""
+    metric (and privleak split). ``retrain_auc="official"``: :data:`OFFICIAL_RETRAIN_AUC`."""
+    if retrain_auc == "official":
+        retrain_auc = OFFICIAL_RETRAIN_AUC[corpus]
     kw = dict(
         limit=limit, source=source, data_dir=data_dir, progress=progress, hub_repo=hub_repo, corpus=corpus
     )

@@ -48,8 +48,8 @@ def fraction(v: Any) -> str | None:
 
 
 def auc_or_null(v: Any) -> str | None:
-    ok = v is None or (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1)
-    return None if ok else "an AUC in [0, 1] (or null)"
+    ok = v in (None, "official") or (isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1)
+    return None if ok else 'an AUC in [0, 1], "official" (the benchmark\'s own retrain model) or null'
 
 
 def p_norm(v: Any) -> str | None:
