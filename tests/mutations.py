@@ -156,9 +156,9 @@ MUTANTS: tuple[Mutant, ...] = (
         "gru_retain_grad_from_forget_batch",
         "sga_jax/methods.py",
         """def retain_loss(model, batch):
-        return plain_nll(m, model, batch["retain"])""",
+        return plain_nll(m, model, batch["retain"])  # type: ignore[arg-type]""",
         """def retain_loss(model, batch):
-        return plain_nll(m, model, batch["forget"])""",
+        return plain_nll(m, model, batch["forget"])  # type: ignore[arg-type]""",
         _runner("gru_ga"),
         "GRU's retain gradient computed on the forget batch",
     ),

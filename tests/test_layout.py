@@ -107,3 +107,17 @@ def test_config_imports_no_jax():
     that imports sga_jax.config has not imported jax."""
     code = "import sys, sga_jax.config; assert 'jax' not in sys.modules, 'sga_jax.config imported jax'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_mutation_targets_are_found_once():
+    """tests/mutations.py (``make mutants``, not in the suite) must keep pointing at real code: each
+    mutant's target string occurs exactly once in its file, and its tests exist."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        import mutations
+
+        mutations.check_targets(mutations.MUTANTS)
+    except SystemExit as e:
+        raise AssertionError(str(e)) from None
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
