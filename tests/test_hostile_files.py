@@ -135,8 +135,9 @@ def test_huge_layer_count_fails_fast(copy, deadline):
 
 
 def test_fifo_weights_are_refused(copy):
-    # In a child process killed after 10 s: a reader blocked in open() inside native code
-    # ignores SIGALRM, so a regression must fail here rather than hang the suite.
+    # In a child process killed after 120 s: a reader blocked in open() inside native code
+    # ignores SIGALRM, so a regression must fail here rather than hang the suite. (10 s was too
+    # short for the child's imports alone on a loaded 2-core machine: load 10, 2026-12-03.)
     import subprocess
     import sys
 
@@ -145,7 +146,7 @@ def test_fifo_weights_are_refused(copy):
     os.mkfifo(m / "model.safetensors")
     args = ["convert", str(m), str(m.parent / "o")]
     code = f"from sga_jax.cli import main; raise SystemExit(main({args!r}))"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=10)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "not a regular file" in p.stderr, p.stderr
 
 
