@@ -14,7 +14,8 @@ imperfect overlap are not in it).
 
 When the step does not fit, a few other settings (mesh fsdp x tensor splits, remat policy,
 micro-batches through ``train.grad_accum``) are compiled and the fitting one with the lowest bound
-is suggested. Compiling a 7B step takes minutes on a small machine.
+is suggested (:func:`format_report` prints the result). Compiling a 7B step takes minutes on a
+small machine.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from sga_jax import config as C
-from sga_jax.errors import ConfigError, ModelLoadError
+from sga_jax.errors import ConfigError, ModelLoadError, SgaJaxError
+from sga_jax.plan_report import format_report  # noqa: F401 - the report's text form, with the plan
 
 GB = 10**9
 GiB = 2**30
@@ -145,6 +148,9 @@ def target_devices(target: Target) -> list:
         jax.config.update("jax_platforms", "cpu")
     except RuntimeError:
         pass
+    # libtpu takes /tmp/libtpu_lockfile so that two processes never drive the same chips; a plan
+    # drives none, so it may run beside another plan or beside training on a TPU VM.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
@@ -418,49 +424,65 @@ def judge(p: StepPlan, chip: Chip | None, capacity: float | None) -> StepPlan:
 
 
 def candidates(cfg: C.RunConfig, chips: int) -> list[tuple[str, list[str]]]:
-    """Other settings to try when the step does not fit, cheapest-looking first: more tensor
-    parallelism (smaller activations per chip), full remat, then micro-batches (``grad_accum``:
-    the same step in smaller pieces). Each keeps every micro-batch divisible over data x fsdp."""
-    data, tensor = cfg.mesh.data, max(cfg.mesh.tensor, 1)
+    """Other settings to try when the step does not fit, one of each kind before the next of any:
+    more tensor parallelism (activations split over more chips; 4 and 8 first), full remat (a
+    layer's activations recomputed, not kept), micro-batches (``grad_accum``: the same step in
+    smaller pieces). Each keeps every micro-batch divisible over data x fsdp."""
+    data, tensor = max(cfg.mesh.data, 1), max(cfg.mesh.tensor, 1)
     micro, accum = cfg.train.batch_size // cfg.train.grad_accum, cfg.train.grad_accum
-    out: list[tuple[str, list[str]]] = []
 
     def mesh_ok(t: int, m: int) -> bool:
         return chips % (data * t) == 0 and m % (data * (chips // (data * t))) == 0
 
-    splits = [t for t in (2, 4, 8, 16) if t > tensor and mesh_ok(t, micro)]
-    for t in splits:
-        out.append((f"fsdp {chips // (data * t)} x tensor {t}",
-                    [f"mesh.fsdp={chips // (data * t)}", f"mesh.tensor={t}"]))  # fmt: skip
-    if cfg.model.remat not in ("full",) and not (cfg.model.remat in (None, "auto") and cfg.model.scan_layers):
-        out.append(("remat full", ["model.remat=full"]))
+    def mesh(t: int) -> list[str]:
+        return [] if t == tensor else [f"mesh.fsdp={chips // (data * t)}", f"mesh.tensor={t}"]
+
+    splits = [t for t in (4, 8, 2, 16) if t > tensor and mesh_ok(t, micro)]
+    kinds: list[list[tuple[str, list[str]]]] = [
+        [(f"fsdp {chips // (data * t)} x tensor {t}", mesh(t)) for t in splits]
+    ]
+    remat_full = cfg.model.remat == "full" or (cfg.model.remat in (None, "auto") and cfg.model.scan_layers)
+    kinds.append([] if remat_full else [("remat full", ["model.remat=full"])])
+    accums = []
     for factor in (2, 4, 8):
-        if cfg.train.batch_size % (accum * factor) == 0:
-            m = cfg.train.batch_size // (accum * factor)
-            fits_mesh = [t for t in (tensor, *splits) if mesh_ok(t, m)]
-            if fits_mesh:
-                t = fits_mesh[-1]
-                label = f"grad_accum {accum * factor}" + (f", tensor {t}" if t != tensor else "")
-                extra = [f"mesh.fsdp={chips // (data * t)}", f"mesh.tensor={t}"] if t != tensor else []
-                out.append((label, [f"train.grad_accum={accum * factor}", *extra]))
-    return out
+        m = cfg.train.batch_size // (accum * factor)
+        ok = [t for t in (tensor, *splits) if cfg.train.batch_size % (accum * factor) == 0 and mesh_ok(t, m)]
+        if ok:
+            label = f"grad_accum {accum * factor}" + (f", tensor {ok[0]}" if ok[0] != tensor else "")
+            accums.append((label, [f"train.grad_accum={accum * factor}", *mesh(ok[0])]))
+    kinds.append(accums)
+    longest = max(len(k) for k in kinds)
+    return [k[i] for i in range(longest) for k in kinds if i < len(k)]
 
 
 def _compose(cfg: C.RunConfig, overrides: list[str]) -> C.RunConfig:
     return C.compose([], overrides, base=C.to_dict(cfg))
 
 
-def _attempt(cfg, hf, devices, target: Target, capacity, label, overrides, rows) -> StepPlan:
-    """Compile one configuration; a configuration XLA or the config checks refuse is recorded
-    (``error``), not raised, so that the search goes on."""
+def _attempt(cfg, hf, devices, target: Target, capacity, label, overrides, rows, *, strict=False) -> StepPlan:
+    """Compile one configuration. The compiler running out of memory is a step that does not fit
+    (fits False, the message kept); any other refusal is raised when ``strict`` (the configuration
+    as given), else recorded (``error``) so that the search goes on."""
     try:
         p = compile_step(cfg, hf, devices, rows=rows)
-    except ConfigError as e:
+    except SgaJaxError as e:
+        if strict:
+            raise
         p = StepPlan(label, overrides, {}, error=" ".join(str(e).split()))
-    except Exception as e:  # XLA's own refusal (e.g. RESOURCE_EXHAUSTED while compiling)
-        p = StepPlan(label, overrides, {}, error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+    except Exception as e:  # XLA's own refusal, e.g. RESOURCE_EXHAUSTED: the program exceeds HBM
+        message = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        if strict and not _out_of_memory(message):
+            raise ConfigError(f"the step does not compile for {target.text}: {message}") from None
+        p = StepPlan(label, overrides, {}, error=message)
     p.label, p.overrides = label, overrides
-    return judge(p, target.chip, capacity)
+    p = judge(p, target.chip, capacity)
+    if p.error and _out_of_memory(p.error):
+        p.fits = False
+    return p
+
+
+def _out_of_memory(message: str) -> bool:
+    return any(s in message for s in ("RESOURCE_EXHAUSTED", "Ran out of memory", "out of memory"))
 
 
 def plan(
@@ -481,9 +503,7 @@ def plan(
     hf, source = model_config(cfg)
     cfg = with_mesh(cfg)
     capacity = hbm_bytes if hbm_bytes is not None else (target.chip.hbm_bytes if target.chip else None)
-    first = _attempt(cfg, hf, devices, target, capacity, "as configured", [], rows)
-    if first.error and first.error.startswith(("method ", "train.", "mesh ")):
-        raise ConfigError(first.error)
+    first = _attempt(cfg, hf, devices, target, capacity, "as configured", [], rows, strict=True)
     tried: list[StepPlan] = []
     if search and first.fits is False:
         for label, overrides in candidates(cfg, target.chips)[:max_candidates]:
@@ -525,73 +545,3 @@ def _versions(jax) -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-# -------------------------------------------------------------------------------------- report
-
-
-def _gib(b: float) -> str:
-    return f"{b / GiB:.2f} GiB" if b >= GiB / 10 else f"{b / 2**20:.2f} MiB"
-
-
-def _step_lines(p: dict[str, Any], report: dict[str, Any]) -> list[str]:
-    cap, chip = report["capacity_bytes"], report["target"]["chip"]
-    fits = {True: "yes", False: "NO", None: "unknown (no capacity: --hbm-gib)"}[p["fits"]]
-    of = ""
-    if cap:
-        of = f" of {_gib(cap)}" + (
-            f" ({chip['hbm_bytes'] / GB:.0f} GB HBM, {chip['source']})" if chip else ""
-        )
-    lines = [
-        f"  per chip: arguments {_gib(p['argument_bytes'])} (parameters, optimizer state, batch), "
-        f"outputs {_gib(p['output_bytes'])}, donated {_gib(p['alias_bytes'])}, "
-        f"temporaries {_gib(p['temp_bytes'])}",
-        f"  peak {_gib(p['peak_bytes'])}{of}: fits {fits}",
-        f"  compiler, per chip and step: {p['flops']:.3e} FLOPs, {p['bytes_accessed']:.3e} bytes accessed; "
-        f"3 x forward (sga_jax.eval.flops): {p['model_flops']:.3e} FLOPs",
-    ]
-    if p["bound_s"] is not None:
-        lines.append(
-            f"  roofline lower bound (not a measurement): {p['bound_s']:.3g} s/step, {p['bound_by']}-bound "
-            f"({chip['peak_flops'] / 1e12:.0f} TFLOP/s bf16, {chip['hbm_bandwidth'] / GB:.0f} GB/s HBM)"
-        )
-    return lines
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The plan as text: the configured step, then the tried candidates and the suggestion."""
-    t, c, p = report["target"], report["config"], report["plan"]
-    where = (
-        f"{t['chips']} x {t['chip']['name']}, topology {t['topology']}"
-        if t["chip"]
-        else f"{t['chips']} CPU devices"
-    )
-    lora = "LoRA" if c["lora"] else "full training"
-    lines = [
-        f"plan: {report['model']} on {t['text']} ({where})",
-        f"  step: {c['mode']} {c['method']}" + (f" K={c['k']}" if c["k"] else "")
-        + f", {c['batch_size']} forget rows/step ({p['rows']} rows x {c['max_length']} tokens), "
-        f"grad_accum {c['grad_accum']}, mesh {p['mesh'] or c['mesh']}, {c['dtype']}/{c['param_dtype']}, "
-        f"scan {c['scan_layers']}, remat {c['remat'] or 'auto'}, {lora} "
-        f"({p['trainable_params'] / 1e9:.3g} G parameters trained)",
-    ]  # fmt: skip
-    if p["error"]:
-        lines.append(f"  does not compile: {p['error']}")
-    else:
-        lines += _step_lines(p, report) + [f"  compiled in {p['compile_s']:.1f} s ({_vers(report)})"]
-    for q in report["candidates"]:
-        head = f"candidate {q['label']} ({' '.join(q['overrides'])}):"
-        if q["error"]:
-            lines += [head, f"  does not compile: {q['error']}"]
-        else:
-            lines += [head, *_step_lines(q, report)]
-    s = report["suggestion"]
-    if s is not None:
-        lines.append(f"suggestion: add `{' '.join(s['overrides'])}` (peak {_gib(s['peak_bytes'])} per chip)")
-    elif report["candidates"]:
-        lines.append("suggestion: none of the candidates fits; more chips, LoRA or a shorter data.max_length")
-    return "\n".join(lines)
-
-
-def _vers(report: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in report["versions"].items())
