@@ -45,9 +45,10 @@ test-gpu:
 
 # The TPU ahead-of-time lane: `sga-jax plan` compiled for a TPU v5e topology by libtpu (no TPU needed;
 # the extra `tpu` adds jax[tpu], i.e. libtpu, to the test venv). Deselected from `make test`.
+# PYTEST_ARGS: more pytest options (a shared machine: PYTEST_ARGS=--basetemp=/tmp/mine).
 test-tpu-aot: $(VENV)/.test
 	$(PIP) -e ".[test,tpu]"
-	$(PY) -m pytest -p no:cacheprovider -o addopts="" -m tpu_aot -ra --strict-markers tests/test_plan.py
+	$(PY) -m pytest -p no:cacheprovider -o addopts="" -m tpu_aot -ra --strict-markers $(PYTEST_ARGS) tests/test_plan.py
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check sga_jax kernels tests benchmarks
