@@ -83,6 +83,11 @@ def table(record: dict) -> str:
             lines.append(f"| {i} | failed: {r['error']} |" + " |" * 11)
             continue
         p, c, t = r["plan"], r["config"], r["target"]
+        if p["error"]:
+            lines.append(
+                f"| {i} | {r['model']} | {t['text']} | | | | | | | **no**: {p['error'][:160]} | | | |"
+            )
+            continue
         kind = ("LoRA r16" if c["lora"] else "full") + ("" if c["method"] == "sga" else f", {c['method']}")
         lines.append(
             f"| {i} | {r['model'].removeprefix('preset ')} | {t['text'].removeprefix('tpu:')} ({t['chips']}) "

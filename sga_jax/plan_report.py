@@ -27,7 +27,7 @@ def _step_lines(p: dict[str, Any], report: dict[str, Any]) -> list[str]:
         f"temporaries {_gib(p['temp_bytes'])}",
         f"  peak {_gib(p['peak_bytes'])}{of}: fits {fits}",
         f"  compiler, per chip and step: {p['flops']:.3e} FLOPs, {p['bytes_accessed']:.3e} bytes accessed; "
-        f"3 x forward (sga_jax.eval.flops): {p['model_flops']:.3e} FLOPs",
+        f"model count (sga_jax.eval.flops, 3 or 2 forwards): {p['model_flops']:.3e} FLOPs",
     ]
     if p["bound_s"] is not None:
         lines.append(
@@ -52,7 +52,7 @@ def format_report(report: dict[str, Any]) -> str:
         + f", {c['batch_size']} forget rows/step ({p['rows']} rows x {c['max_length']} tokens), "
         f"grad_accum {c['grad_accum']}, mesh {p['mesh'] or c['mesh']}, {c['dtype']}/{c['param_dtype']}, "
         f"scan {c['scan_layers']}, remat {c['remat'] or 'auto'}, {lora} "
-        f"({p['trainable_params'] / 1e9:.3g} G parameters trained)",
+        f"({p['trainable_params']:,} parameters trained)",
     ]  # fmt: skip
     if p["error"]:
         lines.append(f"  does not compile: {p['error']}")
