@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from sga_jax import cli
@@ -131,6 +132,7 @@ def test_cpu_plan_argument_bytes(tmp_path):
     assert p["rows"] == 8 * 4 and p["tokens"] == 8 * 4 * 64
     assert p["fits"] is None and p["bound_s"] is None  # a CPU target has no datasheet
     assert "fits unknown" in PL.format_report(report)
+    assert len(jax.devices()) == 8  # the suite's devices: a plan for fewer never lowers the count
 
 
 # ---------------------------------------------------------------------------------- tpu_aot
