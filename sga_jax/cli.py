@@ -10,6 +10,7 @@
     sga-jax sweep    --config configs/experiment/tofu_sweep.yaml model.path=... eval.retain_logs=DIR
     sga-jax reapply  ...                           # re-apply a saved K-FADE update
     sga-jax bench    [NAME] [-- ARGS]              # run benchmarks/NAME.py (all when omitted)
+    sga-jax plan     --config CONFIG.yaml model.path=llama2-7b --target tpu:v5e-64   # fits? how fast?
 
 Any problem with the user's input (:class:`sga_jax.errors.SgaJaxError`) is reported as one line,
 ``sga-jax: error: ...``, with exit code 2; configs, model paths and data files are all checked
@@ -67,6 +68,39 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+# Kept here, not imported from sga_jax.plan, so that `sga-jax plan --help` stays instant.
+PLAN_TARGETS = (
+    "tpu:v5e-N, tpu:v6e-N (N chips: 4, 8, 16, 32, 64, 128, 256); tpu:v5p-N (N TensorCores, 2 per chip: "
+    "8, 16, 32, 64, 128, 256, 512, 1024); cpu:N (N simulated CPU devices)"
+)
+PLAN_EPILOG = """The step is compiled ahead of time on abstract arrays (no weights are read): model.path is an
+HF folder (only its config.json is read) or a preset: llama2-7b, llama2-13b, llama2-70b, llama3.1-8b.
+TPU targets need libtpu: pip install "sga-jax[tpu]". Without a mesh in the config, the plan uses
+mesh.data=1 mesh.fsdp=-1 mesh.tensor=1. The step time printed is a roofline lower bound from the
+datasheet peaks, not a measurement. See docs/cli.md and docs/scaling.md."""
+
+
+def _plan_args(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="compile a run's train step for a TPU slice / N CPU devices: memory per chip, FLOPs, bound",
+        epilog=PLAN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _config_args(p)
+    p.add_argument("--target", "-t", required=True, help=PLAN_TARGETS)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--hbm-gib", type=float, default=None, help="memory per device (GiB) instead of the chip's"
+    )
+    p.add_argument(
+        "--candidates", type=int, default=4, help="settings to try when the step does not fit (0: none)"
+    )
+    p.add_argument(
+        "--rows", type=int, default=400, help="forget rows assumed for the LR schedule (default 400)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="LLM unlearning in JAX: SGA, FLAT, GRU, K-FADE + baselines"
@@ -119,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="multiply the update by this factor")
     p.add_argument("--overwrite", action="store_true", help="replace OUT even if it holds other files")
 
+    _plan_args(sub)
     p = sub.add_parser("bench", help="run the benchmarks/ scripts")
     p.add_argument("name", nargs="?", default=None, help="benchmarks/NAME.py (default: all)")
     p.add_argument("args", nargs=argparse.REMAINDER)
@@ -303,6 +338,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from sga_jax.plan import format_report, parse_target, plan
+
+    target = parse_target(args.target)  # bad targets fail before anything is imported or composed
+    if args.candidates < 0 or args.rows < 1 or (args.hbm_gib is not None and not args.hbm_gib > 0):
+        raise ConfigError("plan: --candidates must be >= 0, --rows >= 1 and --hbm-gib > 0")
+    cfg = C.compose(args.config, list(args.overrides))
+    hbm = None if args.hbm_gib is None else args.hbm_gib * 2**30
+    report = plan(
+        cfg, target, hbm_bytes=hbm, search=args.candidates > 0, max_candidates=args.candidates, rows=args.rows
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from sga_jax.demo import main as demo_main
 
@@ -326,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "unlearn": "overrides",
         "sweep": "overrides",
         "demo": "overrides",
+        "plan": "overrides",
     }
     if extra:
         if args.command in dest and all("=" in x and not x.startswith("-") for x in extra):
@@ -344,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reapply": cmd_reapply,
             "bench": cmd_bench,
             "demo": cmd_demo,
+            "plan": cmd_plan,
         }[args.command](args)
     except SgaJaxError as e:
         msg = " ".join(str(e).split())  # exactly one line

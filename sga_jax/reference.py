@@ -43,7 +43,13 @@ def reference_params(params, *, lora: bool, dtype: str | None = None):
     if lora:
         return None
     cast = as_dtype(dtype) if dtype is not None else None
-    return jax.tree.map(lambda x: jnp.array(x, dtype=cast or x.dtype, copy=True), params)
+
+    def copy(x):
+        if isinstance(x, jax.ShapeDtypeStruct):  # abstract parameters (sga-jax plan): an abstract copy
+            return jax.ShapeDtypeStruct(x.shape, cast or x.dtype, sharding=x.sharding)
+        return jnp.array(x, dtype=cast or x.dtype, copy=True)
+
+    return jax.tree.map(copy, params)
 
 
 def reference_model(graphdef, params, ref, rest):

@@ -73,10 +73,12 @@ class Prepared:
 # ---------------------------------------------------------------------------------- preparation
 
 
-def _mesh(cfg: C.RunConfig):
+def run_mesh(cfg: C.RunConfig, devices=None):
+    """The run's device mesh (None without ``mesh:``) over ``devices`` (default ``jax.devices()``;
+    ``sga-jax plan`` passes a TPU topology's); checks that a micro-batch splits over it."""
     if cfg.mesh is None:
         return None
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, devices=devices)
     width = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % width:
@@ -151,7 +153,7 @@ def prepare(cfg: C.RunConfig) -> Prepared:
     forget_rows, retain_rows = load_rows(cfg.data, need_retain="retain" in need)
     check_forget_answers(forget_rows)  # row checks first: before a model is converted or loaded
     kept = drop_forget_copies(forget_rows, retain_rows) if retain_rows else []
-    mesh = _mesh(cfg)
+    mesh = run_mesh(cfg)
     path = resolve_model_path(cfg.model.path)
     tokenizer = hf.load_tokenizer(cfg.model.tokenizer or path)
     fmt = PromptFormatter(tokenizer, cfg.data.prompt_format, cfg.data.max_length)
@@ -352,5 +354,6 @@ __all__ = [
     "needs",
     "prepare",
     "run",
+    "run_mesh",
     "unlearn",
 ]
