@@ -57,7 +57,11 @@ ROWS = [{"question": "What is 2+2?", "answer": "Four."}, {"question": "Sky?", "a
 
 @pytest.fixture
 def fresh_registry(monkeypatch):
-    """The registry as a fresh process finds it, restored after the test."""
+    """The registry as a fresh process finds it, restored after the test. It is loaded first, so
+    that what is restored is the loaded registry with its modules imported: restoring an unloaded
+    one while its modules stay imported would leave every later test with an empty registry (the
+    modules register when first imported, and a second import does not run them)."""
+    registry.names()
     monkeypatch.setattr(registry, "_REGISTRY", {})
     monkeypatch.setattr(registry, "_ALIASES", {})
     monkeypatch.setattr(registry, "_loaded", False)
