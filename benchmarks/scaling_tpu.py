@@ -52,6 +52,11 @@ ROWS = [
     _row("llama2-7b", "tpu:v5e-64", 16, 4, NPO),
     _row("llama3.1-8b", "tpu:v5e-64", 16, 4),
     _row("llama2-13b", "tpu:v5e-64", 16, 4),
+    # RMU: the frozen starting model is an argument of the step (its activations at layer 7). RMU with
+    # LoRA is refused today (method.trainable, default every weight, selects base weights).
+    _row("llama2-7b", "tpu:v5e-64", 16, 4, "method=rmu").replace(" method.k=4", ""),
+    _row("llama2-70b", "tpu:v5p-128", 16, 4),
+    _row("llama2-7b", "tpu:v6e-64", 16, 4),
 ]
 
 
