@@ -76,27 +76,27 @@ def _run_of(corpus: str):
     return run
 
 
-MUSE_NEWS = register(
-    Benchmark(
-        name="muse_news",
-        run=_run_of("news"),
-        options=OPTIONS,
-        load_rows=_rows_of("news", "MUSE-News"),
-        data_folder="muse_news",
-        writes=("muse_logs.json",),
-        help="  muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X|official"
-        "  batch_size=8",
+def _muse(corpus: str, hub: str, help: str, **extra: Any) -> Benchmark:
+    """One MUSE corpus' entry: the same options, loaders and logs, its own folder (``muse_<corpus>``)."""
+    return register(
+        Benchmark(
+            name=f"muse_{corpus}",
+            run=_run_of(corpus),
+            options=OPTIONS,
+            load_rows=_rows_of(corpus, hub),
+            data_folder=f"muse_{corpus}",
+            writes=("muse_logs.json",),
+            help=help,
+            **extra,
+        )  # fmt: skip
     )
-)
-MUSE_BOOKS = register(
-    Benchmark(
-        name="muse_books",
-        run=_run_of("books"),
-        options=OPTIONS,
-        load_rows=_rows_of("books", "MUSE-Books"),
-        prepare_forget=_chunk,
-        data_folder="muse_books",
-        writes=("muse_logs.json",),
-        help="  muse_books:      as muse_news (MUSE-Books, Harry Potter)",
-    )
+
+
+MUSE_NEWS = _muse(
+    "news", "MUSE-News",
+    "  muse_news:       metrics=[verbmem_f,knowmem_f,knowmem_r,privleak]  retrain_auc=X|official"
+    "  batch_size=8",
+)  # fmt: skip
+MUSE_BOOKS = _muse(
+    "books", "MUSE-Books", "  muse_books:      as muse_news (MUSE-Books, Harry Potter)", prepare_forget=_chunk
 )
