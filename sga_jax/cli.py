@@ -71,11 +71,13 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 # Kept here, not imported from sga_jax.plan, so that `sga-jax plan --help` stays instant.
 PLAN_TARGETS = (
     "tpu:v5e-N, tpu:v6e-N (N chips: 4, 8, 16, 32, 64, 128, 256); tpu:v5p-N (N TensorCores, 2 per chip: "
-    "8, 16, 32, 64, 128, 256, 512, 1024); cpu:N (N simulated CPU devices)"
+    "8, 16, 32, 64, 128, 256, 512, 1024); gpu:h100-N, gpu:h200-N (N GPUs: 1, 2, 4, 8 or hosts of 8: "
+    "16, 24, ...); cpu:N (N simulated CPU devices)"
 )
 PLAN_EPILOG = """The step is compiled ahead of time on abstract arrays (no weights are read): model.path is an
 HF folder (only its config.json is read) or a preset: llama2-7b, llama2-13b, llama2-70b, llama3.1-8b.
-TPU targets need libtpu: pip install "sga-jax[tpu]". Without a mesh in the config, the plan uses
+TPU targets need libtpu: pip install "sga-jax[tpu]"; GPU targets jax's CUDA plugin (no GPU, driver or
+toolkit): pip install "sga-jax[gpu-aot]". Without a mesh in the config, the plan uses
 mesh.data=1 mesh.fsdp=-1 mesh.tensor=1. The step time printed is a roofline lower bound from the
 datasheet peaks, not a measurement. See docs/cli.md and docs/scaling.md."""
 
@@ -83,7 +85,7 @@ datasheet peaks, not a measurement. See docs/cli.md and docs/scaling.md."""
 def _plan_args(sub) -> None:
     p = sub.add_parser(
         "plan",
-        help="compile a run's train step for a TPU slice / N CPU devices: memory per chip, FLOPs, bound",
+        help="compile a run's train step for a TPU slice / GPUs / N CPU devices: memory per chip, bound",
         epilog=PLAN_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -21,9 +21,7 @@ small machine.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,39 +29,11 @@ from typing import Any
 from sga_jax import config as C
 from sga_jax.errors import ConfigError, ModelLoadError, SgaJaxError
 from sga_jax.plan_report import format_report  # noqa: F401 - the report's text form, with the plan
+from sga_jax.plan_targets import Chip, Target, parse_target, target_devices
 
 GB = 10**9
 GiB = 2**30
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator's datasheet numbers: HBM capacity (bytes), bf16 peak (FLOP/s), HBM bandwidth
-    (bytes/s)."""
-
-    name: str
-    hbm_bytes: float
-    peak_flops: float
-    hbm_bandwidth: float
-    source: str
-
-
-# Google Cloud's TPU pages (cloud.google.com/tpu/docs/v5e, /v5p, /v6e; key chip specifications).
-CHIPS: dict[str, Chip] = {
-    "v5e": Chip("TPU v5e", 16 * GB, 197e12, 819 * GB, "cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 95 * GB, 459e12, 2765 * GB, "cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e", 32 * GB, 918e12, 1640 * GB, "cloud.google.com/tpu/docs/v6e"),
-}
-
-# Accelerator type -> libtpu topology. v5e-N / v6e-N count chips; v5p-N counts TensorCores, two
-# per chip (v5p-128 = 4x4x4 = 64 chips), as Cloud TPU names them. One JAX device per chip.
-_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-TOPOLOGIES: dict[str, dict[int, str]] = {
-    "v5e": _2D,
-    "v6e": _2D,
-    "v5p": {8: "2x2x1", 16: "2x2x2", 32: "2x2x4", 64: "2x4x4", 128: "4x4x4", 256: "4x4x8", 512: "4x8x8",
-            1024: "8x8x8"},
-}  # fmt: skip
 
 _LLAMA = dict(model_type="llama", rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu")
 # Model shapes to plan without a model folder (the HF config.json fields that set the step's shapes).
@@ -83,86 +53,6 @@ PRESETS: dict[str, dict[str, Any]] = {
                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                         max_position_embeddings=131072, rope_theta=500000.0),
 }  # fmt: skip
-
-TPU_EXTRA = 'pip install "sga-jax[tpu]"'
-
-
-# ------------------------------------------------------------------------------------- targets
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """Where to plan for: ``platform`` "tpu" (a libtpu ``topology``) or "cpu" (simulated devices)."""
-
-    text: str
-    platform: str
-    chips: int
-    topology: str | None = None
-    chip: Chip | None = None
-
-
-def known_targets() -> str:
-    """The accepted ``--target`` values, for ``--help``."""
-    parts = [f"tpu:{gen}-{{{','.join(map(str, table))}}}" for gen, table in TOPOLOGIES.items()]
-    return "; ".join([*parts, "cpu:N"])
-
-
-def parse_target(text: str) -> Target:
-    """``tpu:v5e-64`` / ``tpu:v5p-128`` / ``tpu:v6e-16`` / ``cpu:8`` -> a :class:`Target`."""
-    platform, sep, rest = text.strip().partition(":")
-    if platform == "cpu" and sep:
-        if not rest.isdigit() or int(rest) < 1:
-            raise ConfigError(f"--target {text}: cpu:N needs a positive device count N")
-        return Target(text, "cpu", int(rest))
-    gen, dash, count = rest.partition("-")
-    if platform != "tpu" or not dash or gen not in TOPOLOGIES or not count.isdigit():
-        raise ConfigError(f"--target {text!r}: expected tpu:v5e-N, tpu:v5p-N, tpu:v6e-N or cpu:N")
-    table, n = TOPOLOGIES[gen], int(count)
-    if n not in table:
-        sizes = ", ".join(map(str, table))
-        raise ConfigError(f"--target {text}: {gen}-{n} is not a known slice; {gen} sizes: {sizes}")
-    chips = n // 2 if gen == "v5p" else n  # v5p counts TensorCores
-    return Target(text, "tpu", chips, f"{gen}:{table[n]}", CHIPS[gen])
-
-
-def target_devices(target: Target) -> list:
-    """The devices to compile for: a TPU topology's (no hardware needed) or N CPU devices. Must run
-    before JAX starts its backends in this process (the CLI: always)."""
-    import jax
-
-    if target.platform == "cpu":
-        # Only ever raised: a process set up with more devices (a test suite's 8) keeps them all.
-        if jax.config.jax_num_cpu_devices < target.chips:
-            try:
-                jax.config.update("jax_num_cpu_devices", target.chips)
-            except RuntimeError:  # backends already started: use what is there
-                pass
-        devices = jax.devices("cpu")
-        if len(devices) < target.chips:
-            raise ConfigError(
-                f"--target {target.text}: this process has {len(devices)} CPU devices (JAX started "
-                "before the plan set the count); run `sga-jax plan` in a fresh process"
-            )
-        return devices[: target.chips]
-    if importlib.util.find_spec("libtpu") is None:
-        raise ConfigError(f"--target {target.text} compiles with libtpu, which is not installed: {TPU_EXTRA}")
-    try:  # no TPU backend: libtpu is asked for a topology only, CPU stays JAX's default
-        jax.config.update("jax_platforms", "cpu")
-    except RuntimeError:
-        pass
-    # libtpu takes /tmp/libtpu_lockfile so that two processes never drive the same chips; a plan
-    # drives none, so it may run beside another plan or beside training on a TPU VM.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
-
-    try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
-    except Exception as e:  # libtpu's own error (version, topology): one line
-        raise ConfigError(
-            f"--target {target.text}: libtpu could not describe {target.topology}: {e}"
-        ) from None
-    return list(topo.devices)
-
 
 # ----------------------------------------------------------------------------- abstract inputs
 
@@ -516,6 +406,7 @@ def plan(
     best = min(fitting, key=lambda p: (p.bound_s or 0.0, p.peak_bytes)) if fitting else None
     return {
         "target": dataclasses.asdict(target),
+        "device_kind": devices[0].device_kind,
         "capacity_bytes": capacity,
         "model": source,
         "config": _summary(cfg),
@@ -541,7 +432,7 @@ def _versions(jax) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"jax": jax.__version__}
-    for name in ("jaxlib", "libtpu", "flax"):
+    for name in ("jaxlib", "libtpu", "jax-cuda12-plugin", "flax"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -26,7 +26,7 @@ def _step_lines(p: dict[str, Any], report: dict[str, Any]) -> list[str]:
         f"outputs {_gib(p['output_bytes'])}, donated {_gib(p['alias_bytes'])}, "
         f"temporaries {_gib(p['temp_bytes'])}",
         f"  peak {_gib(p['peak_bytes'])}{of}: fits {fits}",
-        f"  compiler, per chip and step: {p['flops']:.3e} FLOPs, {p['bytes_accessed']:.3e} bytes accessed; "
+        f"  compiler, per chip and step: {_costs(p)}; "
         f"model count (sga_jax.eval.flops, 3 or 2 forwards): {p['model_flops']:.3e} FLOPs",
     ]
     if p["bound_s"] is not None:
@@ -35,6 +35,12 @@ def _step_lines(p: dict[str, Any], report: dict[str, Any]) -> list[str]:
             f"({chip['peak_flops'] / 1e12:.0f} TFLOP/s bf16, {chip['hbm_bandwidth'] / GB:.0f} GB/s HBM)"
         )
     return lines
+
+
+def _costs(p: dict[str, Any]) -> str:
+    if not p["flops"] and not p["bytes_accessed"]:  # XLA's GPU compiler answers None deviceless
+        return "no cost analysis"
+    return f"{p['flops']:.3e} FLOPs, {p['bytes_accessed']:.3e} bytes accessed"
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -54,6 +60,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"scan {c['scan_layers']}, remat {c['remat'] or 'auto'}, {lora} "
         f"({p['trainable_params']:,} parameters trained)",
     ]  # fmt: skip
+    if t["platform"] == "gpu" and c["attention"] in ("auto", "cudnn"):
+        lines.append(
+            "  attention compiled as XLA's (a deviceless compile has no cuDNN): on the GPUs, "
+            "model.attention=auto runs cuDNN flash attention, with fewer temporaries than shown"
+        )
     if p["error"]:
         lines.append(f"  does not compile: {p['error']}")
     else:

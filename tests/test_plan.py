@@ -19,6 +19,7 @@ import pytest
 from sga_jax import cli
 from sga_jax import config as C
 from sga_jax import plan as PL
+from sga_jax import plan_targets as PT
 from sga_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,9 @@ SGA = str(ROOT / "configs/experiment/tofu_sga.yaml")
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 needs_libtpu = pytest.mark.skipif(
     not HAS_LIBTPU, reason='libtpu is not installed (pip install "sga-jax[tpu]")'
+)
+needs_cuda_plugin = pytest.mark.skipif(
+    PT._cuda_plugin_missing(), reason='jax\'s CUDA plugin is not installed (pip install "sga-jax[gpu-aot]")'
 )
 
 # Every parameter shard of this Llama is whole TPU tiles over 4 chips ((8, 128) float32 tiles: the
@@ -81,6 +85,9 @@ def expected_argument_bytes(config: dict, chips: int, batch: int, k: int, t: int
         ("tpu:v6e-256", 256, "v6e:16x16"),
         ("tpu:v5p-128", 64, "v5p:4x4x4"),  # v5p-N counts TensorCores: 128 cores = 64 chips
         ("cpu:8", 8, None),
+        ("gpu:h100-8", 8, "1x1x8"),  # one HGX host
+        ("gpu:h100-2", 2, "1x1x2"),
+        ("gpu:h200-64", 64, "1x8x8"),  # 8 hosts of 8
     ],
 )
 def test_parse_target(text, chips, topology):
@@ -90,7 +97,8 @@ def test_parse_target(text, chips, topology):
 
 
 @pytest.mark.parametrize(
-    "text", ["tpu:v5e-3", "tpu:v4-8", "gpu:h100-8", "cpu:0", "cpu:x", "v5e-64", "tpu:v5e"]
+    "text",
+    ["tpu:v5e-3", "tpu:v4-8", "gpu:h100-12", "gpu:a100-8", "gpu:h100", "cpu:0", "cpu:x", "v5e-64", "tpu:v5e"],
 )
 def test_parse_target_refuses(text):
     with pytest.raises(ConfigError, match="--target"):
@@ -100,12 +108,31 @@ def test_parse_target_refuses(text):
 def test_missing_libtpu_is_one_line(monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(
-        PL.importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
+        PT.importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a)
     )
     rc = cli.main(["plan", "--config", SGA, "model.path=llama2-7b", "--target", "tpu:v5e-64"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1
     assert err[0].startswith("sga-jax: error:") and 'pip install "sga-jax[tpu]"' in err[0]
+
+
+def test_missing_cuda_plugin_is_one_line(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        PT.importlib.util, "find_spec", lambda name, *a: None if "cuda" in name else real(name, *a)
+    )
+    rc = cli.main(["plan", "--config", SGA, "model.path=llama2-7b", "--target", "gpu:h100-8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert err[0].startswith("sga-jax: error:") and 'pip install "sga-jax[gpu-aot]"' in err[0]
+
+
+def test_gpu_target_config_is_the_chip():
+    """The device description the GPU compiler reads: Hopper's SM counts, each chip's HBM."""
+    h100, h200 = PT.gpu_target_config("h100"), PT.gpu_target_config("h200")
+    assert "core_count: 132\n" in h100 and "major: 9 minor: 0" in h100 and 'platform_name: "CUDA"' in h100
+    assert "device_memory_size: 80000000000\n" in h100 and "memory_bandwidth: 3350000000000\n" in h100
+    assert "device_memory_size: 141000000000\n" in h200 and "memory_bandwidth: 4800000000000\n" in h200
 
 
 def test_bad_target_and_model_are_one_line(capsys, tmp_path):
@@ -177,3 +204,42 @@ def test_tpu_plan_too_big_suggests_a_fit(tmp_path):
     best = report["suggestion"]
     assert best is not None and best["fits"] and best["peak_bytes"] <= hbm * 2**30
     assert best["overrides"]
+
+
+# ---------------------------------------------------------------------------------- gpu_aot
+
+
+@pytest.mark.gpu_aot
+@needs_cuda_plugin
+@pytest.mark.parametrize("gpu, name", [("h100", "NVIDIA H100 80GB HBM3"), ("h200", "NVIDIA H200")])
+def test_gpu_plan_compiles_and_counts_arguments(tmp_path, gpu, name):
+    """jax's CUDA plugin compiles the step for 4 GPUs with no GPU here: the compiler holds the
+    parameters, both Adam moments and the batch, as on the CPU (XLA:GPU pads nothing), against the
+    chip's HBM; it gives no cost analysis deviceless, so the bound comes from the model count."""
+    report = _plan_json(
+        f"model.path={_model_dir(tmp_path, ALIGNED)}", "data.max_length=128", "train.batch_size=8",
+        "train.grad_accum=1", "mesh.fsdp=4", "--target", f"gpu:{gpu}-4",
+    )  # fmt: skip
+    p = report["plan"]
+    assert report["target"]["topology"] == "1x1x4" and p["error"] is None, p["error"]
+    want = expected_argument_bytes(ALIGNED, 4, 8, 4, 128)
+    assert 0 <= p["argument_bytes"] - want <= 64, (p["argument_bytes"], want)
+    assert p["fits"] is True and p["model_flops"] > 0 and p["bound_s"] > 0
+    assert report["capacity_bytes"] == PT.GPU_CHIPS[gpu].hbm_bytes
+    assert report["device_kind"] == name and report["versions"]["jax-cuda12-plugin"]
+
+
+@pytest.mark.gpu_aot
+@needs_cuda_plugin
+def test_gpu_plan_too_big_is_reported(tmp_path):
+    """A step bigger than the (here: made small) GPU memory does not fit, with a fitting candidate."""
+    args = [
+        f"model.path={_model_dir(tmp_path, ALIGNED)}", "data.max_length=128", "train.batch_size=16",
+        "train.grad_accum=1", "mesh.fsdp=4", "model.remat=none", "--target", "gpu:h100-4",
+    ]  # fmt: skip
+    base = _plan_json(*args, "--candidates", "0")["plan"]
+    hbm = 0.8 * base["peak_bytes"] / 2**30
+    report = _plan_json(*args, "--hbm-gib", f"{hbm:.6f}", "--candidates", "3")
+    assert report["plan"]["fits"] is False
+    best = report["suggestion"]
+    assert best is not None and best["fits"] and best["peak_bytes"] <= hbm * 2**30
