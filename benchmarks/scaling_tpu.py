@@ -54,8 +54,8 @@ ROWS = [
     _row("llama2-7b", "tpu:v5e-64", 16, 4, NPO),
     _row("llama3.1-8b", "tpu:v5e-64", 16, 4),
     _row("llama2-13b", "tpu:v5e-64", 16, 4),
-    # RMU: the frozen starting model is an argument of the step (its activations at layer 7). RMU with
-    # LoRA is refused today (method.trainable, default every weight, selects base weights).
+    # RMU: the frozen starting model is an argument of the step (its activations at layer 7); with
+    # LoRA (row 20) the reference is the base with its adapters off, no copy.
     _row("llama2-7b", "tpu:v5e-64", 16, 4, "method=rmu").replace(" method.k=4", ""),
     _row("llama2-70b", "tpu:v5p-128", 16, 4),
     _row("llama2-7b", "tpu:v6e-64", 16, 4),
@@ -67,6 +67,7 @@ ROWS = [
     _row("llama2-13b", "gpu:h100-8", 8, 1),
     _row("llama3.1-8b", "gpu:h100-8", 8, 1),
     _row("llama2-7b", "gpu:h100-8", 8, 1, "method=rmu").replace(" method.k=4", ""),
+    _row("llama2-7b", "gpu:h100-8", 8, 1, f"method=rmu {LORA}").replace(" method.k=4", ""),
 ]
 
 

@@ -408,9 +408,11 @@ def method_setup(model, cfg: C.RunConfig, steps: int, num_rows: int | None = Non
     graphdef, params, rest = split_model(model, cfg.model.freeze)
     lora = has_lora(model)
     mask = None
-    if method.trainable is not None:
-        if lora:
-            raise ConfigError("method.trainable selects base weights: it does not apply with model.lora")
+    # With LoRA the adapters are what trains; RMU's default trainable [".*"] (every weight) then
+    # restricts nothing, while a narrower selection of base weights cannot apply.
+    if method.trainable is not None and lora and tuple(method.trainable) != (".*",):
+        raise ConfigError("method.trainable selects base weights: it does not apply with model.lora")
+    if method.trainable is not None and not lora:
         mask = trainable_mask(model, params, method.trainable)
     tx, schedule = make_optimizer(cfg.train, steps, method.transform, mask, num_rows=num_rows)
     ref = None

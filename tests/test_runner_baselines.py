@@ -45,6 +45,7 @@ from tiny_models import write_tiny_llama_for
 
 from sga_jax import config as C
 from sga_jax import runner, train
+from sga_jax.errors import ConfigError
 from sga_jax.models.hf import hf_tensors
 
 N_FORGET, N_RETAIN, BATCH, LR, LAYERS = 6, 8, 2, 2e-3, 3
@@ -395,3 +396,28 @@ def test_lora_reference_holds_no_second_copy(setup):
     full = C.compose([], over[:-1])
     method_f, _, _, (_, params_f, _), ref_f = train.method_setup(runner.prepare(full).model, full, 2)
     assert sum(x.nbytes for x in jax.tree.leaves(ref_f)) == sum(x.nbytes for x in jax.tree.leaves(params_f))
+
+
+def test_rmu_with_lora_trains_the_adapters_only(setup):
+    """RMU's default ``method.trainable`` (every weight) restricts nothing under LoRA: its step runs
+    on the adapters, with the base (adapters off) as the frozen reference, and the base stays put.
+    A narrower selection of base weights is refused: it cannot apply to adapters."""
+    root, model_path = setup
+    over = [*_overrides(root, model_path, CASES["rmu_all"]), "model.lora.rank=4"]
+    cfg = C.compose([], over)
+    prep = runner.prepare(cfg)
+    method, tx, _, (graphdef, params, rest), ref = train.method_setup(prep.model, cfg, 2)
+    assert ref is None and method.reference and method.trainable == (".*",)
+    base = [np.asarray(x) for x in jax.tree.leaves(rest)]
+    start = [np.asarray(x) for x in jax.tree.leaves(params)]
+    step = train.make_step(graphdef, rest, method, tx, ref=ref, donate=False)
+    opt_state = tx.init(params)
+    for s in range(2):
+        batch = jax.tree.map(jnp.asarray, train.step_batch(prep.data, s, BATCH, 1, cfg.train.seed))
+        params, opt_state, got = step(params, opt_state, batch)
+        assert np.isfinite(float(got["loss"]))
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(start, jax.tree.leaves(params)))
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(base, jax.tree.leaves(rest)))
+    narrow = C.compose([], [*_overrides(root, model_path, CASES["rmu"]), "model.lora.rank=4"])
+    with pytest.raises(ConfigError, match="does not apply with model.lora"):
+        train.method_setup(runner.prepare(narrow).model, narrow, 2)
