@@ -43,13 +43,18 @@ GPU_TESTS := $(shell cat benchmarks/device/gpu_tests.txt)
 test-gpu:
 	$(GPU_PY) -m pytest -p no:cacheprovider -o addopts="" -m "not slow" -ra --strict-markers $(GPU_TESTS)
 
-# The ahead-of-time lane: `sga-jax plan` compiled for a TPU v5e topology by libtpu and for H100 GPUs by
-# jax's CUDA plugin (no TPU or GPU needed; the extras `tpu` and `gpu-aot` add them to the test venv).
-# Deselected from `make test`. PYTEST_ARGS: more pytest options (a shared machine:
-# PYTEST_ARGS=--basetemp=/tmp/mine). test-tpu-aot: the old name of the same lane.
+# The ahead-of-time lane: `sga-jax plan` compiled for a TPU v5e topology by libtpu and for H100 / H200
+# GPUs by jax's CUDA plugin (no TPU or GPU needed). The `tpu` extra goes into the test venv; the CUDA
+# plugin (the `gpu-aot` extra's pins) into $(VENV)/gpu-aot, on PYTHONPATH for this lane only: installed
+# in a venv without CUDA it makes every other JAX process print its failure to load CUDA. Deselected
+# from `make test`. PYTEST_ARGS: more pytest options (a shared machine: PYTEST_ARGS=--basetemp=/tmp/mine).
+# test-tpu-aot: the old name of the same lane.
+GPU_AOT := jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2
 test-aot: $(VENV)/.test
-	$(PIP) -e ".[test,tpu,gpu-aot]"
-	$(PY) -m pytest -p no:cacheprovider -o addopts="" -m "tpu_aot or gpu_aot" -ra --strict-markers $(PYTEST_ARGS) tests/test_plan.py
+	$(PIP) -e ".[test,tpu]"
+	test -d $(VENV)/gpu-aot/jax_plugins || $(PIP) --no-deps --target $(VENV)/gpu-aot $(GPU_AOT)
+	PYTHONPATH="$(abspath $(VENV))/gpu-aot" $(PY) -m pytest -p no:cacheprovider -o addopts="" \
+	  -m "tpu_aot or gpu_aot" -ra --strict-markers $(PYTEST_ARGS) tests/test_plan.py
 test-tpu-aot: test-aot
 
 lint: $(VENV)/.test
