@@ -78,9 +78,8 @@ def minimal_generation_flops(config: Any, rows: Iterable[tuple[int, int]]) -> fl
 def calls_flops(config: Any, calls: Iterable[tuple]) -> dict[str, float]:
     """FLOPs of recorded calls by kind: ``("forward", B, T)`` (a dense ``T×T`` forward),
     ``("prefill", B, P, C)`` and ``("suffix", B, T, C)`` (``T`` tokens attending to a ``C``-slot
-    cache, dense), ``("generate", B, P, C, steps[, lm])`` (a prefill of ``P`` + ``steps`` one-token
-    decodes, all over ``C`` slots, with logits at ``lm`` prefill positions per row: every one, as
-    ``model.decode`` gives, unless given; continuous batching's refills take the last only)."""
+    cache, dense), ``("generate", B, P, C, steps)`` (a prefill of ``P`` + ``steps`` one-token
+    decodes, all over ``C`` slots, with logits at every prefill position as ``model.decode`` does)."""
     out: dict[str, float] = {}
     for call in calls:
         kind, b = call[0], call[1]
@@ -92,8 +91,7 @@ def calls_flops(config: Any, calls: Iterable[tuple]) -> dict[str, float]:
             f = forward_flops(config, b * t, b * t * c)
         elif kind == "generate":
             p, c, steps = call[2], call[3], call[4]
-            lm = b * (call[5] if len(call) > 5 else p)
-            f = forward_flops(config, b * p, b * p * c, lm) + forward_flops(config, b * steps, b * steps * c)
+            f = forward_flops(config, b * p, b * p * c) + forward_flops(config, b * steps, b * steps * c)
         else:
             raise ValueError(f"unknown call kind {kind!r}")
         out[kind] = out.get(kind, 0.0) + f

@@ -175,8 +175,7 @@ def greedy_generate(
     whole batches (:func:`_batched`: HF's batched ``max_length`` on the longest prompt), since
     HF's short/long factor switch depends on the batch's padded length.
     ``calls``: when a list, each compiled call is appended to it as ``("generate", batch rows,
-    prompt length, cache length, decode steps run[, LM-head positions per prefill row])`` (what
-    :mod:`sga_jax.eval.flops` counts).
+    prompt length, cache length, decode steps run)`` (what :mod:`sga_jax.eval.flops` counts).
     """
     lengths = _checked_lengths(prompts, max_new_tokens, batch_size, max_length)
     _check_reach(model, lengths, max_new_tokens, max_length)
