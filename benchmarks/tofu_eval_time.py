@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=None, help="at most N rows per split (scaled up)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--compare", action="store_true", help="also time the earlier scoring path")
+    ap.add_argument("--study-only", action="store_true", help="time the study evaluation only")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "tofu_eval_time.json"))
     args = ap.parse_args()
 
@@ -201,7 +202,7 @@ def main() -> None:
             generation_batch_size=study_opts.get("generation_batch_size"),
         )  # fmt: skip
         print("study", name, _seconds(study_parts[name]), flush=True)
-    for name, (rows, base_key) in splits.items():
+    for name, (rows, base_key) in splits.items() if not args.study_only else ():
         sub = rows[:limit] if limit else rows
         full_parts[name] = run_split(
             model, tok, fmt, sub, base_key, clock, batch_size=args.batch_size, source=f"full {name}"
@@ -209,7 +210,7 @@ def main() -> None:
         factor[name] = len(rows) / len(sub)
         print("full", name, _seconds(full_parts[name]), flush=True)
     study = combine([(p, 1.0) for p in study_parts.values()], peak)
-    full = combine([(full_parts[n], factor[n]) for n in splits], peak)
+    full = combine([(full_parts[n], factor[n]) for n in splits], peak) if full_parts else {}
 
     compare = None
     if args.compare:

@@ -9,7 +9,13 @@ from tiny_models import write_tiny_hf
 
 import sga_jax
 from sga_jax.data.formatting import Encoded
-from sga_jax.eval.scoring import grouped_sequence_nll, split_shared_prefix, summed_nll
+from sga_jax.eval.scoring import (
+    grouped_sequence_nll,
+    split_shared_prefix,
+    suffix_batches,
+    suffix_length,
+    summed_nll,
+)
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +75,30 @@ def test_grouped_scoring_of_a_scanned_model(tmp_path):
 
 
 def test_padding_the_last_batch_changes_nothing(model):
-    """7 groups in batches of 4 (the last padded with 1 empty group) and of 7 (no padding): one
-    compile serves the padded last batch, and the values do not depend on it."""
+    """A small token budget (many batches, padded last ones) and a big one (everything in one
+    prefill and few suffix batches) give the same numbers."""
     groups = groups_of_questions(seed=1)
     calls: list[tuple] = []
-    padded = grouped_sequence_nll(model, groups, pad_id=0, batch_size=4, calls=calls)
-    exact = grouped_sequence_nll(model, groups, pad_id=0, batch_size=7)
+    padded = grouped_sequence_nll(model, groups, pad_id=0, token_budget=64, calls=calls)
+    exact = grouped_sequence_nll(model, groups, pad_id=0, token_budget=4096)
     for (t1, c1), (t2, c2) in zip(padded, exact):
         np.testing.assert_array_equal(c1, c2)
         np.testing.assert_allclose(t1, t2, rtol=2e-5)
-    assert {c[1] for c in calls} == {4}  # every call has the full batch of rows
+    suffix = [c for c in calls if c[0] == "suffix"]
+    assert len(suffix) > 3 and all(rows * t <= 64 for _, rows, t, _ in suffix)
+
+
+def test_suffix_batches_fill_a_token_budget():
+    """Short suffixes go in big batches (rows × length about the budget), the shapes are powers of
+    two rows on a few lengths, and every item lands in exactly one batch."""
+    lengths = [5] * 150 + [7] * 10 + [40] * 30 + [70] * 3
+    batches = suffix_batches(lengths, 2048, 16)
+    assert sorted(j for _, _, take in batches for j in take) == list(range(len(lengths)))
+    for rows, t, take in batches:
+        assert rows & (rows - 1) == 0 and len(take) <= rows and rows * t <= 2048
+        assert all(lengths[j] <= t for j in take)
+    assert {(rows, t) for rows, t, _ in batches} == {(16, 80), (32, 48), (256, 8)}
+    assert [suffix_length(n, 16) for n in (1, 3, 5, 9, 16, 17, 40)] == [1, 4, 8, 16, 16, 32, 48]
 
 
 def test_no_common_prefix(model):

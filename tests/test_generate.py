@@ -104,3 +104,32 @@ def test_tiny_phi3_longrope_across_original_max_position_embeddings(tmp_path):
             model, prompts, max_new_tokens=8, eos_token_id=None, pad_token_id=0, batch_size=3
         )
         assert got.tokens == ref, lengths
+
+
+def test_continuous_batching_more_prompts_than_rows(tiny):
+    """10 prompts of 1-30 tokens through 3 cache rows, each with its own cap (``max_length`` minus
+    its own length) and an EOS some rows emit: every row equals HF's greedy generate of that prompt
+    alone and the whole-batch path run one prompt at a time; refilled rows reuse the 3 slots."""
+    from sga_jax.eval.generate import _batched
+
+    model, torch_model = tiny
+    lengths = (1, 30, 4, 17, 9, 25, 2, 12, 6, 21)
+    prompts = _ragged_prompts(lengths, seed=3)
+    caps = [min(20, 36 - n) for n in lengths]
+    eos = hf_greedy(torch_model, [prompts[0]], 20, eos=-1, pad=0)[0][5]
+    ref = [hf_greedy(torch_model, [p], c, eos=eos, pad=0)[0] for p, c in zip(prompts, caps)]
+    assert len({len(r) for r in ref}) > 3  # EOS and the caps end rows at very different steps
+    calls: list[tuple] = []
+    got = greedy_generate(
+        model, prompts, max_new_tokens=20, max_length=36, eos_token_id=eos, pad_token_id=0, batch_size=3,
+        calls=calls,
+    )  # fmt: skip
+    assert got.tokens == ref
+    one = [
+        _batched(model, [p], [len(p)], [0], 20, 1, 16, 36, (eos,), 0, None, None)[0] for p in prompts
+    ]  # fmt: skip
+    assert one == ref
+    decodes = [c for c in calls if c[2] == 0]
+    assert {c[1] for c in decodes} == {3} and len(decodes) > 2  # 3 slots, refilled between runs
+    # each step decodes 3 rows: steps x rows stays near the tokens asked for (no finished row carried)
+    assert sum(c[4] for c in decodes) * 3 <= sum(len(r) for r in ref) + 3 * 3 * len(decodes)

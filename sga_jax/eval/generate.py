@@ -1,10 +1,12 @@
 """Batched greedy decoding with the model's KV cache, jitted once per shape bucket.
 
-Prompts are left-padded to a multiple of ``bucket`` tokens; the batch is padded to ``batch_size``
-rows; the cache holds ``prompt bucket + new-token bucket`` slots. One jitted function runs the prefill
-and a ``lax.while_loop`` over new tokens that stops when every row has emitted EOS or after
-``max_new_tokens`` (a traced value, so different limits do not recompile). Finished rows are
-filled with the pad id, as ``transformers``' ``generate`` does, so the tokens equal HF greedy output.
+Prompts are left-padded to a multiple of ``bucket`` tokens. The default path is continuous
+batching (:mod:`sga_jax.eval.continuous`: ``batch_size`` cache rows refilled as rows end). Phi-3
+longrope models keep whole batches padded to ``batch_size`` rows, the cache holding ``prompt
+bucket + new-token bucket`` slots: one jitted function runs the prefill and a ``lax.while_loop``
+over new tokens that stops when every row has emitted EOS or after ``max_new_tokens`` (a traced
+value, so different limits do not recompile). Finished rows are filled with the pad id, as
+``transformers``' ``generate`` does, so the tokens equal HF greedy output.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flax import nnx
 
 from sga_jax.data.batching import bucket_length
 from sga_jax.errors import ConfigError, DataError
+from sga_jax.eval.continuous import continuous_generate
 from sga_jax.logprobs import check_positions
 
 
@@ -161,11 +164,16 @@ def greedy_generate(
     calls: list[tuple] | None = None,
 ) -> GenerationResult:
     """Greedy continuations of token-id ``prompts`` (token-identical to ``transformers``'
-    ``generate(do_sample=False)`` with left padding).
+    ``generate(do_sample=False)`` of each prompt; batches with left padding give the same tokens).
 
-    ``max_length``: optional cap on prompt + new tokens (HF's ``max_length``; TOFU generates with
-    ``max_length=200``): each batch gets ``min(max_new_tokens, max_length - longest prompt)`` new
-    tokens. A prompt that leaves no room raises DataError naming it.
+    Continuous batching (:mod:`sga_jax.eval.continuous`): ``batch_size`` cache rows, each refilled
+    with the next prompt (shortest first unless ``sort_by_length=False``) once its row ends, so no
+    step decodes a finished row. ``max_length``: optional cap on prompt + new tokens (HF's
+    ``max_length``; TOFU generates with ``max_length=200``), counted per prompt: each gets
+    ``min(max_new_tokens, max_length - its length)`` new tokens, as HF gives a prompt generated
+    alone. A prompt that leaves no room raises DataError naming it. Phi-3 longrope models keep
+    whole batches (:func:`_batched`: HF's batched ``max_length`` on the longest prompt), since
+    HF's short/long factor switch depends on the batch's padded length.
     ``calls``: when a list, each compiled call is appended to it as ``("generate", batch rows,
     prompt length, cache length, decode steps run)`` (what :mod:`sga_jax.eval.flops` counts).
     """
@@ -174,6 +182,25 @@ def greedy_generate(
     eos = _eos_tuple(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos[0] >= 0 else 0)
     order = np.argsort(lengths, kind="stable") if sort_by_length else np.arange(len(prompts))
+    if getattr(getattr(model.config, "rope", None), "rope_type", None) != "longrope":
+        new = max_new_tokens
+        caps = [new if max_length is None else min(new, max_length - n) for n in lengths]
+        tokens = continuous_generate(
+            model, [list(p) for p in prompts], caps, order, n_slots=batch_size, bucket=bucket, eos=eos,
+            pad=int(pad), progress=progress, calls=calls,
+        )  # fmt: skip
+    else:  # HF's Phi-3 longrope cache switch depends on the batch's padded length: whole batches
+        tokens = _batched(model, prompts, lengths, order, max_new_tokens, batch_size, bucket, max_length,
+                          eos, pad, progress, calls)  # fmt: skip
+    texts = None if tokenizer is None else tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    return GenerationResult(tokens, texts)
+
+
+def _batched(model, prompts, lengths, order, max_new_tokens, batch_size, bucket, max_length, eos, pad,
+             progress, calls) -> list[list[int]]:  # fmt: skip
+    """Whole batches of ``batch_size`` prompts, each run to ``min(max_new_tokens, max_length -
+    its longest prompt)`` new tokens (HF's batched ``max_length``): the path of Phi-3 longrope
+    models, whose cache switch (:func:`_longrope_switch`) is a property of the whole batch."""
     new_bucket = bucket_length(max_new_tokens, bucket)
     # With max_length a batch writes at most p_len + (max_length - longest) <= max_length + bucket - 1
     # cache slots: capped there, every prompt bucket shares one cache length (one compile fewer per
@@ -199,8 +226,7 @@ def greedy_generate(
             tokens[i] = _through_eos(out[row, :n_new].tolist(), eos)
         if progress is not None:
             progress(len(idx))
-    texts = None if tokenizer is None else tokenizer.batch_decode(tokens, skip_special_tokens=True)
-    return GenerationResult(tokens, texts)
+    return tokens
 
 
 def generate_text(

@@ -123,30 +123,35 @@ def split_shared_prefix(seqs: Sequence[Encoded]) -> tuple[list[int], list[Encode
     return list(first[:lcp]), suffixes
 
 
-@nnx.jit(static_argnames=("cache_len",))
-def _prefill(model, ids, mask, *, cache_len: int):
-    """KV cache of left-padded prefixes ``[B, P]`` in slots ``[0, P)`` of a ``cache_len`` cache."""
-    b, _ = ids.shape
+@nnx.jit
+def _prefill(model, ids, mask):
+    """KV cache ``[R, P]`` of left-padded prefixes ``[R, P]`` (no logits: XLA drops the unused LM head)."""
+    b, p = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0).astype(jnp.int32)
-    kv_mask = jnp.zeros((b, cache_len), jnp.int32).at[:, : ids.shape[1]].set(mask)
-    _, cache = model.decode(ids, positions, model.init_cache(b, cache_len), 0, kv_mask)
+    _, cache = model.decode(ids, positions, model.init_cache(b, p), 0, mask)
     return cache
 
 
 @nnx.jit
 def _suffix_logprobs(model, cache, prefix_mask, group_row, ids, loss_mask):
     """``log p(ids[:, t+1] | prefix, ids[:, :t+1])`` on targets ``[B, S-1]`` for right-padded
-    suffixes ``ids [B, S]``, suffix b following the cached prefix of row ``group_row[b]``. Padding
-    after a suffix is causal-masked for the real tokens before it, so the suffix slots' key mask
-    can stay all ones."""
-    # The batch axis of a cache leaf [(L,) B, S, kv heads, head dim]: 1 when layers are scanned.
-    cache = jax.tree.map(lambda c: jnp.take(c, group_row, axis=c.ndim - 4), cache)
+    suffixes ``ids [B, S]``, suffix b following the cached prefix ``[R, P]`` of row
+    ``group_row[b]``. The prefix cache is gathered and extended by ``S`` empty slots here, so the
+    suffix attends to ``P + S`` slots only (not to the longest suffix of its chunk). Padding after
+    a suffix is causal-masked for the real tokens before it, so the suffix slots' key mask can stay
+    all ones."""
+    s = ids.shape[1]
+
+    def rows(c):  # a cache leaf [(L,) R, P, kv heads, head dim]: batch axis 1 when layers are scanned
+        c = jnp.take(c, group_row, axis=c.ndim - 4)
+        pad = [(0, 0)] * c.ndim
+        pad[c.ndim - 3] = (0, s)
+        return jnp.pad(c, pad)
+
+    cache = jax.tree.map(rows, cache)
     prefix_mask = prefix_mask[group_row]
     b, p = prefix_mask.shape
-    s = ids.shape[1]
-    cache_len = jax.tree.leaves(cache)[0].shape[-3]  # [(L,) B, S, kv heads, head dim]
-    kv_mask = jnp.zeros((b, cache_len), prefix_mask.dtype).at[:, :p].set(prefix_mask)
-    kv_mask = kv_mask.at[:, p : p + s].set(1)
+    kv_mask = jnp.concatenate([prefix_mask, jnp.ones((b, s), prefix_mask.dtype)], axis=1)
     positions = jnp.sum(prefix_mask, axis=-1, keepdims=True) + jnp.arange(s)[None]
     logits, _ = model.decode(ids, positions.astype(jnp.int32), cache, p, kv_mask)
     logits = logits[:, :-1].astype(jnp.float32)
@@ -178,6 +183,57 @@ def _suffix_batch(chunk: Sequence[tuple[int, Encoded]], batch_size: int, length:
     return ids, loss, rows
 
 
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(int(n), 1).bit_length() - 1)
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def suffix_length(n: int, bucket: int) -> int:
+    """A suffix batch's length: the next power of two below ``bucket``, else a multiple of it.
+    TOFU's real-author / world-fact answers are 4-13 tokens, so a 16-token floor would more than
+    double their work; powers of two keep the number of distinct (compiled) lengths small."""
+    return _pow2_ceil(n) if n < bucket else bucket_length(n, bucket)
+
+
+def suffix_batches(lengths: Sequence[int], budget: int, bucket: int) -> list[tuple[int, int, list[int]]]:
+    """``[(rows, length, item indices)]``: the items longest first, each batch ``length`` =
+    :func:`suffix_length` of its longest and ``rows`` the largest power of two with ``rows ×
+    length <= budget`` — short suffixes go in big batches, every call does about the same work,
+    and the (rows, length) shapes form a short fixed list that repeats across chunks and splits
+    (one XLA compile each). The last batch takes the smallest power of two that holds what is left."""
+    order = sorted(range(len(lengths)), key=lambda k: -lengths[k])
+    out, start = [], 0
+    while start < len(order):
+        t = suffix_length(lengths[order[start]], bucket)
+        rows = _pow2_floor(budget // t)
+        take = order[start : start + rows]
+        out.append((min(rows, _pow2_ceil(len(take))), t, take))
+        start += len(take)
+    return out
+
+
+def _prefill_chunks(
+    prefix_lengths: Sequence[int], budget: int, bucket: int
+) -> list[tuple[int, int, list[int]]]:
+    """``[(rows, prefix length, group indices)]``: groups by prefix length, as many per prefill as
+    fit ``budget`` tokens (a multiple of 8 rows, at least 8): their suffixes then share one pool,
+    so the suffix batches are full."""
+    order = sorted(range(len(prefix_lengths)), key=lambda k: prefix_lengths[k])
+    out, start = [], 0
+    while start < len(order):
+        # the chunk's length is set by its longest prefix: fix it from the longest that could join
+        p_len = bucket_length(prefix_lengths[order[min(start + 8, len(order)) - 1]], bucket)
+        cap = max(8, budget // p_len // 8 * 8)
+        idx = order[start : start + cap]
+        p_len = bucket_length(max(prefix_lengths[i] for i in idx), bucket)
+        out.append((-(-len(idx) // 8) * 8, p_len, idx))
+        start += len(idx)
+    return out
+
+
 def grouped_sequence_nll(
     model: Any,
     groups: Sequence[Sequence[Encoded]],
@@ -185,49 +241,45 @@ def grouped_sequence_nll(
     pad_id: int,
     batch_size: int = 16,
     bucket: int = 16,
+    token_budget: int | None = None,
     progress: Callable[[int], Any] | None = None,
     calls: list[tuple] | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`summed_nll` of every sequence of every group, each group's shared prefix
     (:func:`split_shared_prefix`) run once through the KV cache: per group ``(total [K], count [K])``.
 
-    Groups are sorted by prefix length and taken ``batch_size`` at a time: one prefill of their
-    prefixes (left-padded to a multiple of ``bucket``), then their suffixes, sorted by length, in
-    batches of ``batch_size`` (right-padded to a multiple of ``bucket``), each suffix reading its
-    group's cache row. Every batch has ``batch_size`` rows (the last padded), so the number of
-    compiles is the number of length buckets. ``progress(n)`` is called as sequences are scored.
-    ``calls``: when a list, each call is appended as ``("prefill", rows, prefix length, cache
-    length)`` or ``("suffix", rows, suffix length, cache length)`` (for :mod:`sga_jax.eval.flops`).
+    Groups are sorted by prefix length and prefilled in chunks of about ``2 · token_budget``
+    prefix tokens (:func:`_prefill_chunks`; left-padded to a multiple of ``bucket``); all suffixes
+    of a chunk then form one pool, cut by :func:`suffix_batches` into right-padded batches of
+    about ``token_budget`` tokens (default ``batch_size × 128``), each suffix reading its group's
+    cache row. ``progress(n)`` is called as sequences are scored. ``calls``: when a list, each call
+    is appended as ``("prefill", rows, prefix length, cache length)`` or ``("suffix", rows, suffix
+    length, cache length)`` (for :mod:`sga_jax.eval.flops`).
     """
     longest = max((len(e) for g in groups for e in g), default=0)
     logprobs.check_positions(model, longest, "prompts with their answers", "lower max_length")
+    budget = token_budget or batch_size * 128
     split = [split_shared_prefix(g) for g in groups]
     out = [(np.zeros(len(g), np.float64), np.zeros(len(g), np.int64)) for g in groups]
-    order = np.argsort([len(p) for p, _ in split], kind="stable")
-    for start in range(0, len(order), batch_size):
-        idx = [int(i) for i in order[start : start + batch_size]]
-        p_len = bucket_length(max(len(split[i][0]) for i in idx), bucket)
-        s_len = bucket_length(max((len(s) for i in idx for s in split[i][1]), default=1), bucket)
-        pre_ids, pre_mask = _left_padded([split[i][0] for i in idx], batch_size, p_len, pad_id)
+    for n_rows, p_len, idx in _prefill_chunks([len(p) for p, _ in split], 2 * budget, bucket):
+        pre_ids, pre_mask = _left_padded([split[i][0] for i in idx], n_rows, p_len, pad_id)
         pre_mask_j = jnp.asarray(pre_mask)
-        # One cache for the longest suffix of these groups: every suffix batch reuses its shape.
-        cache = _prefill(model, jnp.asarray(pre_ids), pre_mask_j, cache_len=p_len + s_len)
+        cache = _prefill(model, jnp.asarray(pre_ids), pre_mask_j)
         if calls is not None:
-            calls.append(("prefill", batch_size, p_len, p_len + s_len))
+            calls.append(("prefill", n_rows, p_len, p_len))
         items = [(row, i, k) for row, i in enumerate(idx) for k in range(len(split[i][1]))]
-        items.sort(key=lambda it: len(split[it[1]][1][it[2]]))
-        for first in range(0, len(items), batch_size):
-            chunk = items[first : first + batch_size]
-            t_len = bucket_length(max(len(split[i][1][k]) for _, i, k in chunk), bucket)
+        lengths = [len(split[i][1][k]) for _, i, k in items]
+        for rows_n, t_len, take in suffix_batches(lengths, budget, bucket):
+            chunk = [items[j] for j in take]
             ids, loss, rows = _suffix_batch(
-                [(row, split[i][1][k]) for row, i, k in chunk], batch_size, t_len, pad_id
+                [(row, split[i][1][k]) for row, i, k in chunk], rows_n, t_len, pad_id
             )
             logp = _suffix_logprobs(
                 model, cache, pre_mask_j, jnp.asarray(rows), jnp.asarray(ids), jnp.asarray(loss)
             )
             logp = np.asarray(logp)
             if calls is not None:
-                calls.append(("suffix", batch_size, t_len, p_len + s_len))
+                calls.append(("suffix", rows_n, t_len, p_len + t_len))
             for b, (_, i, k) in enumerate(chunk):
                 sel = loss[b, 1:].astype(bool)
                 out[i][0][k] = -float(np.sum(logp[b][sel], dtype=np.float64))

@@ -42,13 +42,30 @@ def forward_mask(attention_mask: Array, window: int | None = None) -> Array:
 
 def decode_mask(kv_mask: Array, cache_index: Array, t: int, window: int | None = None) -> Array:
     """Mask ``[B, 1, t, S]`` for t new tokens written at slots ``[cache_index, cache_index + t)``
-    (with a ``window``: only the last ``window`` slots up to each query's own)."""
+    (with a ``window``: only the last ``window`` slots up to each query's own). ``cache_index`` is
+    one slot for the batch or one per row ``[B]`` (continuous batching: each row at its own place)."""
     s = kv_mask.shape[1]
-    slots = jnp.arange(s)
-    query_slot = cache_index + jnp.arange(t)
-    causal = (slots[None, :] <= query_slot[:, None]) & _in_window(query_slot, slots, window)
-    own = slots[None, :] == query_slot[:, None]
-    return (causal[None, None] & kv_mask.astype(bool)[:, None, None, :]) | own[None, None]
+    slots = jnp.arange(s)[None, None, :]  # [1, 1, S]
+    index = jnp.asarray(cache_index).reshape(-1, 1)  # [1 or B, 1]
+    query_slot = (index + jnp.arange(t)[None, :])[:, :, None]  # [1 or B, t, 1]
+    causal = slots <= query_slot
+    if window is not None:  # HF's sliding_window_overlay: kv_idx > q_idx - sliding_window
+        causal = causal & (slots > query_slot - window)
+    own = slots == query_slot
+    return ((causal & kv_mask.astype(bool)[:, None, :]) | own)[:, None]
+
+
+def write_cache(cache: Array, new: Array, cache_index: Array) -> Array:
+    """``new [B, t, ...]`` written into ``cache [B, S, ...]`` at slot ``cache_index``: one slot for
+    the batch (a ``dynamic_update_slice``) or one per row ``[B]``."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(cache_index) == 0:
+        return jax.lax.dynamic_update_slice(cache, new, (0, cache_index) + (0,) * (cache.ndim - 2))
+
+    def row(c: Array, n: Array, i: Array) -> Array:
+        return jax.lax.dynamic_update_slice(c, n, (i,) + (0,) * (c.ndim - 1))
+
+    return jax.vmap(row)(cache, new, cache_index)
 
 
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")

@@ -39,6 +39,7 @@ from sga_jax.models.attention import (  # noqa: F401
     decode_mask,
     forward_mask,
     softcapped_attention,
+    write_cache,
 )
 from sga_jax.models.rope import LayerRope, RopeConfig, apply_rope  # noqa: F401
 
@@ -289,9 +290,7 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:
-            start = (0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), start)
-            v_all = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), start)
+            k_all, v_all = write_cache(kv["k"], k, cache_index), write_cache(kv["v"], v, cache_index)
             kv = {"k": k_all, "v": v_all}
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         out = attend(q, k, v, mask, self.scale, self.softcap)
