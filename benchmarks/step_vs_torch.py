@@ -432,7 +432,7 @@ def main(argv=None) -> int:
         choices=["auto", "xla", "cudnn"],
         help="model.attention (auto: cuDNN flash attention on a CUDA GPU in bfloat16, else XLA)",
     )
-    p.add_argument("--logprob-impl", default="chunked", choices=["chunked", "reference", "stored"])
+    p.add_argument("--logprob-impl", default="chunked", choices=["chunked", "reference"])
     p.add_argument(
         "--chunk-size", type=int, default=0, help="vocabulary chunk of the chunked kernel (0: default)"
     )

@@ -12,11 +12,6 @@ With ``softcap`` the logits are soft-capped first, ``z -> cap · tanh(z / cap)``
 logit soft-capping, HF ``Gemma2ForCausalLM.forward``); the chunked backward pass multiplies by
 ``1 - tanh²(z / cap)``.
 
-The ``stored`` path trades the other way: one float32 ``[N, V]`` buffer, the softmax, kept from the
-forward pass for the backward (``dz = g · (onehot(y) - p)``), so the backward runs two matmuls
-instead of the chunked path's three (no recompute) and none of autodiff's extra passes over the
-logits. For a small model on a CPU, where N·V·4 bytes is a few hundred MB, it is the fastest.
-
 Rows whose label is negative (e.g. ``-100`` or ``-1`` for prompt / padding tokens) are ignored:
 their log-prob is 0 and they contribute nothing to any gradient.
 """
@@ -31,8 +26,8 @@ import jax.numpy as jnp
 
 from sga_jax.errors import ConfigError
 
-Implementation = Literal["reference", "chunked", "stored"]
-IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked", "stored")
+Implementation = Literal["reference", "chunked"]
+IMPLEMENTATIONS: tuple[str, ...] = ("reference", "chunked")
 DEFAULT_CHUNK_SIZE = 8192
 
 
@@ -172,59 +167,6 @@ def _chunked_bwd(chunk, softcap, res, g):
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 
-# ----------------------------------------------------------------------------------------- stored
-
-
-def _stored_forward(hidden, weight, labels, bias, softcap):
-    z, slope = _logits(hidden, weight, bias), 1.0
-    if softcap is not None:
-        t = jnp.tanh(z / softcap)
-        z, slope = t * softcap, 1.0 - t * t
-    lse = jax.nn.logsumexp(z, axis=1)
-    valid = labels >= 0
-    z_y = jnp.take_along_axis(z, jnp.where(valid, labels, 0)[:, None], axis=1)[:, 0]
-    return jnp.where(valid, z_y - lse, 0.0), z, lse, slope
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _stored(hidden, weight, labels, bias, softcap):
-    return _stored_forward(hidden, weight, labels, bias, softcap)[0]
-
-
-def _stored_fwd(hidden, weight, labels, bias, softcap):
-    logp, z, lse, slope = _stored_forward(hidden, weight, labels, bias, softcap)
-    # d logp / d z_raw without g: (onehot(y) - softmax(z)) · slope; kept, in the place of z.
-    p = jnp.exp(z - lse[:, None]) * slope
-    return logp, (hidden, weight, labels, bias, p, slope)
-
-
-def _stored_bwd(softcap, res, g):
-    hidden, weight, labels, bias, p, slope = res
-    g = jnp.where(labels >= 0, g.astype(jnp.float32), 0.0)
-    rows = jnp.arange(hidden.shape[0])
-    y = jnp.where(labels >= 0, labels, 0)
-    at_y = slope if softcap is None else slope[rows, y]
-    dz = (-g[:, None] * p).at[rows, y].add(g * at_y)
-    dz_c = dz.astype(hidden.dtype)
-    dh = jnp.dot(dz_c, weight.T, preferred_element_type=jnp.float32)
-    dw = jnp.dot(hidden.T, dz_c, preferred_element_type=jnp.float32)
-    return dh.astype(hidden.dtype), dw.astype(weight.dtype), None, jnp.sum(dz, axis=0).astype(bias.dtype)
-
-
-_stored.defvjp(_stored_fwd, _stored_bwd)
-
-
-def stored_token_logprobs(
-    hidden: jax.Array, weight: jax.Array, labels: jax.Array, bias: jax.Array | None = None, *,
-    softcap: float | None = None,
-) -> jax.Array:  # fmt: skip
-    """Log-probs whose ``custom_vjp`` keeps the float32 softmax ``[N, V]`` for the backward pass
-    (no logit recompute; O(N·V) memory, as ``reference``)."""
-    weight = weight.astype(hidden.dtype)
-    b = jnp.zeros((weight.shape[1],), jnp.float32) if bias is None else bias
-    return _stored(hidden, weight, labels.astype(jnp.int32), b, softcap)
-
-
 def chunked_token_logprobs(
     hidden: jax.Array,
     weight: jax.Array,
@@ -279,8 +221,7 @@ def token_logprobs(
         ``hidden.dtype``.
       labels: ``[N]`` int target ids; negative ids mark ignored rows (log-prob 0, no gradient).
       bias: optional ``[V]`` LM-head bias (OPT / Phi have one).
-      implementation: ``"reference"`` (full logits), ``"chunked"`` (O(N·chunk_size) memory) or
-        ``"stored"`` (the softmax kept for the backward: O(N·V) memory, no recompute).
+      implementation: ``"reference"`` (full logits) or ``"chunked"`` (O(N·chunk_size) memory).
       chunk_size: vocabulary columns per chunk (``chunked`` only); V need not be a multiple.
       token_chunk_size: optional token block size (``chunked`` only).
       softcap: optional final logit soft-cap (Gemma 2's ``final_logit_softcapping``); ``None``: none.
@@ -293,8 +234,6 @@ def token_logprobs(
         raise ConfigError(f"token_logprobs: softcap must be > 0 or None, got {softcap}")
     if implementation == "reference":
         return reference_token_logprobs(hidden, weight, labels, bias, softcap)
-    if implementation == "stored":
-        return stored_token_logprobs(hidden, weight, labels, bias, softcap=softcap)
     if implementation == "chunked":
         return chunked_token_logprobs(
             hidden,
