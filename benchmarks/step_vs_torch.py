@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-GPU_NOT_RUN = "GPU numbers still to be measured — no GPU was lent to this session (2026-11-26)"
+GPU_NOT_RUN = "GPU numbers still to be measured — no GPU was lent to the session that ran this"
 GPU_COMMAND = (
     "python benchmarks/step_vs_torch.py --model llama1b --dtype bfloat16 --seq 512 --batch 8 --steps 20 "
     "--warmup 3 --scan"
