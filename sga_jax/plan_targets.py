@@ -94,13 +94,6 @@ class Target:
     gpu: str | None = None
 
 
-def known_targets() -> str:
-    """The accepted ``--target`` values, for ``--help``."""
-    parts = [f"tpu:{gen}-{{{','.join(map(str, table))}}}" for gen, table in TOPOLOGIES.items()]
-    gpus = [f"gpu:{gen}-{{1,2,4,8,16,...}}" for gen in GPU_CHIPS]
-    return "; ".join([*parts, *gpus, "cpu:N"])
-
-
 def gpu_topology(n: int) -> str | None:
     """``slices x hosts x GPUs per host`` for n GPUs: one host up to 8, else whole hosts of 8."""
     if n in (1, 2, 4, GPUS_PER_HOST):
